@@ -1,0 +1,76 @@
+"""Platform backends, chosen once by name: `cpu`, `cuda`, `npu`, or `auto`.
+
+Factories import lazily, so torch_npu is never imported unless the NPU is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from functools import cache
+
+import torch
+
+from .base import Backend
+from .comm import Communicator, Handle
+from .errors import BackendUnavailable
+
+_CLASSES = {
+    "cpu": ("cpu", "CpuBackend"),
+    "cuda": ("cuda", "CudaBackend"),
+    "npu": ("npu", "NpuBackend"),
+}
+NAMES = ("auto", *_CLASSES)
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "Communicator",
+    "Handle",
+    "NAMES",
+    "backend_for",
+    "get_backend",
+    "npu_usable",
+    "resolve_name",
+]
+
+
+def npu_usable() -> bool:
+    """True when torch_npu imports and sees a card. Never imports it if it is not installed."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import torch_npu  # noqa: F401
+    except Exception:  # a broken install (no toolkit) counts as no NPU
+        return False
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+
+
+def resolve_name(name: str) -> str:
+    """Resolve `auto` to npu if usable, else cuda if available, else cpu."""
+    if name == "auto":
+        if npu_usable():
+            return "npu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in _CLASSES:
+        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+@cache
+def get_backend(name: str = "auto") -> Backend:
+    """The backend for `name` (one instance per process)."""
+    name = resolve_name(name)
+    module, cls = _CLASSES[name]
+    backend_cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    if name == "cuda" and not backend_cls.is_available():
+        raise BackendUnavailable(
+            "CUDA was asked for but torch sees no CUDA device.",
+            "Install a CUDA build of torch and check `nvidia-smi`, or use --device cpu.",
+        )
+    return backend_cls()
+
+
+def backend_for(device: torch.device) -> Backend:
+    """The backend that owns tensors on `device`."""
+    return get_backend(device.type)

@@ -1,0 +1,91 @@
+"""CUDA backend: NCCL for communication; cuDNN SDPA with LSE, flash SDPA as fallback.
+
+Both raw ops take grouped-query attention natively (fewer K/V heads than Q heads),
+rectangular blocks and head dims 64 and 128, and return the natural-log LSE (cuDNN as
+[B, H, S, 1], flash as [B, H, S]). They are called on [1, H, T, D] views of our [T, H, D]
+tensors, so nothing is copied on the way in. float32 inputs use the math path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Backend
+from .cpu import math_attention
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1).unsqueeze(0)  # [T, H, D] -> [1, H, T, D], a view
+
+
+def _cudnn(q, k, v, causal, scale):
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale
+    )
+    out, lse = res[0], res[1]
+    return out[0].transpose(0, 1), lse.reshape(lse.shape[1], lse.shape[2]).transpose(0, 1)
+
+
+def _flash(q, k, v, causal, scale):
+    res = torch.ops.aten._scaled_dot_product_flash_attention(
+        _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale
+    )
+    out, lse = res[0], res[1]
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+def _math(q, k, v, causal, scale):
+    return math_attention(q, k, v, causal, scale)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+
+    def __init__(self) -> None:
+        # Kernels tried in order; a shape class a kernel refused is not offered to it again.
+        self._kernels = (("cudnn", _cudnn), ("flash", _flash), ("math", _math))
+        self._refused: set[tuple] = set()
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    def set_device(self, local_rank: int) -> torch.device:
+        torch.cuda.set_device(local_rank)
+        return self.device(local_rank)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return torch.cuda.mem_get_info()
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def new_stream(self):
+        return torch.cuda.Stream()
+
+    def stream(self, stream):
+        return torch.cuda.stream(stream)
+
+    def new_event(self, timing: bool = False):
+        return torch.cuda.Event(enable_timing=timing)
+
+    def _attention(self, q, k, v, causal, scale):
+        shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal, q.shape[0] == 1)
+        last_error = None
+        for name, kernel in self._kernels:
+            if name != "math" and q.dtype == torch.float32:
+                continue
+            if (name, *shape_class) in self._refused:
+                continue
+            try:
+                out, lse = kernel(q, k, v, causal, scale)
+                return out, lse.float()
+            except RuntimeError as e:  # the kernel does not support this shape or dtype
+                self._refused.add((name, *shape_class))
+                last_error = e
+        raise RuntimeError(f"no CUDA attention kernel accepted {shape_class}") from last_error

@@ -1,0 +1,18 @@
+"""Work run inside the gloo ranks by the attention tests (importable by spawned workers)."""
+
+from __future__ import annotations
+
+from tr_engine.attention import get_strategy, layout
+
+
+def run_strategy(ctx, name, q, k, v, causal, prefixes, scale=None):
+    """Shard the full q/k/v in the zigzag layout, run strategy `name`, return this rank's
+    (out, lse). `prefixes` is None or a per-rank list of (k_prefix, v_prefix)."""
+    total, p, r = q.shape[0], ctx.size, ctx.rank
+    kw = {}
+    if not causal and layout.padded_len(total, p) != total:
+        kw["kv_len"] = layout.local_len(total, p, r)
+    if prefixes is not None:
+        kw["k_prefix"], kw["v_prefix"] = prefixes[r]
+    qs, ks, vs = (layout.shard(x, p, r) for x in (q, k, v))
+    return get_strategy(name)(qs, ks, vs, ctx.group, causal=causal, scale=scale, **kw)

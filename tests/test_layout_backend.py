@@ -1,0 +1,76 @@
+"""Zigzag layout helpers and the CPU backend's block kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import attention64
+from tr_engine.backends import BackendUnavailable, get_backend, resolve_name
+
+from tr_engine.attention import layout
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("total", [1, 7, 16, 33, 100])
+def test_shard_unshard_round_trip(p, total):
+    x = torch.arange(total * 3).reshape(total, 3)
+    shards = [layout.shard(x, p, r) for r in range(p)]
+    assert {s.shape[0] for s in shards} == {layout.padded_len(total, p) // p}
+    assert torch.equal(layout.unshard(shards, total), x)
+    for r in range(p):
+        pos = layout.positions(total, p, r)
+        n_real = layout.local_len(total, p, r)
+        # real tokens come first on every rank, and the shard holds exactly those positions
+        assert bool((pos[:n_real] < total).all()) and bool((pos[n_real:] >= total).all())
+        assert torch.equal(shards[r][:n_real], x[pos[:n_real]])
+    for position in range(total):
+        r, i = layout.owner(total, p, position)
+        assert int(layout.positions(total, p, r)[i]) == position
+    assert sum(layout.local_len(total, p, r) for r in range(p)) == total
+
+
+def test_zigzag_chunks():
+    # 2 ranks, 8 tokens: chunks of 2; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
+    assert layout.positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert layout.positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("tq,tk", [(5, 5), (3, 11), (1, 9), (9, 4), (6, 0)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_kernel_bottom_right_causal(tq, tk, causal):
+    """Causal blocks are aligned bottom-right: query i sits at key position tk - tq + i."""
+    g = torch.Generator().manual_seed(tq * 100 + tk)
+    q = torch.randn(tq, 6, 64, generator=g)
+    k = torch.randn(tk, 2, 64, generator=g)
+    v = torch.randn(tk, 2, 64, generator=g)
+    out, lse = get_backend("cpu").attention(q, k, v, causal)
+    assert out.shape == q.shape and lse.shape == (tq, 6) and lse.dtype == torch.float32
+    if tk == 0:
+        assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
+        return
+    offset = tk - tq if causal else 0
+    if offset >= 0:
+        ref_out, ref_lse = attention64(q, k, v, causal=causal, q_offset=offset)
+        assert (out.double() - ref_out).abs().max() < 1e-5
+        assert (lse.double() - ref_lse).abs().max() < 1e-5
+    else:  # the first -offset queries see no key
+        assert torch.isneginf(lse[:-offset]).all() and not out[:-offset].any()
+        ref_out, ref_lse = attention64(q[-offset:], k, v, causal=causal)
+        assert (out[-offset:].double() - ref_out).abs().max() < 1e-5
+
+
+def test_backend_names():
+    assert resolve_name("cpu") == "cpu"
+    assert resolve_name("auto") in ("cpu", "cuda")  # never npu without torch_npu
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_name("tpu")
+    backend = get_backend("cpu")
+    assert (backend.device_type, backend.dist_backend) == ("cpu", "gloo")
+    free, total = backend.mem_get_info()
+    assert 0 < free <= total
+
+
+def test_npu_backend_reports_what_is_missing():
+    with pytest.raises(BackendUnavailable) as e:
+        get_backend("npu")
+    assert "torch_npu" in e.value.what and e.value.fix

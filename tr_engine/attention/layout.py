@@ -1,0 +1,67 @@
+"""The zigzag sequence layout.
+
+A sequence of T tokens over P ranks is padded to a multiple of 2P and cut into 2P chunks
+of L tokens; rank r holds chunk r followed by chunk 2P-1-r. Every rank then has the same
+share of causal work (an early chunk needs little, a late one much). Pad tokens sit at
+the global end, so no real token attends to one under a causal mask, and on every rank
+the real tokens are a prefix of its local shard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def padded_len(total: int, world_size: int) -> int:
+    """The smallest multiple of 2P that holds `total` tokens (at least 2P)."""
+    step = 2 * world_size
+    return max(step, -(-total // step) * step)
+
+
+def chunk_len(total: int, world_size: int) -> int:
+    return padded_len(total, world_size) // (2 * world_size)
+
+
+def positions(total: int, world_size: int, rank: int) -> torch.Tensor:
+    """Global positions held by `rank`, in local order (pads included). `[2L]` int64."""
+    n = chunk_len(total, world_size)
+    first = torch.arange(rank * n, (rank + 1) * n)
+    second_start = (2 * world_size - 1 - rank) * n
+    return torch.cat([first, torch.arange(second_start, second_start + n)])
+
+
+def local_len(total: int, world_size: int, rank: int) -> int:
+    """How many real (non-pad) tokens `rank` holds; they come first in its shard."""
+    return int((positions(total, world_size, rank) < total).sum())
+
+
+def shard(x: torch.Tensor, world_size: int, rank: int, dim: int = 0, pad_value=0) -> torch.Tensor:
+    """Rank `rank`'s zigzag shard of `x` along `dim`, padded with `pad_value`."""
+    total = x.shape[dim]
+    pad = padded_len(total, world_size) - total
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_full(shape, pad_value)], dim=dim)
+    idx = positions(total, world_size, rank).to(x.device)
+    return x.index_select(dim, idx)
+
+
+def unshard(shards: list[torch.Tensor], total: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of `shard`: put every rank's shard back in order and drop the padding."""
+    world_size = len(shards)
+    n = shards[0].shape[dim] // 2
+    firsts = [s.narrow(dim, 0, n) for s in shards]
+    seconds = [s.narrow(dim, n, n) for s in shards]
+    full = torch.cat(firsts + seconds[::-1], dim=dim)
+    assert full.shape[dim] == padded_len(total, world_size)
+    return full.narrow(dim, 0, total)
+
+
+def owner(total: int, world_size: int, position: int) -> tuple[int, int]:
+    """(rank, local index) of global `position`."""
+    n = chunk_len(total, world_size)
+    c = position // n
+    if c < world_size:
+        return c, position - c * n
+    return 2 * world_size - 1 - c, n + position - c * n
