@@ -1,0 +1,82 @@
+"""How to sample: the per-request knobs, checked once when the request arrives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings for one request, in vLLM's vocabulary.
+
+    temperature 0 is greedy. top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters.
+    Penalties follow OpenAI (presence, frequency: subtracted from logits of tokens already
+    generated) and CTRL/HF (repetition: divides positive logits, multiplies negative ones, of
+    tokens in the prompt or output). `logprobs` = how many top alternatives to return with
+    each chosen token's own logprob (None = no logprobs).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+             "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}"),
+            (0.0 <= self.temperature <= 100.0,
+             "temperature", f"must be in [0, 100], got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0,
+             "top_k", f"must be -1, 0 or a positive integer, got {self.top_k!r}"),
+            (0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}"),
+            (-2.0 <= self.presence_penalty <= 2.0,
+             "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}"),
+            (-2.0 <= self.frequency_penalty <= 2.0,
+             "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}"),
+            (0.0 < self.repetition_penalty <= 10.0,
+             "repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+             "logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}"),
+            (all(isinstance(s, str) and s for s in self.stop),
+             "stop", "must be non-empty strings"),
+            (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids", "must be non-negative integers"),
+            (self.seed is None or isinstance(self.seed, int), "seed", "must be an integer"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise InvalidParameter(param, f"{param} {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class InvalidParameter(ValueError):
+    """A request parameter out of range. `param` names it (for OpenAI-style errors)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
