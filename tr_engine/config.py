@@ -1,0 +1,66 @@
+"""Engine configuration: one frozen dataclass, checked on creation, `auto` resolved once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .attention import STRATEGIES
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "npu")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs to start.
+
+    model: a local Hugging Face checkpoint folder; None serves the embedded SmolLM2 model.
+    world_size: ranks (cards) the sequence is sharded over.
+    max_model_len: longest prompt + output; None = the model's own limit.
+    kv_cache_fraction: share of the device memory left after weights and the prefill
+      workspace that the KV pool takes. kv_cache_tokens, if set, fixes the pool's capacity
+      per rank instead (tests use it for exact numbers).
+    token_chunk: tokens per slice of token-wise work (projections, MLP) in a prefill.
+    prefill_chunk: a prompt longer than this is prefilled in pieces of this many tokens,
+      with decode steps of running requests in between.
+    max_num_seqs: sequences decoded together in one step; max_waiting: queue bound.
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    world_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    attention_strategy: str = "auto"
+    kv_cache_fraction: float = 0.9
+    kv_cache_tokens: int | None = None
+    token_chunk: int = 8192
+    prefill_chunk: int = 32768
+    max_num_seqs: int = 64
+    max_waiting: int = 256
+    served_model_name: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.attention_strategy not in ("auto", *STRATEGIES):
+            raise ValueError(f"attention_strategy must be auto or one of {', '.join(STRATEGIES)}"
+                             f"; got {self.attention_strategy!r}")
+        positive = ("world_size", "token_chunk", "prefill_chunk", "max_num_seqs", "max_waiting")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2; got {self.max_model_len}")
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1]; got {self.kv_cache_fraction}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be positive; got {self.kv_cache_tokens}")
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
