@@ -1,0 +1,193 @@
+"""Model families and the loader against Hugging Face transformers' own forward.
+
+Outside any forward context the attention layer does plain causal attention on one device,
+so a whole prompt through our model must give transformers' logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from checkpoints import EXTRA_FAMILIES, FAMILIES, make_checkpoint
+from conftest import record_error
+from safetensors.torch import load_file, save_file
+
+from tr_engine.context import ForwardContext, forward_context
+from tr_engine.loader import load_model, resolve_dtype
+from tr_engine.models import ModelConfig, UnsupportedModel, WeightsMismatch
+
+CPU = torch.device("cpu")
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def _prompt(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and strictly increasing positions with gaps (as in a sequence whose other
+    tokens live on other ranks; RoPE is relative, so only uneven gaps test the positions)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (n,), generator=gen)
+    positions = torch.cumsum(torch.randint(1, 6, (n,), generator=gen), 0)
+    return ids, positions
+
+
+class _Chunked(ForwardContext):
+    """Plain causal attention with token-wise work in slices of 3 tokens."""
+
+    token_chunk = 3
+
+    def attention(self, layer, q, k, v, scale):
+        from tr_engine.backends import backend_for
+
+        return backend_for(q.device).attention(q, k, v, True, scale)[0]
+
+
+def _compare(label: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
+    err = (ours - ref).abs()
+    record_error(label, err.max().item(), err.mean().item())
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    assert err.max().item() < TOL, f"{label}: max abs error {err.max().item():.3e}"
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES + EXTRA_FAMILIES if "llama" in f])
+def test_logits_match_transformers(family, root):
+    path = make_checkpoint(family, root)
+    model, config = load_model(path, CPU, "float32")
+    hf = _hf(path)
+    ids, positions = _prompt(37, seed=len(family))
+    with torch.no_grad():
+        ref = hf(ids[None], position_ids=positions[None]).logits[0].float()  # [T, V]
+        assert ref.std() > 1.0  # the random weights give logits that tell tokens apart
+        ours = model.compute_logits(model(ids, positions))
+        _compare(f"logits vs transformers: {family}", ours, ref)
+
+        calls = []
+        proj = model.model.layers[0].self_attn.qkv_proj
+        hook = proj.register_forward_hook(lambda *a: calls.append(1))
+        with forward_context(_Chunked()):
+            chunked = model.compute_logits(model(ids, positions))
+        hook.remove()
+        assert len(calls) == math.ceil(len(ids) / 3)
+        _compare(f"logits vs transformers, 3-token chunks: {family}", chunked, ref)
+
+
+def test_positions_are_used(root):
+    """Uneven gaps between positions change the logits (so the test above sees RoPE)."""
+    model, _ = load_model(make_checkpoint("llama3.1", root), CPU, "float32")
+    ids, positions = _prompt(20, seed=3)
+    with torch.no_grad():
+        a = model.compute_logits(model(ids, positions))
+        b = model.compute_logits(model(ids, torch.arange(len(ids))))
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_dtypes(root):
+    path = make_checkpoint("llama3.2", root)  # saved in bfloat16
+    config = ModelConfig.from_dir(path)
+    assert config.dtype == "bfloat16" and config.tie_word_embeddings
+    assert resolve_dtype("auto", config) == torch.bfloat16
+    assert resolve_dtype("float16", config) == torch.float16
+    assert resolve_dtype(torch.float32, config) == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", config)
+    model, _ = load_model(path, CPU)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied once loaded
+    assert model.rotary.cos.dtype == torch.float32
+    ids, positions = _prompt(12, seed=5)
+    with torch.no_grad():
+        ours = model.compute_logits(model(ids, positions))
+        ref = _hf(path).to(torch.bfloat16)(ids[None], position_ids=positions[None]).logits[0]
+    # bfloat16 rounds every layer's output: compare loosely, and the greedy choice exactly
+    # where transformers' top two are not nearly tied
+    ref = ref.float()
+    assert (ours - ref).abs().max() < 0.5
+    top2 = ref.topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.5
+    assert torch.equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+# Loader and config errors.
+
+
+def _copy(root, family, tmp_path):
+    dest = tmp_path / family
+    shutil.copytree(make_checkpoint(family, root), dest)
+    return dest
+
+
+def _edit_config(path, **changes):
+    raw = json.loads((path / "config.json").read_text())
+    raw.update(changes)
+    (path / "config.json").write_text(json.dumps(raw))
+
+
+def test_missing_tensor(root, tmp_path):
+    path = _copy(root, "llama2", tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(WeightsMismatch, match=r"missing.*model\.layers\.1\.self_attn\.k_proj"):
+        load_model(path, CPU)
+
+
+def test_unexpected_tensor(root, tmp_path):
+    path = _copy(root, "llama2", tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(WeightsMismatch, match=r"not used.*model\.layers\.0\.self_attn\.extra"):
+        load_model(path, CPU)
+
+
+def test_wrong_shape(root, tmp_path):
+    path = _copy(root, "llama2", tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(65)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(WeightsMismatch, match=r"model\.norm\.weight has shape \(65,\)"):
+        load_model(path, CPU)
+
+
+def test_untied_model_needs_its_head(root, tmp_path):
+    path = _copy(root, "llama3.1", tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(WeightsMismatch, match="missing.*lm_head.weight"):
+        load_model(path, CPU)
+
+
+def test_unsupported_architecture(root, tmp_path):
+    path = _copy(root, "llama2", tmp_path)
+    _edit_config(path, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        load_model(path, CPU)
+
+
+def test_bin_only_folder(root, tmp_path):
+    path = tmp_path / "bin_only"
+    path.mkdir()
+    shutil.copy(make_checkpoint("llama2", root) / "config.json", path)
+    torch.save({}, path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors is required"):
+        load_model(path, CPU)
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(path, CPU)
+

@@ -1,0 +1,109 @@
+"""Load a Hugging Face checkpoint folder (config.json + *.safetensors) onto one device.
+
+The model is built on the meta device, its parameters are allocated once on the target device
+in the target dtype, and the checkpoint's tensors are streamed into them one at a time from
+the memory-mapped safetensors files, so a large model never has a full copy in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .layers.rotary import RotaryEmbedding
+from .models import ModelConfig, model_class
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+    """`auto` -> the checkpoint's dtype; a name (float32, bfloat16, float16) or torch dtype
+    -> itself."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(_DTYPES)}")
+        return dtype
+    name = config.dtype if dtype == "auto" else dtype
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[name]
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files: those of model.safetensors.index.json, or all."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / name for name in names]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{path}: the safetensors index names files that are "
+                                    f"not there: {', '.join(absent)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise FileNotFoundError(
+            f"{path} holds PyTorch pickle weights (.bin/.pt) only; safetensors is required "
+            "(pickles can run code when loaded). Convert once, e.g. with transformers: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path)"
+        )
+    raise FileNotFoundError(f"{path} has no *.safetensors weights")
+
+
+def load_model(path: str | Path, device: torch.device, dtype: str | torch.dtype = "auto",
+               max_positions: int | None = None) -> tuple[nn.Module, ModelConfig]:
+    """Build the checkpoint's model on `device` in `dtype` and load its weights.
+
+    max_positions: length of the RoPE table (default: the model's max_position_embeddings);
+    positions at or beyond it cannot be embedded.
+    """
+    path, device = Path(path), torch.device(device)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    config = ModelConfig.from_dir(path)
+    files = safetensors_files(path)
+    cls = model_class(config)
+    dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = cls(config)
+    _materialize(model, device, dtype)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build_cache(device, max_positions)
+    try:
+        model.load_weights(_tensors(files, device))
+    except ValueError as e:
+        raise type(e)(f"{path}: {e}") from None
+    return model.eval(), config
+
+
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter uninitialised storage on `device`, keeping tied parameters
+    tied (nn.Module.to_empty would split them). The loader fills them all."""
+    new: dict[nn.Parameter, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param not in new:
+                data = torch.empty(param.shape, device=device, dtype=dtype)
+                new[param] = nn.Parameter(data, requires_grad=False)
+            setattr(module, name, new[param])
+
+
+def _tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every file, read straight onto `device` where safetensors can."""
+    for file in files:
+        try:
+            handle = safe_open(file, framework="pt", device=str(device))
+        except Exception:  # a device safetensors does not know: read to host, copy per tensor
+            handle = safe_open(file, framework="pt", device="cpu")
+        with handle as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name)
