@@ -47,6 +47,11 @@ class CudaBackend(Backend):
         # Kernels tried in order; a shape class a kernel refused is not offered to it again.
         self._kernels = (("cudnn", _cudnn), ("flash", _flash), ("math", _math))
         self._refused: set[tuple] = set()
+        try:
+            from .cuda_merge import fused_merge_
+        except ImportError:  # no Triton: the portable merge
+            fused_merge_ = None
+        self._fused_merge = fused_merge_
 
     @classmethod
     def is_available(cls) -> bool:
@@ -73,6 +78,14 @@ class CudaBackend(Backend):
 
     def new_event(self, timing: bool = False):
         return torch.cuda.Event(enable_timing=timing)
+
+    def merge_(self, out, lse, out_b, lse_b) -> None:
+        d = out.shape[-1]
+        fusable = out.is_contiguous() and lse.is_contiguous() and d & (d - 1) == 0
+        if fusable and self._fused_merge is not None:
+            self._fused_merge(out, lse, out_b, lse_b)
+        else:
+            super().merge_(out, lse, out_b, lse_b)
 
     def _attention(self, q, k, v, causal, scale):
         shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal, q.shape[0] == 1)

@@ -78,7 +78,8 @@ def ring_attention(
         n_pre = sizes[owner][0]
         if s == 0:
             out, lse = attend(q, kk, vv, causal, scale)
-            acc_out, acc_lse = out.float(), lse.float().clone()
+            acc_out = out.to(torch.float32, memory_format=torch.contiguous_format)
+            acc_lse = lse.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         elif not causal or owner < rank:
             m = rows_for(owner, rank)  # kk may carry rows that later ranks need, not this one
             backend.merge_(acc_out, acc_lse, *attend(q, kk[:m], vv[:m], False, scale))

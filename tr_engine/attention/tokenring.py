@@ -101,7 +101,8 @@ def tokenring_attention(
 
         if s == 0:
             out, lse = attend(q_cur, kv.k_all, kv.v_all, causal, scale)
-            acc_out, acc_lse = out.float(), lse.float().clone()
+            acc_out = out.to(torch.float32, memory_format=torch.contiguous_format)
+            acc_lse = lse.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         else:
             out, lse = remote(q_cur, owner)
             pending = (out.contiguous(), lse.contiguous(), owner)

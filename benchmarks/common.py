@@ -1,0 +1,117 @@
+"""Shared helpers for the GPU benchmarks: process set-up, timing, ceilings, report files."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """Join the torchrun world (NCCL) or run alone; returns (rank, world, device)."""
+    if "RANK" in os.environ:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    torch.cuda.set_device(0)
+    return 0, 1, torch.device("cuda", 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def time_ms(fn, warmup: int = 2, reps: int = 7, sync_ranks: bool = True) -> float:
+    """Median milliseconds of fn() by CUDA events; with several ranks the slowest rank's."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if sync_ranks:
+            barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    t = torch.tensor([statistics.median(times)], device="cuda")
+    if sync_ranks and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, warmup=3, reps=10, sync_ranks=False)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def copy_gbps() -> float:
+    x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), warmup=2, reps=10, sync_ranks=False)
+    return 2 * x.numel() * x.element_size() / ms / 1e6
+
+
+def link_gbps(world: int, rank: int) -> float:
+    """Bytes per second one way while both directions of the ring carry data."""
+    if world == 1:
+        return 0.0
+    x = torch.randn(128 << 20, device="cuda", dtype=torch.bfloat16)  # 256 MiB
+    y = torch.empty_like(x)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+
+    def go():
+        ops = [dist.P2POp(dist.isend, x, nxt), dist.P2POp(dist.irecv, y, prv)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+
+    ms = time_ms(go, warmup=2, reps=8)
+    return x.numel() * x.element_size() / ms / 1e6
+
+
+def machine() -> str:
+    name = torch.cuda.get_device_name()
+    n = torch.cuda.device_count()
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20).stdout.split()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        driver = "?"
+    return (f"{n} x {name}, driver {driver}, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+            f"Python {platform.python_version()}")
+
+
+def write_section(path: str, name: str, body: str) -> None:
+    """Replace (or append) the section between <!-- name:begin --> and <!-- name:end -->."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = "# Performance\n\n"
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end) + "\n?", lambda _: block, text,
+                      flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
