@@ -1,0 +1,169 @@
+"""The FastAPI app: routes, API-key check, and cancellation when a client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import Awaitable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tr_engine import __version__
+
+from .chat import create_chat_completion
+from .completions import create_completion
+from .errors import APIError, error_body, install_error_handlers
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from .serving import Serving
+from .settings import ServerSettings
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 503)}
+
+
+def build_app(engine, settings: ServerSettings) -> FastAPI:
+    """The HTTP app for a started AsyncEngine."""
+    metrics = ServerMetrics(engine)
+    serving = Serving(engine, settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        serving.close()
+
+    app = FastAPI(title="tr_engine", version=__version__, lifespan=lifespan,
+                  summary="OpenAI-compatible API of tr_engine")
+    app.state.serving = serving
+    app.state.metrics = metrics
+    install_error_handlers(app, settings.retry_after_s)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> Response:
+        if not engine.healthy:
+            return JSONResponse(error_body(503, "The engine is not running.", None,
+                                           "engine_dead"), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    def model_card() -> ModelCard:
+        return ModelCard(id=serving.model_name, root=serving.model_name,
+                         max_model_len=serving.max_model_len)
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS)
+    async def retrieve_model(model: str) -> ModelCard:
+        serving.check_model(model)
+        return model_card()
+
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS})
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await _respond(request, create_completion(serving, req))
+
+    @app.post("/v1/chat/completions",
+              responses={200: {"model": ChatCompletionResponse}, **_ERRORS})
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await _respond(request, create_chat_completion(serving, req))
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        serving.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "Give either 'prompt' or 'messages'.", "prompt", "invalid_value")
+        if req.prompt is not None:
+            ids = await serving.encode_text(req.prompt, req.add_special_tokens)
+        else:
+            ids = await serving.encode_chat([m.as_template_input() for m in req.messages])
+        return TokenizeResponse(count=len(ids), max_model_len=serving.max_model_len, tokens=ids)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        serving.check_model(req.model)
+        bad = next((t for t in req.tokens if t >= serving.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"Token id {bad} is outside the vocabulary "
+                           f"(0..{serving.vocab_size - 1}).", "tokens", "invalid_value")
+        text = await serving.in_pool(serving.tokenizer.decode, req.tokens)
+        return DetokenizeResponse(prompt=text)
+
+    return app
+
+
+async def _respond(request: Request, work: Awaitable[BaseModel | Response]) -> Response:
+    """Run a route's work, cancelling it if the client hangs up first.
+
+    A streaming route returns its response as soon as the request is admitted, and Starlette
+    watches the connection from then on; a non-streaming one runs to the end here, so without
+    this watch a client gone after a timeout would keep the request (and its KV) alive.
+    """
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()  # the request's RequestStream aborts it on the way out
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    result = task.result() if not task.cancelled() else Response(status_code=499)
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump(mode="json"))
+    return result
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/*, /tokenize and /detokenize (401 otherwise)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    @staticmethod
+    def protected(path: str) -> bool:
+        return path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.protected(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if hmac.compare_digest(got, self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = "Missing API key." if not got else "Incorrect API key provided."
+        response = JSONResponse(error_body(401, message, None, "invalid_api_key"),
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)

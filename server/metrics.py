@@ -1,0 +1,125 @@
+"""Prometheus metrics, in a registry of their own (`tr_engine:` prefix, vLLM's naming).
+
+Latency histograms are observed per request from RequestOutput.metrics timestamps as outputs
+pass through the server. Queue lengths, KV usage and token totals are read from
+`engine.stats()` when /metrics is scraped, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from tr_engine.outputs import RequestOutput
+
+log = logging.getLogger("tr_engine.server")
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+                    40.0, 80.0, 160.0, 320.0, 640.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
+                0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class EngineCollector:
+    """Reads engine.stats() at scrape time."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        try:
+            stats = self.engine.stats()
+        except Exception as exc:  # a dead engine must not break /metrics
+            log.warning("engine.stats() failed: %r", exc)
+            return
+        yield _gauge("tr_engine:num_requests_running",
+                     "Requests being prefilled or decoded.", stats.running)
+        yield _gauge("tr_engine:num_requests_waiting", "Requests queued.", stats.waiting)
+        used = GaugeMetricFamily("tr_engine:kv_cache_used_tokens",
+                                 "Tokens held in this rank's KV cache.", labels=["rank"])
+        usage = GaugeMetricFamily("tr_engine:kv_cache_usage_ratio",
+                                  "Share of this rank's KV cache in use (0-1).", labels=["rank"])
+        capacity = max(1, stats.kv_capacity_tokens)
+        for rank, tokens in enumerate(stats.kv_used_tokens):
+            used.add_metric([str(rank)], tokens)
+            usage.add_metric([str(rank)], tokens / capacity)
+        yield used
+        yield usage
+        yield _gauge("tr_engine:kv_cache_capacity_tokens",
+                     "KV cache capacity of each rank, in tokens.", stats.kv_capacity_tokens)
+        yield _gauge("tr_engine:prefill_tokens_per_second",
+                     "Prefill throughput of the most recent prefill step.",
+                     stats.prefill_tokens_per_s)
+        yield _counter("tr_engine:prompt_tokens", "Prompt tokens prefilled.",
+                       stats.prompt_tokens_total)
+        yield _counter("tr_engine:generation_tokens", "Tokens generated.",
+                       stats.generation_tokens_total)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class ServerMetrics:
+    def __init__(self, engine) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine))
+        self.ttft = Histogram("tr_engine:time_to_first_token_seconds",
+                              "Time from arrival to the first generated token.",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("tr_engine:inter_token_latency_seconds",
+                             "Time between two generated tokens of a request.",
+                             buckets=_ITL_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("tr_engine:e2e_request_latency_seconds",
+                             "Time from arrival to the last token of a finished request.",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue = Histogram("tr_engine:request_queue_time_seconds",
+                               "Time from arrival to the first scheduling of a request.",
+                               buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.finished = Counter("tr_engine:request_success",
+                                "Requests finished, by finish reason.", ["finished_reason"],
+                                registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def tracker(self) -> RequestTracker:
+        return RequestTracker(self)
+
+
+class RequestTracker:
+    """Follows one request's outputs and observes its latencies once each."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.received = time.time()  # fallback when the engine leaves arrival unset
+        self.last_token: float | None = None
+
+    def observe(self, out: RequestOutput) -> None:
+        m = out.metrics
+        arrival = m.arrival or self.received
+        new = len(out.outputs[0].delta_token_ids)
+        now = m.last_token or time.time()
+        if new:
+            if self.last_token is None:
+                self.metrics.ttft.observe(max(0.0, (m.first_token or now) - arrival))
+                if m.first_scheduled is not None:
+                    self.metrics.queue.observe(max(0.0, m.first_scheduled - arrival))
+            else:
+                gap = max(0.0, now - self.last_token) / new
+                for _ in range(new):
+                    self.metrics.itl.observe(gap)
+            self.last_token = now
+        if out.finished:
+            end = m.finished or m.last_token or time.time()
+            self.metrics.e2e.observe(max(0.0, end - arrival))
+            self.metrics.finished.labels(out.outputs[0].finish_reason or "unknown").inc()

@@ -1,0 +1,305 @@
+"""What chat and completions share: prompt checks, the request -> SamplingParams translation,
+running a request on the engine, logprobs in OpenAI's shapes, server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from tr_engine.outputs import RequestOutput, TokenLogprob
+from tr_engine.sampling_params import SamplingParams
+
+from .errors import APIError, as_api_error, error_body
+from .metrics import ServerMetrics
+from .protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    CompletionLogprobs,
+    UsageInfo,
+    _Sampling,
+)
+from .settings import ServerSettings
+
+log = logging.getLogger("tr_engine.server")
+T = TypeVar("T")
+
+try:  # chat templates are Jinja; their own errors count as bad input, not server faults
+    from jinja2 import TemplateError as _TemplateError
+except ImportError:  # pragma: no cover - transformers brings jinja2
+    _TemplateError = ValueError
+
+
+class Serving:
+    """The engine behind the routes. One per app."""
+
+    def __init__(self, engine, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.model_name: str = engine.model_name
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = len(self.tokenizer)
+        self.max_model_len: int = engine.max_model_len
+        # The longest prompt + output any request can have: context or KV cache, whichever ends
+        # first (KV capacity is for all ranks together: the sequence is sharded).
+        self.context_limit = min(self.max_model_len, engine.kv_capacity_tokens)
+        # Tokenizing a long prompt takes a while: off the event loop, one at a time.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tr-tokenize")
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def in_pool(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                           f"`{self.model_name}`.", "model", "model_not_found")
+
+    def check_ready(self) -> None:
+        if not self.engine.healthy:
+            raise APIError(503, "The engine is not running.", None, "engine_dead")
+
+    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError(400, f"'{param}' must not be empty.", param, "invalid_value")
+        bad = next((t for t in ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"'{param}' holds token id {bad}, outside the vocabulary "
+                           f"(0..{self.vocab_size - 1}).", param, "invalid_value")
+        return ids
+
+    async def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self.in_pool(
+            functools.partial(self.tokenizer.encode, add_special_tokens=add_special_tokens), text)
+
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            return await self.in_pool(self.engine.encode_chat, messages)
+        except (ValueError, TypeError, _TemplateError) as exc:
+            raise APIError(400, f"The chat template cannot take these messages: {exc}",
+                           "messages", "invalid_value") from None
+
+    # ---- request -> SamplingParams --------------------------------------------------------
+
+    def sampling_params(self, req: _Sampling, prompt_len: int, *, max_tokens: int | None,
+                        max_tokens_param: str, logprobs: int | None) -> SamplingParams:
+        if req.n not in (None, 1):
+            raise APIError(400, "Only n = 1 is supported.", "n", "invalid_value")
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported.", "logit_bias", "invalid_value")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true.",
+                           "stream_options", "invalid_value")
+        if max_tokens is None:
+            # OpenAI's default: whatever room is left. If none is, 1 makes engine.check say so.
+            max_tokens = max(1, self.context_limit - prompt_len)
+        elif max_tokens < 1:
+            raise APIError(400, f"{max_tokens_param} must be at least 1; got {max_tokens}.",
+                           max_tokens_param, "invalid_value")
+        top_k = req.top_k if req.top_k is not None else 0
+        if top_k >= self.vocab_size:
+            top_k = 0  # keeping every token is no filter at all
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_default(req.temperature, 1.0),
+            top_p=_default(req.top_p, 1.0),
+            top_k=top_k,
+            min_p=_default(req.min_p, 0.0),
+            seed=req.seed,
+            presence_penalty=_default(req.presence_penalty, 0.0),
+            frequency_penalty=_default(req.frequency_penalty, 0.0),
+            repetition_penalty=_default(req.repetition_penalty, 1.0),
+            stop=req.stop or (),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+
+    # ---- running --------------------------------------------------------------------------
+
+    async def start(self, request_id: str, ids: list[int], params: SamplingParams,
+                    prompt: str | None) -> RequestStream:
+        """Submit a request and return its outputs.
+
+        Refusals (too long, queue full, engine dead) raise here, before any response byte, so
+        they become HTTP errors rather than events inside a 200 stream.
+        """
+        self.check_ready()
+        self.engine.check(ids, params)
+        gen = self.engine.generate(request_id, ids, params, prompt)
+        first = asyncio.ensure_future(anext(gen))
+        # One turn of the loop lets the engine admit or refuse the request (it refuses before
+        # its first await); a refusal shows here as a finished task.
+        await asyncio.sleep(0)
+        if first.done() and first.exception() is not None:
+            raise first.exception()
+        return RequestStream(self, request_id, gen, first)
+
+    async def run(self, request_id: str, ids: list[int], params: SamplingParams,
+                  prompt: str | None) -> RequestOutput:
+        """Run a request to the end and return its last (cumulative) output."""
+        last = None
+        async with await self.start(request_id, ids, params, prompt) as outputs:
+            async for out in outputs:
+                last = out
+        assert last is not None and last.finished
+        return last
+
+    @staticmethod
+    def usage(out: RequestOutput) -> UsageInfo:
+        prompt = len(out.prompt_token_ids)
+        completion = len(out.outputs[0].token_ids)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                         total_tokens=prompt + completion)
+
+    # ---- logprobs -------------------------------------------------------------------------
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def chat_logprobs(self, entries: list[TokenLogprob] | None, top_n: int) -> ChatLogprobs:
+        content = []
+        for e in entries or ():
+            text = self.token_text(e.token_id)
+            top = sorted(e.top.items(), key=lambda kv: -kv[1])[:top_n]
+            content.append(ChatTokenLogprob(
+                token=text, logprob=_finite(e.logprob), bytes=list(text.encode()),
+                top_logprobs=[ChatTopLogprob(token=(t := self.token_text(tid)),
+                                             logprob=_finite(lp), bytes=list(t.encode()))
+                              for tid, lp in top]))
+        return ChatLogprobs(content=content)
+
+    def completion_logprobs(self, entries: list[TokenLogprob] | None,
+                            offset: int) -> CompletionLogprobs:
+        """`offset`: where the first of these tokens starts in the completion text."""
+        result = CompletionLogprobs()
+        for e in entries or ():
+            text = self.token_text(e.token_id)
+            result.tokens.append(text)
+            result.token_logprobs.append(_finite(e.logprob))
+            top = {self.token_text(tid): _finite(lp) for tid, lp in e.top.items()}
+            top.setdefault(text, _finite(e.logprob))
+            result.top_logprobs.append(top)
+            result.text_offset.append(offset)
+            offset += len(text)
+        return result
+
+
+class RequestStream:
+    """A submitted request's outputs. `aclose()` (or leaving `async with`) before the last
+    output aborts the request and frees its KV; it is safe to call at any point, twice, or
+    without ever having iterated."""
+
+    def __init__(self, serving: Serving, request_id: str, gen: AsyncIterator[RequestOutput],
+                 first: asyncio.Future) -> None:
+        self.serving = serving
+        self.request_id = request_id
+        self._gen = gen
+        self._first: asyncio.Future | None = first
+        self._tracker = serving.metrics.tracker()
+        self.finished = False
+        self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self.closed:
+            raise StopAsyncIteration
+        if self._first is not None:
+            first, self._first = self._first, None
+            out = await first  # cancelling this await cancels the task, and so the request
+        else:
+            out = await anext(self._gen)
+        self._tracker.observe(out)
+        self.finished = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        first, self._first = self._first, None
+        if first is not None and not first.done():
+            first.cancel()
+            with contextlib.suppress(BaseException):
+                await first
+        elif first is not None and not first.cancelled():
+            first.exception()  # seen: no "exception was never retrieved" warning
+        await self._gen.aclose()
+        if not self.finished:
+            try:
+                self.serving.engine.abort(self.request_id)
+            except Exception as exc:  # already gone on the engine side
+                log.debug("abort(%s): %r", self.request_id, exc)
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+def _finite(x: float) -> float:
+    """-inf is not JSON; OpenAI reports impossible tokens at -9999."""
+    return max(float(x), -9999.0)
+
+
+def sse(payload: BaseModel | dict | str) -> str:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump_json()
+    elif isinstance(payload, dict):
+        payload = json.dumps(payload)
+    return f"data: {payload}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events that always end in `on_close()`: also when the client hangs up
+    (Starlette then cancels the stream) or before the first event was ever produced."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], object]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._events = events
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            await self._on_close()
+
+
+def stream_error(exc: Exception) -> str:
+    """An error after the 200 went out: one event in OpenAI's error shape (then [DONE])."""
+    err = as_api_error(exc)
+    if err is None:
+        log.error("error while streaming: %r", exc)
+        return sse(error_body(500, "Internal server error.", None, "internal_error"))
+    return sse(error_body(err.status, err.message, err.param, err.code))

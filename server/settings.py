@@ -1,0 +1,48 @@
+"""Server settings: one frozen dataclass, checked on creation (the engine has EngineConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the HTTP server needs besides the engine.
+
+    api_key: if set, every /v1 route, /tokenize and /detokenize need
+      `Authorization: Bearer <api_key>`; /health, /metrics and /version stay open.
+    graceful_shutdown_s: how long a shutdown waits for open requests before cutting them.
+    retry_after_s: the Retry-After header sent with 503 when the queue is full.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    log_level: str = "info"
+    graceful_shutdown_s: float = 2.0
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"host must be a non-empty string; got {self.host!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) \
+                or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in [0, 65535]; got {self.port!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty string when set")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}; "
+                             f"got {self.log_level!r}")
+        if not 0 <= self.graceful_shutdown_s <= 600:
+            raise ValueError(f"graceful_shutdown_s must be in [0, 600]; "
+                             f"got {self.graceful_shutdown_s}")
+        if not isinstance(self.retry_after_s, int) or self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be a non-negative integer; "
+                             f"got {self.retry_after_s!r}")
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
