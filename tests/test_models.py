@@ -64,7 +64,7 @@ def _compare(label: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert err.max().item() < TOL, f"{label}: max abs error {err.max().item():.3e}"
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES + EXTRA_FAMILIES if "llama" in f])
+@pytest.mark.parametrize("family", FAMILIES + EXTRA_FAMILIES)
 def test_logits_match_transformers(family, root):
     path = make_checkpoint(family, root)
     model, config = load_model(path, CPU, "float32")
@@ -191,3 +191,95 @@ def test_bin_only_folder(root, tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(path, CPU)
 
+
+def test_sharded_index_must_be_complete(root, tmp_path):
+    path = _copy(root, "qwen3", tmp_path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1  # the checkpoint really is sharded
+    (path / files[0]).unlink()
+    with pytest.raises(FileNotFoundError, match=files[0]):
+        load_model(path, CPU)
+
+
+def test_sliding_window_checkpoint_refused(root, tmp_path):
+    path = _copy(root, "mistral", tmp_path)
+    _edit_config(path, sliding_window=16)  # Mistral 7B v0.1: 4096 of 32768
+    with pytest.raises(UnsupportedModel, match="sliding-window attention is not supported"):
+        load_model(path, CPU)
+
+
+# The config parser, on config.json dicts as real checkpoints write them.
+
+_BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             num_hidden_layers=4, vocab_size=320, max_position_embeddings=32768)
+
+
+def _config(model_type: str, **raw) -> ModelConfig:
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+    return ModelConfig.from_dict({**_BASE, "architectures": [arch], "model_type": model_type,
+                                  **raw})
+
+
+def test_config_rope_layouts_agree():
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    v4 = _config("llama", rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **scaling})
+    v4_old_key = _config("llama", rope_theta=500000.0, rope_scaling={"type": "llama3", **scaling})
+    v5 = _config("llama", rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                           **scaling})
+    assert v4.rope == v4_old_key.rope == v5.rope
+    assert (v5.rope.type, v5.rope.theta, v5.rope.factor) == ("llama3", 500000.0, 8.0)
+    assert v5.rope.original_max_positions == 8192
+    plain = _config("llama")
+    assert plain.rope.type == "default" and plain.rope.theta == 10000.0
+    assert _config("llama", rope_theta=1e6).rope.theta == 1e6
+
+
+def test_config_fields():
+    c = _config("qwen3", num_key_value_heads=2, head_dim=32, torch_dtype="bfloat16",
+                eos_token_id=[5, 6], bos_token_id=4, tie_word_embeddings=True)
+    assert (c.num_heads, c.num_kv_heads, c.head_dim, c.num_layers) == (4, 2, 32, 4)
+    assert c.dtype == "bfloat16" and c.eos_token_ids == (5, 6) and c.bos_token_id == 4
+    assert c.qk_norm and not c.qkv_bias and c.tie_word_embeddings
+    assert _config("qwen2").qkv_bias and not _config("qwen2").o_proj_bias
+    d = _config("llama", eos_token_id=2)
+    assert d.head_dim == 16 and d.num_kv_heads == 4 and d.eos_token_ids == (2,)
+    assert d.dtype == "float32" and not d.qk_norm and not d.qkv_bias
+    # generation_config.json's eos ids are what generation stops on
+    raw = {**_BASE, "architectures": ["LlamaForCausalLM"], "eos_token_id": 2}
+    assert ModelConfig.from_dict(raw, {"eos_token_id": [2, 7]}).eos_token_ids == (2, 7)
+    no_arch = {**_BASE, "model_type": "mistral"}
+    assert ModelConfig.from_dict(no_arch).architecture == "MistralForCausalLM"
+
+
+def test_config_sliding_window():
+    refused = "sliding-window attention is not supported"
+    with pytest.raises(UnsupportedModel, match=refused):
+        _config("mistral", sliding_window=4096)
+    assert _config("mistral", sliding_window=None).model_type == "mistral"
+    assert _config("mistral", sliding_window=32768)  # never binds within the context
+    # Qwen2.5 configs name a window but leave it off
+    assert _config("qwen2", sliding_window=131072, use_sliding_window=False, max_window_layers=1)
+    assert _config("qwen3", sliding_window=4096, use_sliding_window=False)
+    with pytest.raises(UnsupportedModel, match=refused):
+        _config("qwen2", sliding_window=4096, use_sliding_window=True, max_window_layers=2)
+    # on, but only for layers >= max_window_layers, and there are none
+    assert _config("qwen2", sliding_window=4096, use_sliding_window=True, max_window_layers=4)
+    with pytest.raises(UnsupportedModel, match=refused):
+        _config("qwen3", sliding_window=4096, use_sliding_window=True,
+                layer_types=["full_attention"] * 3 + ["sliding_attention"])
+
+
+def test_config_refusals():
+    with pytest.raises(UnsupportedModel, match="'dynamic' is not supported"):
+        _config("llama", rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(UnsupportedModel, match="gelu"):
+        _config("llama", hidden_act="gelu")
+    with pytest.raises(UnsupportedModel, match="not a multiple"):
+        _config("llama", num_key_value_heads=3)
+    with pytest.raises(UnsupportedModel, match="Qwen3ForCausalLM"):
+        ModelConfig.from_dict({**_BASE, "architectures": ["PhiForCausalLM"]})
+    with pytest.raises(UnsupportedModel, match="dtype"):
+        _config("llama", torch_dtype="float8_e4m3fn")

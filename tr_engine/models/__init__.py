@@ -10,6 +10,9 @@ from .weights import WeightsMismatch
 # Architecture -> module of tr_engine.models that defines a class of that name.
 _MODULES = {
     "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 assert set(_MODULES) == set(ARCHITECTURES)
 

@@ -14,10 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from tr_engine.layers import Attention, map_tokens
-from tr_engine.layers.mlp import GatedMLP
-from tr_engine.layers.norm import RMSNorm
-from tr_engine.layers.rotary import RotaryEmbedding
+from tr_engine.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, map_tokens
 
 from .config import ModelConfig
 from .weights import load_fused
