@@ -5,8 +5,10 @@ Factories import lazily, so torch_npu is never imported unless the NPU is chosen
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+from collections.abc import Iterator
 from functools import cache
 
 import torch
@@ -31,8 +33,12 @@ __all__ = [
     "backend_for",
     "get_backend",
     "npu_usable",
+    "override_backend",
     "resolve_name",
 ]
+
+# Test/dev hook: device type -> backend that backend_for() returns instead of the registry's.
+_OVERRIDES: dict[str, Backend] = {}
 
 
 def npu_usable() -> bool:
@@ -73,4 +79,21 @@ def get_backend(name: str = "auto") -> Backend:
 
 def backend_for(device: torch.device) -> Backend:
     """The backend that owns tensors on `device`."""
-    return get_backend(device.type)
+    override = _OVERRIDES.get(device.type)
+    return override if override is not None else get_backend(device.type)
+
+
+@contextlib.contextmanager
+def override_backend(device_type: str, backend: Backend) -> Iterator[Backend]:
+    """Test/dev hook, not for serving: inside the block, `backend_for` returns `backend` for
+    tensors of `device_type`. Lets the tests run the NPU backend's code on CPU tensors (with
+    a stand-in torch_npu) through the distributed strategies. Nests; restores on exit."""
+    previous = _OVERRIDES.get(device_type)
+    _OVERRIDES[device_type] = backend
+    try:
+        yield backend
+    finally:
+        if previous is None:
+            del _OVERRIDES[device_type]
+        else:
+            _OVERRIDES[device_type] = previous

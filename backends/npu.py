@@ -1,12 +1,104 @@
-"""NPU backend (Huawei Ascend): HCCL for communication, torch_npu fused attention.
+"""NPU backend (Huawei Ascend): HCCL for communication, torch_npu fused attention kernels.
 
-torch_npu is imported only when this backend is chosen.
+torch_npu is imported only when this backend is chosen. Every torch_npu call below is
+written against its documentation (listed with versions in docs/deploy-ascend.md); none has
+run on an Ascend card yet. tests/test_npu_backend.py checks our use of the API against a
+CPU stand-in written from the same documentation, which says nothing about the hardware.
+
+Block attention, tensors kept in the engine's token-major layout and handed to the kernels
+as BSND views with B = 1 (q `[1, Tq, Hq, D]`, k/v `[1, Tk, Hkv, D]`, no copy):
+- `npu_fused_infer_attention_score(..., softmax_lse_flag=True)`, the inference kernel
+  (graph-capturable), is the main path: float16/bfloat16, head dim a multiple of 16 up to
+  512, at most 256 query heads and 64 query heads per key/value head (GQA through
+  `num_key_value_heads`). Its LSE comes back as `[B, N, S, 1]`. A one-row query (decode)
+  takes the kernel's incremental branch, which allows at most 262144 keys; longer shards
+  are attended in slices and merged.
+- `npu_fusion_attention` covers the rest (float32, other head dims up to 768). It returns
+  softmax max and sum as `[B, N, S, 8]` (eight equal values); lse = max + log(sum).
+- Anything neither documents falls back to the float32 math kernel of the CPU backend.
+Causal blocks reaching the kernel are square (the base class splits the others), and use
+`sparse_mode=3` (bottom-right causal) with the compressed 2048 x 2048 mask the
+documentation asks for: upper triangle True = masked out.
+
+The paged form (`block_table`) is not used: the KV cache keeps each sequence's shard
+contiguous on its rank, so decode passes the shard itself.
+
+Merge: `npu_ring_attention_update` (torch_npu 26.1.0 releases and later) where present,
+fed max = lse and sum = 1, which is exact; else the portable merge.
+
+Environment (applied by `init_env`, only where the user has not set a value; it must run
+before the HCCL communicators exist, so `NpuBackend()` calls it first thing):
+- HCCL_CONNECT_TIMEOUT = 600 s (HCCL default 120, allowed 120..7200): how long ranks wait
+  for each other while HCCL links are built. Ranks reach their first collective or
+  point-to-point call after loading weights at different speeds; torch_npu advises 600 s
+  once point-to-point runs on its own communicators.
+- HCCL_BUFFSIZE = 200 MB (the HCCL default): buffer of each collective communicator
+  (2x this per communicator). Our collectives (decode all-gather) are small.
+- P2P_HCCL_BUFFSIZE = 64 MB (torch_npu default 20): buffer of the separate point-to-point
+  communicators, one per pair of ranks that exchange messages, 2x this each. TokenRing
+  sends queries and partial results of tens to hundreds of MB per step; a larger buffer
+  means fewer rounds per message, at 2 x 64 MB x (P - 1) of device memory per rank.
+- ASCEND_RT_VISIBLE_DEVICES: left alone (all cards visible). If set, e.g. "4,5,6,7", the
+  process sees those cards as local ranks 0..3; set it before the process starts.
+Point-to-point goes through `batch_isend_irecv` (backends/comm.py); plain simultaneous
+isends in both directions have been reported to hang on NPUs.
 """
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from .base import Backend
+from .cpu import math_attention
 from .errors import BackendUnavailable
+
+ENV_DEFAULTS = {
+    "HCCL_CONNECT_TIMEOUT": "600",
+    "HCCL_BUFFSIZE": "200",
+    "P2P_HCCL_BUFFSIZE": "64",
+}
+# Documented bounds of each variable (inclusive; None = unbounded).
+_ENV_BOUNDS = {
+    "HCCL_CONNECT_TIMEOUT": (120, 7200),
+    "HCCL_BUFFSIZE": (1, None),
+    "P2P_HCCL_BUFFSIZE": (0, None),
+}
+
+# Limits from the torch_npu documentation of the two attention kernels.
+FIA_MAX_HEAD_DIM, FIA_HEAD_DIM_ALIGN, FIA_MAX_GROUP = 512, 16, 64
+FIA_MAX_DECODE_KEYS = 262144  # keys per call when Q_S == 1
+FA_MAX_HEAD_DIM = 768
+MAX_HEADS = 256
+MASK_SIZE = 2048  # side of the compressed causal mask for sparse_mode 2/3/4
+_EMPTY = -1e30  # stands for lse = -inf inside the fused merge (its formula needs finite max)
+
+
+def init_env(environ=None) -> dict[str, str]:
+    """Apply ENV_DEFAULTS where unset and check all three against their documented bounds.
+
+    Returns the defaults it applied. Raises BackendUnavailable for a value HCCL would refuse.
+    """
+    environ = os.environ if environ is None else environ
+    applied = {}
+    for name, value in ENV_DEFAULTS.items():
+        if not environ.get(name):
+            environ[name] = applied[name] = value
+        low, high = _ENV_BOUNDS[name]
+        raw = environ[name]
+        try:
+            number = int(raw)
+        except ValueError:
+            number = None
+        if number is None or number < low or (high is not None and number > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise BackendUnavailable(
+                f"{name}={raw!r} is not a whole number {bound}, so HCCL cannot start.",
+                f"Set {name} to a whole number {bound}, or unset it for the default "
+                f"{ENV_DEFAULTS[name]}.",
+            )
+    return applied
 
 
 def import_torch_npu():
@@ -36,13 +128,182 @@ def import_torch_npu():
     return torch_npu
 
 
+def bsnd(x: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] -> [1, T, H, D] (BSND, B = 1); a view when x is contiguous."""
+    return x.contiguous().unsqueeze(0)
+
+
+def causal_mask(device: torch.device) -> torch.Tensor:
+    """The compressed mask of sparse_mode 2/3/4: 2048 x 2048 bool, True above the diagonal."""
+    ones = torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool, device=device)
+    return torch.triu(ones, diagonal=1)
+
+
+def lse_from_stats(softmax_max: torch.Tensor, softmax_sum: torch.Tensor) -> torch.Tensor:
+    """npu_fusion_attention's `[1, N, S, 8]` max and sum -> lse `[S, N]` (natural log)."""
+    return (softmax_max[0, :, :, 0] + torch.log(softmax_sum[0, :, :, 0])).transpose(0, 1)
+
+
+def stats_from_lse(lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lse `[S, N]` -> (max, sum) `[1, N, S, 8]` for npu_ring_attention_update.
+
+    max = lse and sum = 1 describe the same partial result exactly, because the op only
+    uses sum * exp(max) = exp(lse). -inf (no key seen) becomes a very negative finite
+    max so the op never computes -inf - -inf.
+    """
+    lse = lse.float()
+    m = torch.where(torch.isneginf(lse), torch.full_like(lse, _EMPTY), lse)  # [S, N]
+    s, n = m.shape
+    m8 = m.t().reshape(1, n, s, 1).expand(1, n, s, 8).contiguous()  # [1, N, S, 8]
+    return m8, torch.ones_like(m8)
+
+
 class NpuBackend(Backend):
     name = "npu"
     device_type = "npu"
     dist_backend = "hccl"
 
     def __init__(self) -> None:
+        init_env()
         self.torch_npu = import_torch_npu()
+        self.npu = self.torch_npu.npu  # = torch.npu once torch_npu is imported
+        if not self.npu.is_available():
+            raise BackendUnavailable(
+                "torch_npu loaded but sees no NPU.",
+                "Check `npu-smi info`, the /dev/davinci* device mounts and "
+                "ASCEND_RT_VISIBLE_DEVICES, or use --device cuda/cpu.",
+            )
+        self._ring_update = getattr(self.torch_npu, "npu_ring_attention_update", None)
+        self._masks: dict[torch.device, torch.Tensor] = {}
+        self._refused: set[tuple] = set()
+
+    @classmethod
+    def is_available(cls) -> bool:
+        from . import npu_usable
+
+        return npu_usable()
+
+    # Device, memory, streams: torch_npu.npu mirrors torch.cuda.
+    def set_device(self, local_rank: int) -> torch.device:
+        self.npu.set_device(local_rank)
+        return self.device(local_rank)
+
+    def synchronize(self) -> None:
+        self.npu.synchronize()
+
+    def mem_get_info(self) -> tuple[int, int]:
+        free, total = self.npu.mem_get_info()
+        return int(free), int(total)
+
+    def device_count(self) -> int:
+        return self.npu.device_count()
+
+    def new_stream(self):
+        return self.npu.Stream()
+
+    def stream(self, stream):
+        return self.npu.stream(stream)
+
+    def new_event(self, timing: bool = False):
+        return self.npu.Event(enable_timing=timing)
+
+    # Attention.
+    def kernels_for(self, q: torch.Tensor, k: torch.Tensor) -> list[str]:
+        """Kernels whose documented limits admit this block, in order of preference."""
+        d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+        names = []
+        if hq <= MAX_HEADS:
+            if (
+                q.dtype in (torch.float16, torch.bfloat16)
+                and d <= FIA_MAX_HEAD_DIM
+                and d % FIA_HEAD_DIM_ALIGN == 0
+                and hq // hkv <= FIA_MAX_GROUP
+            ):
+                names.append("fused_infer")
+            if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d <= FA_MAX_HEAD_DIM:
+                names.append("fusion")
+        return [*names, "math"]
 
     def _attention(self, q, k, v, causal, scale):
-        raise NotImplementedError("NPU attention")
+        shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal, q.shape[0] == 1)
+        last_error = None
+        for name in self.kernels_for(q, k):
+            if (name, *shape_class) in self._refused:
+                continue
+            try:
+                out, lse = getattr(self, f"_{name}")(q, k, v, causal, scale)
+                return out, lse.float()
+            except RuntimeError as e:  # this CANN / torch_npu build refuses the shape
+                if name == "math":
+                    raise
+                self._refused.add((name, *shape_class))
+                last_error = e
+        raise RuntimeError(f"no NPU attention kernel accepted {shape_class}") from last_error
+
+    def _mask(self, device: torch.device) -> torch.Tensor:
+        if device not in self._masks:
+            self._masks[device] = causal_mask(device)
+        return self._masks[device]
+
+    def _fused_infer(self, q, k, v, causal, scale):
+        tq, tk = q.shape[0], k.shape[0]
+        if tq == 1 and tk > FIA_MAX_DECODE_KEYS:  # decode over a long shard: slices, merged
+            from tr_engine.attention.merge import merge_
+
+            step, acc = FIA_MAX_DECODE_KEYS, None
+            for a in range(0, tk, step):
+                o, lse = self._fused_infer(q, k[a : a + step], v[a : a + step], False, scale)
+                if acc is None:
+                    acc = o.float(), lse.float().clone()
+                else:
+                    merge_(*acc, o, lse)
+            return acc[0].to(q.dtype), acc[1]
+        causal = causal and tq > 1  # a 1 x 1 causal block is unmasked
+        out, lse = self.torch_npu.npu_fused_infer_attention_score(
+            bsnd(q), bsnd(k), bsnd(v),
+            atten_mask=self._mask(q.device) if causal else None,
+            num_heads=q.shape[1],
+            num_key_value_heads=k.shape[1],
+            scale=scale,
+            input_layout="BSND",
+            sparse_mode=3 if causal else 0,
+            softmax_lse_flag=True,
+        )
+        return out[0], lse[0, :, :, 0].transpose(0, 1)  # [Tq, Hq, D], [Tq, Hq]
+
+    def _fusion(self, q, k, v, causal, scale):
+        causal = causal and q.shape[0] > 1
+        res = self.torch_npu.npu_fusion_attention(
+            bsnd(q), bsnd(k), bsnd(v), q.shape[1], "BSND",
+            atten_mask=self._mask(q.device) if causal else None,
+            scale=scale,
+            sparse_mode=3 if causal else 0,
+        )
+        out, softmax_max, softmax_sum = res[0], res[1], res[2]
+        return out[0], lse_from_stats(softmax_max, softmax_sum)
+
+    def _math(self, q, k, v, causal, scale):
+        return math_attention(q, k, v, causal, scale)
+
+    def merge_(self, out, lse, out_b, lse_b) -> None:
+        if self._ring_update is not None:
+            try:
+                self._fused_merge_(out, lse, out_b, lse_b)
+                return
+            except RuntimeError:  # the installed CANN lacks the kernel: portable from now on
+                self._ring_update = None
+        super().merge_(out, lse, out_b, lse_b)
+
+    def _fused_merge_(self, out, lse, out_b, lse_b) -> None:
+        """npu_ring_attention_update in its SBH layout: out `[S, B, N*D]`, stats `[B, N, S, 8]`."""
+        rows, h, d = out.shape
+        prev_max, prev_sum = stats_from_lse(lse)
+        cur_max, cur_sum = stats_from_lse(lse_b)
+        new_out, new_max, new_sum = self._ring_update(
+            out.reshape(rows, 1, h * d), prev_max, prev_sum,
+            out_b.float().reshape(rows, 1, h * d), cur_max, cur_sum,
+            input_layout="SBH",
+        )
+        new_lse = lse_from_stats(new_max, new_sum)
+        out.copy_(new_out.view(rows, h, d))
+        lse.copy_(torch.where(new_lse < _EMPTY / 2, torch.full_like(new_lse, -torch.inf), new_lse))
