@@ -1,0 +1,38 @@
+"""`tr-serve --device npu` on a machine without torch_npu: exit status 2, two lines, no
+traceback. Runs the real console script in a subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tr_engine.backends import BackendUnavailable
+from tr_engine.backends.npu import import_torch_npu
+
+
+def serve_command() -> list[str]:
+    """The venv's tr-serve next to this interpreter, else the same entry point via -c."""
+    script = Path(sys.executable).with_name("tr-serve")
+    if script.exists():
+        return [str(script)]
+    code = "import sys; from tr_engine.cli import serve_main; sys.exit(serve_main())"
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None,
+                    reason="torch_npu is installed here")
+def test_serve_on_npu_without_torch_npu_exits_2_with_two_lines(tmp_path):
+    with pytest.raises(BackendUnavailable) as expected:
+        import_torch_npu()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HCCL_", "P2P_HCCL"))}
+    proc = subprocess.run([*serve_command(), "--device", "npu"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=env)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 2, proc.stderr
+    assert expected.value.what in lines[0] and expected.value.fix in lines[1]
