@@ -51,6 +51,7 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
                   summary="OpenAI-compatible API of tr_engine")
     app.state.serving = serving
     app.state.metrics = metrics
+    app.state.stopping = False  # set by the launcher when shutdown begins
     install_error_handlers(app, settings.retry_after_s)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
@@ -127,6 +128,12 @@ async def _respond(request: Request, work: Awaitable[BaseModel | Response]) -> R
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        if not request.app.state.stopping:
+            raise
+        # The server's graceful shutdown ran out: tell the client if it still listens.
+        return JSONResponse(error_body(503, "The server is shutting down.", None,
+                                       "shutting_down"), status_code=503)
     finally:
         watch.cancel()
         if not task.done():

@@ -291,6 +291,15 @@ class SSEResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            # The server cuts streams still open when its graceful shutdown times out; that is
+            # the plan, not an error worth a traceback. Tell the client and end the stream.
+            if not getattr(scope["app"].state, "stopping", False):
+                raise
+            last = sse(error_body(503, "The server is shutting down.", None, "shutting_down"))
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": (last + DONE).encode(),
+                            "more_body": False})
         finally:
             await self._events.aclose()
             await self._on_close()

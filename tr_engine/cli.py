@@ -1,21 +1,277 @@
-"""Console entry points: `tr-serve` (the OpenAI-compatible server) and `tr-bench`."""
+"""Console entry points: `tr-serve` (the OpenAI-compatible server) and `tr-bench`.
+
+`tr-serve` turns flags and an optional YAML file into an EngineConfig and a ServerSettings
+(flags win over the file), then: backend, engine, HTTP server. Nothing past this module sees
+the argparse namespace.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
 import sys
+import time
+import types
+
+from .config import DEVICES, DTYPES, EngineConfig
+
+log = logging.getLogger("tr_engine.serve")
+
+
+class ConfigError(Exception):
+    """A bad flag value or config file: reported in one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tr-serve",
+        description="Serve a model over an OpenAI-compatible HTTP API, the sequence sharded "
+        "over all cards. Settings come from the defaults, then --config FILE, then the flags.",
+        epilog="Endpoints: /v1/models, /v1/completions, /v1/chat/completions, /health, "
+        "/metrics, /version, /tokenize, /detokenize. See docs/serving.md.",
+        argument_default=argparse.SUPPRESS,  # only flags given on the command line override
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML file of EngineConfig and server fields (see configs/)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="PATH",
+                   help="local Hugging Face checkpoint folder (default: the embedded "
+                   "SmolLM2-135M-Instruct)")
+    g.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name clients send and /v1/models lists "
+                   "(default: derived from the model)")
+    g.add_argument("--dtype", choices=DTYPES,
+                   help="weight and activation dtype (default: auto, the checkpoint's own on "
+                   "a GPU or NPU, float32 on the CPU)")
+    g.add_argument("--max-model-len", type=int, metavar="N",
+                   help="longest prompt + output in tokens (default: the model's limit)")
+
+    g = p.add_argument_group("devices and parallelism")
+    g.add_argument("--device", choices=DEVICES,
+                   help="platform backend (default: auto = npu, else cuda, else cpu)")
+    g.add_argument("--world-size", type=int, metavar="N",
+                   help="ranks (cards) the sequence is sharded over (default: 1; under "
+                   "torchrun: WORLD_SIZE)")
+    g.add_argument("--attention-strategy", choices=("auto", "tokenring", "ring", "allgather_kv"),
+                   help="prefill attention across ranks (default: auto, chosen per request "
+                   "by a cost model)")
+
+    g = p.add_argument_group("memory and scheduling")
+    g.add_argument("--kv-cache-fraction", type=float, metavar="F",
+                   help="share of the memory left after weights and prefill workspace that "
+                   "the KV cache takes (default: 0.9)")
+    g.add_argument("--kv-cache-tokens", type=int, metavar="N",
+                   help="fix the KV cache capacity per rank in tokens instead")
+    g.add_argument("--prefill-chunk", type=int, metavar="N",
+                   help="prefill longer prompts in pieces of N tokens, decoding running "
+                   "requests in between (default: 32768)")
+    g.add_argument("--token-chunk", type=int, metavar="N",
+                   help="tokens per slice of token-wise work (projections, MLP) in a prefill "
+                   "(default: 8192)")
+    g.add_argument("--max-num-seqs", type=int, metavar="N",
+                   help="sequences decoded together in one step (default: 64)")
+    g.add_argument("--max-waiting", type=int, metavar="N",
+                   help="queued requests before new ones get 503 (default: 256)")
+    g.add_argument("--seed", type=int, metavar="N",
+                   help="seed of requests that give none (default: 0)")
+
+    g = p.add_argument_group("HTTP server")
+    g.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, help="port to listen on (default: 8000)")
+    g.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and "
+                   "/detokenize (default: none)")
+    g.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
+                   help="log level of the engine and the server (default: info)")
+    g.add_argument("--graceful-shutdown-s", type=float, metavar="S",
+                   help="on Ctrl-C / SIGTERM, seconds open requests get to finish "
+                   "(default: 2)")
+    g.add_argument("--retry-after-s", type=int, metavar="S",
+                   help="Retry-After header of a 503 when the queue is full (default: 1)")
+    return p
+
+
+def load_settings(argv: list[str] | None = None):
+    """(EngineConfig, ServerSettings) from the defaults, --config and the flags.
+
+    Raises ConfigError for unknown or ill-typed YAML keys and values the dataclasses refuse;
+    argparse itself exits with status 2 on malformed flags.
+    """
+    from .server.settings import ServerSettings
+
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config", None)
+    fields = _read_yaml(path, EngineConfig, ServerSettings) if path else {}
+    fields.update(args)
+    server_fields = {f.name for f in dataclasses.fields(ServerSettings)}
+    engine = {k: v for k, v in fields.items() if k not in server_fields}
+    server = {k: v for k, v in fields.items() if k in server_fields}
+    try:
+        return EngineConfig(**engine), ServerSettings(**server)
+    except (TypeError, ValueError) as e:
+        where = f" (in {path} or the flags)" if path else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def _read_yaml(path: str, *classes) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    types_ = {f.name: f.type for cls in classes for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in types_:
+            raise ConfigError(f"{path}: unknown key {key!r}; known keys: {', '.join(types_)}")
+        if not _type_ok(value, types_[name]):
+            raise ConfigError(f"{path}: {key} must be of type {types_[name]}; got {value!r}")
+        out[name] = value
+    return out
+
+
+def _type_ok(value, annotation: str) -> bool:
+    """`value` fits a simple field annotation such as 'int', 'float' or 'str | None'."""
+    allowed = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+               "None": (types.NoneType,)}
+    ok = tuple(t for part in annotation.split("|") for t in allowed.get(part.strip(), (object,)))
+    if isinstance(value, bool) and bool not in ok:
+        return False  # YAML's `yes` is not a number
+    return isinstance(value, ok)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tr-serve",
-        description="Serve a model over an OpenAI-compatible HTTP API, the sequence sharded "
-        "over all cards.",
-    )
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"])
-    parser.parse_args(argv)
-    print("tr-serve: the server is not built yet", file=sys.stderr)
-    return 1
+    try:
+        config, settings = load_settings(argv)
+    except ConfigError as e:
+        print(f"tr-serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+
+    from tr_engine.backends import BackendUnavailable, get_backend
+
+    try:
+        backend = get_backend(config.device)
+    except BackendUnavailable as e:
+        print(f"tr-serve: {e.what}\n{e.fix}", file=sys.stderr)
+        return 2
+    config = config.replace(device=backend.name)
+    log.info("backend %s in %.2f s", backend.name, time.perf_counter() - t0)
+
+    from tr_engine.workers import run_worker, torchrun_env
+
+    env = torchrun_env()
+    if env is not None:
+        rank, world_size, _ = env
+        if config.world_size not in (1, world_size):
+            print(f"tr-serve: --world-size {config.world_size} but torchrun started "
+                  f"{world_size} ranks", file=sys.stderr)
+            return 2
+        config = config.replace(world_size=world_size)
+        if rank != 0:
+            _stop_on_sigterm()
+            with contextlib.suppress(KeyboardInterrupt):
+                run_worker(config)
+            return 0
+    return _serve(config, settings, t0)
+
+
+def _serve(config: EngineConfig, settings, t0: float) -> int:
+    from tr_engine.async_engine import AsyncEngine
+    from tr_engine.backends import BackendUnavailable
+
+    _stop_on_sigterm()  # so SIGTERM during start-up unwinds like Ctrl-C and stops the ranks
+    engine = None
+    try:
+        try:
+            engine = AsyncEngine.start(config)
+        except BackendUnavailable as e:
+            print(f"tr-serve: {e.what}\n{e.fix}", file=sys.stderr)
+            return 2
+        except ValueError as e:
+            print(f"tr-serve: {e}", file=sys.stderr)
+            return 2
+        log.info("engine ready in %.1f s", time.perf_counter() - t0)
+        _run_http(engine, settings, t0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if engine is not None:
+            # A second Ctrl-C while the ranks stop means: stop now.
+            signal.signal(signal.SIGINT, _force_exit)
+            signal.signal(signal.SIGTERM, _force_exit)
+            log.info("shutting down")
+            t = time.perf_counter()
+            engine.shutdown()
+            log.info("stopped in %.1f s", time.perf_counter() - t)
+    return 0
+
+
+def _run_http(engine, settings, t0: float) -> None:
+    import uvicorn
+
+    from tr_engine.server import build_app
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own version re-raises the signal once drained; from inside the event
+            # loop that cancels every task with a traceback. Here run() just returns.
+            previous = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        async def shutdown(self, sockets=None) -> None:
+            app.state.stopping = True
+            await super().shutdown(sockets)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                port = self.servers[0].sockets[0].getsockname()[1] if self.servers \
+                    else settings.port
+                url = dataclasses.replace(settings, port=port).url
+                log.info("serving %s at %s/v1 (up in %.1f s)", engine.model_name, url,
+                         time.perf_counter() - t0)
+
+    app = build_app(engine, settings)
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                   log_level=settings.log_level,
+                                   timeout_graceful_shutdown=settings.graceful_shutdown_s))
+    server.run()  # returns after SIGINT / SIGTERM, once open requests drained or timed out
+
+
+def _stop_on_sigterm() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _force_exit(signum, frame) -> None:
+    print("tr-serve: forced exit", file=sys.stderr)
+    os._exit(128 + signum)
 
 
 def bench_main(argv: list[str] | None = None) -> int:
