@@ -13,6 +13,8 @@ included), so that logits spread and a wrong weight shows.
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -108,12 +110,31 @@ def _byte_of(char: str) -> int:
 
 
 def make_checkpoint(family: str, root: str | Path, seed: int = 0) -> Path:
-    """Write `family`'s checkpoint to `root / family` (if not already there); return it."""
-    from transformers import AutoModelForCausalLM
+    """Write `family`'s checkpoint to `root / family` (if not already there; a folder that
+    exists is returned as it is, whatever its seed); return it.
 
+    The folder is written under a temporary name and renamed, so processes that share `root`
+    never read half of one."""
     path = Path(root) / family
     if (path / "config.json").is_file():
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{family}.", dir=path.parent))
+    try:
+        _write(family, tmp, seed)
+        try:
+            tmp.rename(path)
+        except OSError:  # written meanwhile by another process
+            if not (path / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write(family: str, path: Path, seed: int) -> None:
+    from transformers import AutoModelForCausalLM
+
     config = _config(family)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -123,4 +144,3 @@ def make_checkpoint(family: str, root: str | Path, seed: int = 0) -> Path:
     shard = "200KB" if family == "qwen3" else "1GB"
     model.save_pretrained(path, max_shard_size=shard)
     make_tokenizer().save_pretrained(path)
-    return path

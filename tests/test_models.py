@@ -283,6 +283,9 @@ def test_config_refusals():
         ModelConfig.from_dict({**_BASE, "architectures": ["PhiForCausalLM"]})
     with pytest.raises(UnsupportedModel, match="dtype"):
         _config("llama", torch_dtype="float8_e4m3fn")
+    raw = {k: v for k, v in _BASE.items() if k != "intermediate_size"}
+    with pytest.raises(UnsupportedModel, match="lacks intermediate_size"):
+        ModelConfig.from_dict({**raw, "model_type": "llama"})
 
 
 # The embedded default model.

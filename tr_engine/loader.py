@@ -35,7 +35,8 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
-    """The checkpoint's safetensors files: those of model.safetensors.index.json, or all."""
+    """The checkpoint's safetensors files: those model.safetensors.index.json names, else
+    model.safetensors, else every *.safetensors file."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -46,6 +47,8 @@ def safetensors_files(path: str | Path) -> list[Path]:
             raise FileNotFoundError(f"{path}: the safetensors index names files that are "
                                     f"not there: {', '.join(absent)}")
         return files
+    if (path / "model.safetensors").is_file():  # not other formats' files beside it
+        return [path / "model.safetensors"]
     files = sorted(path.glob("*.safetensors"))
     if files:
         return files

@@ -20,6 +20,8 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -127,6 +129,9 @@ class ModelConfig:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModel(f"hidden_act {act!r} is not supported; only silu (SwiGLU)")
+        missing = [k for k in _REQUIRED if k not in raw]
+        if missing:
+            raise UnsupportedModel(f"config.json lacks {', '.join(missing)}")
         hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
         layers = raw["num_hidden_layers"]
         max_pos = raw.get("max_position_embeddings", 2048)
