@@ -33,6 +33,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger("tr_engine.server")
 T = TypeVar("T")
+_MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (vLLM's convention)
 
 try:  # chat templates are Jinja; their own errors count as bad input, not server faults
     from jinja2 import TemplateError as _TemplateError
@@ -115,9 +116,12 @@ class Serving:
         top_k = req.top_k if req.top_k is not None else 0
         if top_k >= self.vocab_size:
             top_k = 0  # keeping every token is no filter at all
+        temperature = _default(req.temperature, 1.0)
+        if 0.0 < temperature < _MIN_TEMPERATURE:
+            temperature = 0.0  # dividing logits by ~0 overflows; this close to 0 is greedy
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=_default(req.temperature, 1.0),
+            temperature=temperature,
             top_p=_default(req.top_p, 1.0),
             top_k=top_k,
             min_p=_default(req.min_p, 0.0),

@@ -1,0 +1,272 @@
+"""Bad input against a real tr-serve: every malformed body, wrong type or impossible request
+is a 4xx in OpenAI's error shape, never a 500 or a traceback, and the server stays healthy.
+
+This module's server is small on purpose: context 256 tokens (the KV cache, 160 tokens per
+rank, holds more), one running sequence and one waiting, so the limits are easy to reach.
+(test_server.py checks a prompt over the KV capacity, on a server where that binds first.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_server import assert_openai_error, running_server, scrape, sse_events, wait_idle
+
+MAX_MODEL_LEN = 256
+KV_PER_RANK = 160
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server("--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
+                        str(KV_PER_RANK), "--max-num-seqs", "1", "--max-waiting", "1") as s:
+        yield s
+
+
+def _post(server, path: str, body, content_type: str = "application/json",
+          timeout: float = 60) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.base + path, content=content, timeout=timeout,
+                      headers={"content-type": content_type})
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields) -> dict:
+    return {"messages": USER, "max_tokens": 2, **fields}
+
+
+def completion(**fields) -> dict:
+    return {"prompt": "hi", "max_tokens": 2, **fields}
+
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+# (path, body: bytes or JSON-able, expected status, expected `param` or ... for any)
+CORPUS = [
+    (CHAT, b"{not json", 400, None),
+    (CHAT, b"", 400, None),
+    (CHAT, b"null", 400, None),
+    (CHAT, b"[]", 400, None),
+    (CHAT, b'"messages"', 400, None),
+    (CHAT, b"42", 400, None),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
+    (CHAT, '{"messages": [{"role": "user", "content": "caf\xe9"}]}'.encode("latin-1"), 400,
+     None),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "temperature"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', 400,
+     "top_p"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": "hi"}, 400, "messages"),
+    (CHAT, {}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    (CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+    (CHAT, {"messages": [{"content": "x"}]}, 400, "messages.0.role"),
+    (CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, ...),
+    (CHAT, {"messages": [{"role": "user", "content": None}]}, 400, ...),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                        "image_url": {"url": "x"}}]}]}, 400, ...),
+    (CHAT, {"messages": ["hi"]}, 400, ...),
+    (CHAT, chat(max_tokens=-1), 400, "max_tokens"),
+    (CHAT, chat(max_tokens=0), 400, "max_tokens"),
+    (CHAT, chat(max_tokens="5"), 400, "max_tokens"),
+    (CHAT, chat(max_tokens=1.5), 400, "max_tokens"),
+    (CHAT, chat(max_tokens=True), 400, "max_tokens"),
+    (CHAT, chat(max_tokens=10**12), 400, ...),
+    (CHAT, chat(max_tokens=10**40), 400, ...),
+    (CHAT, chat(max_completion_tokens=-3), 400, "max_completion_tokens"),
+    (CHAT, chat(temperature="hot"), 400, "temperature"),
+    (CHAT, chat(temperature=-1), 400, "temperature"),
+    (CHAT, chat(temperature=1e9), 400, "temperature"),
+    (CHAT, chat(top_p=0), 400, "top_p"),
+    (CHAT, chat(top_p=2), 400, "top_p"),
+    (CHAT, chat(top_k=-5), 400, "top_k"),
+    (CHAT, chat(top_k="a"), 400, "top_k"),
+    (CHAT, chat(min_p=2), 400, "min_p"),
+    (CHAT, chat(n=2), 400, "n"),
+    (CHAT, chat(n=0), 400, "n"),
+    (CHAT, chat(stop=5), 400, "stop"),
+    (CHAT, chat(stop=[1, 2]), 400, "stop.0"),
+    (CHAT, chat(stop=[""]), 400, "stop"),
+    (CHAT, chat(stop=[f"s{i}" for i in range(20)]), 400, "stop"),
+    (CHAT, chat(stop_token_ids=[-1]), 400, ...),
+    (CHAT, chat(stop_token_ids=["a"]), 400, ...),
+    (CHAT, chat(logprobs="yes"), 400, "logprobs"),
+    (CHAT, chat(top_logprobs=3), 400, "top_logprobs"),
+    (CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs"),
+    (CHAT, chat(stream="yes"), 400, "stream"),
+    (CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options"),
+    (CHAT, chat(stream=True, stream_options={"include_usage": "x"}), 400, ...),
+    (CHAT, chat(seed="x"), 400, "seed"),
+    (CHAT, chat(seed=2**70), 400, "seed"),
+    (CHAT, chat(presence_penalty=5), 400, "presence_penalty"),
+    (CHAT, chat(frequency_penalty=-3), 400, "frequency_penalty"),
+    (CHAT, chat(repetition_penalty=0), 400, "repetition_penalty"),
+    (CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    (CHAT, chat(tool_choice="required"), 400, "tool_choice"),
+    (CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
+    (CHAT, chat(logit_bias={"1": 5}), 400, "logit_bias"),
+    (CHAT, chat(model="no-such-model"), 404, "model"),
+    (CHAT, chat(model=5), 400, "model"),
+    (COMPLETIONS, {}, 400, "prompt"),
+    (COMPLETIONS, completion(prompt=["a", "b"]), 400, "prompt"),
+    (COMPLETIONS, completion(prompt=[[1], [2]]), 400, "prompt"),
+    (COMPLETIONS, completion(prompt=[]), 400, "prompt"),
+    (COMPLETIONS, completion(prompt=""), 400, "prompt"),
+    (COMPLETIONS, completion(prompt=[10**9]), 400, "prompt"),
+    (COMPLETIONS, completion(prompt=[-1]), 400, ...),
+    (COMPLETIONS, completion(prompt=[1.5]), 400, ...),
+    (COMPLETIONS, completion(prompt={"a": 1}), 400, ...),
+    (COMPLETIONS, completion(prompt=None), 400, ...),
+    (COMPLETIONS, completion(echo=True), 400, "echo"),
+    (COMPLETIONS, completion(suffix="x"), 400, "suffix"),
+    (COMPLETIONS, completion(best_of=3), 400, "best_of"),
+    (COMPLETIONS, completion(logprobs=50), 400, "logprobs"),
+    (COMPLETIONS, completion(logprobs=-1), 400, "logprobs"),
+    (COMPLETIONS, completion(max_tokens=-7), 400, "max_tokens"),
+    (COMPLETIONS, completion(max_tokens=10**6), 400, ...),
+    ("/tokenize", {}, 400, ...),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"messages": [{"role": "x", "content": "y"}]}, 400, ...),
+    ("/detokenize", {"tokens": [-1]}, 400, ...),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("/v1/no-such-route", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", CORPUS,
+                         ids=[f"{i}-{c[0].rsplit('/', 1)[-1]}" for i, c in enumerate(CORPUS)])
+def test_bad_request(server, path, body, status, param):
+    err = assert_openai_error(_post(server, path, body), status)
+    if param is not ...:
+        assert err["param"] == param, err
+    assert httpx.get(server.base + "/health").status_code == 200
+
+
+def test_json_with_wrong_content_type(server):
+    assert_openai_error(_post(server, CHAT, chat(), content_type="text/plain"), 400)
+
+
+def test_wrong_methods(server):
+    assert_openai_error(httpx.get(server.base + CHAT), 405)
+    assert_openai_error(httpx.delete(server.base + "/v1/models"), 405)
+
+
+def _ids(server, n: int) -> list[int]:
+    """A prompt of exactly n token ids (any valid id will do)."""
+    ids = httpx.post(server.base + "/tokenize", json={"prompt": "apple"}).json()["tokens"]
+    return (ids * n)[:n]
+
+
+def _numbers(message: str) -> set[int]:
+    return {int(x) for x in re.findall(r"\d+", message)}
+
+
+def test_prompt_over_context_names_both_numbers(server):
+    n = MAX_MODEL_LEN + 44
+    err = assert_openai_error(_post(server, COMPLETIONS, completion(prompt=_ids(server, n))),
+                              400)
+    assert err["code"] == "context_length_exceeded"
+    assert {n, MAX_MODEL_LEN} <= _numbers(err["message"]), err["message"]
+
+
+def test_chat_oversized_prompt(server):
+    long = [{"role": "user", "content": "apple " * 400}]
+    err = assert_openai_error(_post(server, CHAT, {"messages": long, "max_tokens": 1}), 400)
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_default_max_tokens_fills_the_remaining_room(server):
+    r = _post(server, CHAT, {"messages": USER, "ignore_eos": True}, timeout=300)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["total_tokens"] == MAX_MODEL_LEN
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_queue_full_is_503_with_retry_after(server):
+    body = completion(prompt="Count slowly.", max_tokens=90, ignore_eos=True, stream=True)
+    statuses = []
+    with httpx.Client(timeout=60) as http, contextlib.ExitStack() as stack:
+        for _ in range(4):
+            r = stack.enter_context(http.stream("POST", server.base + COMPLETIONS, json=body))
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                r.read()
+                err = assert_openai_error(r, 503)
+                assert err["code"] == "queue_full"
+                assert int(r.headers["retry-after"]) >= 0
+            else:
+                assert r.status_code == 200, r.text
+    assert 503 in statuses and statuses[0] == 200, statuses
+    wait_idle(server, timeout=30)
+
+
+# ---- fuzzing --------------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3),
+    max_leaves=6,
+)
+_FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
+           "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "n", "logprobs", "top_logprobs",
+           "stream", "stream_options", "ignore_eos", "logit_bias", "echo", "tools"]
+
+
+def _check_any(r: httpx.Response) -> None:
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert_openai_error(r, r.status_code)
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        events = sse_events(r)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events
+    else:
+        assert "usage" in r.json()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from([CHAT, COMPLETIONS]),
+       fields=st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=3))
+def test_fuzzed_fields_never_500(server, path, fields):
+    body = chat() if path == CHAT else completion()
+    body.update(fields)
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if type(value) is int and value > 4:
+            body[key] = 4  # keep accepted requests short; huge values stay (they are refused)
+    _check_any(_post(server, path, body, timeout=120))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.binary(max_size=80))
+def test_fuzzed_bytes_never_500(server, raw):
+    r = _post(server, CHAT, raw)
+    assert 400 <= r.status_code < 500
+    assert_openai_error(r, r.status_code)
+
+
+def test_still_healthy_after_all_that(server):
+    assert httpx.get(server.base + "/health").status_code == 200
+    r = _post(server, CHAT, chat(temperature=0))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    m = wait_idle(server, timeout=30)
+    assert m["tr_engine:num_requests_running"] == 0
+    assert "Traceback" not in server.log(), server.log()[-4000:]
+    assert scrape(server)["tr_engine:kv_cache_capacity_tokens"] == KV_PER_RANK
