@@ -164,7 +164,9 @@ class Serving:
         async with await self.start(request_id, ids, params, prompt) as outputs:
             async for out in outputs:
                 last = out
-        assert last is not None and last.finished
+        if last is None:
+            raise APIError(503, "The engine ended the request without output.", None,
+                           "engine_dead")
         return last
 
     @staticmethod
