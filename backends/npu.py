@@ -23,8 +23,9 @@ documentation asks for: upper triangle True = masked out.
 The paged form (`block_table`) is not used: the KV cache keeps each sequence's shard
 contiguous on its rank, so decode passes the shard itself.
 
-Merge: `npu_ring_attention_update` (torch_npu 26.1.0 releases and later) where present,
-fed max = lse and sum = 1, which is exact; else the portable merge.
+Merge: `npu_ring_attention_update` (release line 26.1.0 on: torch_npu 2.7.1.post8, 2.9.0.post6,
+2.10.0.post4, 2.11.0 and later) where present, fed max = lse and sum = 1, which is exact;
+else, or if the installed CANN refuses it, the portable merge.
 
 Environment (applied by `init_env`, only where the user has not set a value; it must run
 before the HCCL communicators exist, so `NpuBackend()` calls it first thing):
