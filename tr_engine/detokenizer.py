@@ -1,0 +1,48 @@
+"""Incremental detokenization that never splits a multi-byte character.
+
+Byte-level tokenizers can cut a UTF-8 character across tokens; decoding such a prefix gives
+U+FFFD. The new text of a step is the decode of a short window of recent tokens minus the
+decode of the window without the newest ones, held back while it ends in U+FFFD.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int] = (),
+                 skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        # A few prompt tokens give the first output token its context (a leading space that
+        # some tokenizers drop at the start of a decode); they are never part of `text`.
+        self.ids: list[int] = list(prompt_ids[-6:])
+        self.prefix_offset = 0  # window start
+        self.read_offset = len(self.ids)  # tokens already turned into text
+        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the text it completes (possibly empty)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """At the end: whatever is still held back (a genuinely incomplete character)."""
+        if self.read_offset == len(self.ids):
+            return ""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        delta = full[len(prefix) :]
+        self.read_offset = len(self.ids)
+        self.text += delta
+        return delta

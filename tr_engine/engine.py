@@ -1,0 +1,249 @@
+"""The engine loop on rank 0: schedule, run, update — and turn tokens into outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+from .attention import choose
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import RequestTooLong
+from .kv_accounting import prompt_share
+from .outputs import CompletionOutput, RequestOutput
+from .plan import PrefillPlan, StepPlan
+from .sampler import Sampler
+from .sampling_params import InvalidParameter, SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .workers import Cluster
+
+log = logging.getLogger("tr_engine")
+
+
+def resolve_model_path(model: str | None) -> str:
+    """A local checkpoint folder; None means the embedded SmolLM2 model."""
+    if model is None:
+        from .embedded import embedded_model_path
+
+        return str(embedded_model_path())
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model {model!r} is not a folder; tr_engine loads local Hugging Face "
+                         "checkpoints (config.json + *.safetensors)")
+    return str(path)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        t = time.perf_counter()
+        model_path = resolve_model_path(config.model)
+        self.tokenizer = load_tokenizer(model_path)
+        self.cluster = Cluster(config, model_path)
+        self.config = self.cluster.config
+        runner = self.cluster.runner
+        self.model_config = mc = runner.model_config
+        self.max_model_len = runner.max_model_len
+        self.kv_capacity = runner.capacity  # per rank
+        self.model_name = config.served_model_name or (config.model or "SmolLM2-135M-Instruct")
+        self.eos_ids = set(mc.eos_token_ids)
+        self.scheduler = Scheduler(
+            self.config.world_size, runner.capacity, self.max_model_len, config.prefill_chunk,
+            config.max_num_seqs, config.max_waiting, self._choose_strategy,
+        )
+        self.sampler = Sampler(runner.device, config.seed)
+        self._ids = itertools.count()
+        self._seqs: dict[int, Sequence] = {}
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._emitted: dict[int, int] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.last_prefill_tokens_per_s = 0.0
+        log.info("engine ready in %.1f s: %s on %d %s rank(s), context %d tokens, KV cache %d "
+                 "tokens", time.perf_counter() - t, mc.architecture, self.config.world_size,
+                 self.cluster.backend.name, self.max_model_len, self.kv_capacity * self.world)
+
+    @property
+    def world(self) -> int:
+        return self.config.world_size
+
+    def _choose_strategy(self, new: int, cached: int) -> str:
+        if self.config.attention_strategy != "auto":
+            return self.config.attention_strategy
+        mc = self.model_config
+        return choose(new=new, cached=cached, world=self.world, hq=mc.num_heads,
+                      hkv=mc.num_kv_heads, d=mc.head_dim,
+                      elem=self.cluster.runner.dtype.itemsize, rates=self.cluster.runner.rates)
+
+    # ---- requests ------------------------------------------------------------------------
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise before any work if the request can never run."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise InvalidParameter("prompt", f"prompt token ids must be integers in [0, {vocab})"
+                                              f"; got {bad[:5]}")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise InvalidParameter("stop_token_ids", f"stop_token_ids must be < {vocab}; "
+                                                     f"got {bad[:5]}")
+        self.scheduler.check(len(prompt_ids), params.max_tokens)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> Sequence:
+        self.check(prompt_ids, params)
+        seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, prompt)
+        self.scheduler.add(seq)
+        self._seqs[seq.seq_id] = seq
+        self._detok[seq.seq_id] = IncrementalDetokenizer(
+            self.tokenizer, seq.prompt_ids, params.skip_special_tokens)
+        self._emitted[seq.seq_id] = 0
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        t = time.perf_counter()
+        seqs = self._plan_sequences(plan)
+        logits = self.cluster.run(plan)
+        tokens, logprobs = self.sampler(logits, seqs) if logits is not None else ([], [])
+        touched = self.scheduler.update(plan, tokens)
+        self._account(plan, t)
+        by_seq = dict(zip((s.seq_id for s in seqs), logprobs))
+        return [self._on_token(seq, by_seq.get(seq.seq_id)) for seq in touched]
+
+    def _plan_sequences(self, plan: StepPlan) -> list[Sequence]:
+        ids = [plan.prefill.seq_id] if plan.kind == "prefill" else plan.decode.seq_ids
+        seqs = [self._seqs[i] for i in ids]
+        now = time.time()
+        for s in seqs:
+            s.metrics.first_scheduled = s.metrics.first_scheduled or now
+        return seqs
+
+    def _account(self, plan: StepPlan, t: float) -> None:
+        if plan.kind == "prefill":
+            n = len(plan.prefill.tokens)
+            self.prompt_tokens_total += n
+            self.last_prefill_tokens_per_s = n / max(time.perf_counter() - t, 1e-9)
+
+    def _on_token(self, seq: Sequence, logprob) -> RequestOutput:
+        """A new token for `seq`: stop checks, text, and the output to hand back."""
+        p, token = seq.params, seq.output_ids[-1]
+        now = time.time()
+        seq.metrics.first_token = seq.metrics.first_token or now
+        seq.metrics.last_token = now
+        self.generation_tokens_total += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        detok = self._detok[seq.seq_id]
+        reason = None
+        if token in p.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif token in self.eos_ids and not p.ignore_eos:
+            reason = "stop"
+        else:
+            detok.add(token)
+            if p.stop and self._cut_at_stop(seq, detok):
+                reason = "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if reason == "length":
+                detok.flush()
+            self.scheduler.finish(seq, reason)
+        return self._output(seq)
+
+    def _cut_at_stop(self, seq: Sequence, detok: IncrementalDetokenizer) -> bool:
+        """Truncate the text at the first stop string, if one has appeared."""
+        text, p = detok.text, seq.params
+        longest = max(len(s) for s in p.stop)
+        search_from = max(0, self._emitted[seq.seq_id] - longest)
+        hits = [(text.find(s, search_from), s) for s in p.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        detok.text = text[: i + len(s)] if p.include_stop_str_in_output else text[:i]
+        seq.stop_reason = s
+        return True
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        detok = self._detok[seq.seq_id]
+        text = detok.text
+        emitted = self._emitted[seq.seq_id]
+        end = len(text)
+        if not seq.finished and seq.params.stop:
+            # hold back what could still turn out to be the start of a stop string
+            end = max(emitted, len(text) - (max(len(s) for s in seq.params.stop) - 1))
+        delta = text[emitted:end]
+        self._emitted[seq.seq_id] = end
+        n_new = 1 if seq.output_ids else 0
+        completion = CompletionOutput(
+            index=0,
+            text=text[:end],
+            token_ids=list(seq.output_ids),
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            delta_text=delta,
+            delta_token_ids=seq.output_ids[-n_new:] if seq.finish_reason != "abort" else [],
+            delta_logprobs=seq.logprobs[-1:] if seq.params.logprobs is not None else None,
+        )
+        if seq.finished:
+            seq.metrics.finished = time.time()
+            self._forget(seq)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, [completion],
+                             seq.finished, seq.metrics)
+
+    def _forget(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.seq_id, None)
+        self._detok.pop(seq.seq_id, None)
+        self._emitted.pop(seq.seq_id, None)
+        self.sampler.forget(seq.seq_id)
+
+    # ---- scoring (evaluation and tests) --------------------------------------------------
+    def prompt_logits(self, prompt_ids: list[int]):
+        """float32 logits `[T, vocab]` of every prompt position, computed with the sharded
+        prefill (one chunk, no KV kept)."""
+        if self.scheduler.has_work():
+            raise RuntimeError("prompt_logits needs an idle engine")
+        n = len(prompt_ids)
+        if not 0 < n <= min(self.max_model_len, self.config.prefill_chunk):
+            raise RequestTooLong(f"prompt_logits takes 1 to "
+                                 f"{min(self.max_model_len, self.config.prefill_chunk)} tokens; "
+                                 f"got {n}")
+        counts = prompt_share(n, self.world, n)
+        starts = self.scheduler.kv.reserve(counts)
+        if starts is None:
+            raise RequestTooLong(f"the KV cache cannot hold {n} tokens right now")
+        try:
+            plan = PrefillPlan(seq_id=-1, tokens=list(prompt_ids), start=0, kv_start=starts,
+                               kv_len=[0] * self.world, sample=False,
+                               strategy=self._choose_strategy(n, 0), all_logits=True)
+            return self.cluster.run(StepPlan("prefill", prefill=plan))
+        finally:
+            self.scheduler.kv.release(starts, counts)
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()

@@ -1,0 +1,30 @@
+"""Every environment variable tr_engine reads, typed, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def cache_dir() -> Path:
+    """TR_ENGINE_CACHE: where converted models are kept (default ~/.cache/tr_engine)."""
+    return Path(os.environ.get("TR_ENGINE_CACHE") or Path.home() / ".cache" / "tr_engine")
+
+
+def dist_timeout_s() -> int:
+    """TR_ENGINE_DIST_TIMEOUT: seconds a collective may wait before it fails (default 600)."""
+    return _int("TR_ENGINE_DIST_TIMEOUT") or 600
+
+
+def torchrun() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
+    with MASTER_ADDR/MASTER_PORT for the rendezvous), else None."""
+    rank, world = _int("RANK"), _int("WORLD_SIZE")
+    if rank is None or world is None or "MASTER_ADDR" not in os.environ:
+        return None
+    return rank, world, _int("LOCAL_RANK") or 0

@@ -1,0 +1,186 @@
+"""The model runner: one per rank, runs the forward a step plan describes.
+
+Every rank runs the same plan: a prefill chunk (zigzag-sharded over the ranks, attention by
+the plan's strategy, the chunk's KV stored where the plan says) or a decode step (the same
+new tokens on every rank, each rank attending its own KV shard, one all-gather per layer to
+merge). Only rank 0 needs the logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from .attention import Rates, gather_merge, get_strategy, layout
+from .backends import Backend, Communicator
+from .config import EngineConfig
+from .context import ForwardContext, forward_context
+from .kv_cache import KVCache
+from .loader import load_model
+from .plan import DecodePlan, PrefillPlan, StepPlan
+
+log = logging.getLogger("tr_engine")
+
+
+class PrefillContext(ForwardContext):
+    def __init__(self, runner: ModelRunner, plan: PrefillPlan, n_valid: int) -> None:
+        self.runner, self.plan, self.n_valid = runner, plan, n_valid
+        self.token_chunk = runner.config.token_chunk
+
+    def attention(self, layer, q, k, v, scale):
+        r, p, cache = self.runner.rank, self.plan, self.runner.kv
+        prefix = {}
+        if p.start > 0:  # later chunks attend the cached part of the prompt (every rank alike)
+            prefix["k_prefix"], prefix["v_prefix"] = cache.view(layer, p.kv_start[r], p.kv_len[r])
+        strategy = get_strategy(p.strategy)
+        out, _ = strategy(q, k, v, self.runner.group, causal=True, scale=scale, **prefix)
+        cache.store(layer, p.kv_start[r] + p.kv_len[r], k[: self.n_valid], v[: self.n_valid])
+        return out
+
+
+class DecodeContext(ForwardContext):
+    def __init__(self, runner: ModelRunner, plan: DecodePlan) -> None:
+        self.runner, self.plan = runner, plan
+
+    def attention(self, layer, q, k, v, scale):
+        # q [B, Hq, D], k/v [B, Hkv, D]: one new token per sequence, the same on every rank.
+        r, p, cache = self.runner.rank, self.plan, self.runner.kv
+        attend = self.runner.backend.attention
+        outs, lses = [], []
+        for i in range(len(p.seq_ids)):
+            start, n = p.kv_start[i][r], p.kv_len[i][r]
+            if p.owner[i] == r:
+                cache.store(layer, start + n, k[i : i + 1], v[i : i + 1])
+                n += 1
+            ks, vs = cache.view(layer, start, n)
+            o, lse = attend(q[i : i + 1], ks, vs, False, scale)
+            outs.append(o)
+            lses.append(lse)
+        out, _ = gather_merge(torch.cat(outs), torch.cat(lses), self.runner.group)
+        return out
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str, backend: Backend, rank: int,
+                 world: int, local_rank: int, group: dist.ProcessGroup | None) -> None:
+        self.config, self.backend = config, backend
+        self.rank, self.world, self.group = rank, world, group
+        self.comm = Communicator(group)
+        self.device = backend.set_device(local_rank)
+
+        t = time.perf_counter()
+        self.model, self.model_config = load_model(model_path, self.device, config.dtype)
+        self.dtype = next(self.model.parameters()).dtype
+        log.info("rank %d: weights loaded in %.1f s (%s, %s)", rank, time.perf_counter() - t,
+                 self.model_config.architecture, self.dtype)
+
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        self.capacity = self._plan_memory()
+        mc = self.model_config
+        self.kv = KVCache(mc.num_layers, self.capacity, mc.num_kv_heads, mc.head_dim,
+                          self.dtype, self.device)
+        self.rates = self._calibrate()
+
+    # ---- set-up ------------------------------------------------------------------------
+    def _plan_memory(self) -> int:
+        """KV slots per rank: a share of the free memory after the prefill workspace, no more
+        than the configured limits can ever use, and the same on every rank."""
+        mc, cfg = self.model_config, self.config
+        per_token = KVCache.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                                            self.dtype)
+        useful = -(-self.max_model_len * cfg.max_num_seqs // self.world) + 2 * self.world
+        if cfg.kv_cache_tokens is not None:
+            capacity = cfg.kv_cache_tokens
+        else:
+            free, _ = self.backend.mem_get_info()
+            if self.backend.device_type == "cpu":
+                free //= self.world  # the ranks share the host's memory
+            budget = (free - self._workspace_bytes()) * cfg.kv_cache_fraction
+            capacity = min(useful, max(0, int(budget // per_token)))
+        cap = torch.tensor([capacity], dtype=torch.int64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(cap, op=dist.ReduceOp.MIN, group=self.group)
+        capacity = int(cap.item())
+        if capacity < 2:
+            raise RuntimeError(
+                f"no memory left for the KV cache ({capacity} tokens per rank); lower "
+                "prefill_chunk/token_chunk, use more ranks, or set kv_cache_tokens"
+            )
+        log.info("rank %d: KV cache %d tokens per rank (%.2f GiB), %d in all", self.rank,
+                 capacity, capacity * per_token / 2**30, capacity * self.world)
+        return capacity
+
+    def _workspace_bytes(self) -> int:
+        """An upper estimate of prefill activations for one chunk on one rank."""
+        mc, cfg = self.model_config, self.config
+        e = torch.empty((), dtype=self.dtype).element_size()
+        n = layout.padded_len(min(cfg.prefill_chunk, self.max_model_len), self.world) // self.world
+        c = min(cfg.token_chunk, n)
+        hidden = 3 * n * mc.hidden_size * e
+        qkv = n * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * e
+        attn = n * mc.num_heads * (mc.head_dim * (3 * e + 4) + 8)  # out, fp32 acc, buffers
+        mlp = 3 * c * mc.intermediate_size * e
+        logits = 4 * mc.vocab_size * 4
+        return int(1.3 * (hidden + qkv + attn + mlp + logits))
+
+    def _calibrate(self) -> Rates:
+        """Measure this platform's attention rate and link bandwidth for the cost model."""
+        mc, dev = self.model_config, self.device
+        n = 1024 if self.backend.device_type != "cpu" else 128
+        q = torch.randn(n, mc.num_heads, mc.head_dim, dtype=self.dtype, device=dev)
+        k = torch.randn(n, mc.num_kv_heads, mc.head_dim, dtype=self.dtype, device=dev)
+        self.backend.attention(q, k, k, False)  # warm up
+        self.backend.synchronize()
+        t = time.perf_counter()
+        self.backend.attention(q, k, k, False)
+        self.backend.synchronize()
+        flops = 4.0 * n * n * mc.num_heads * mc.head_dim / max(time.perf_counter() - t, 1e-9)
+        link = 100e9
+        if self.world > 1:
+            buf = torch.randn(n * 64, mc.num_heads, dtype=self.dtype, device=dev)
+            recv = torch.empty_like(buf)
+            for _ in range(2):  # the first exchange sets up the connection
+                t = time.perf_counter()
+                self.comm.exchange([(buf, self.comm.peer(1))], [(recv, self.comm.peer(-1))]).wait()
+                self.backend.synchronize()
+            link = buf.numel() * buf.element_size() / max(time.perf_counter() - t, 1e-9)
+        return Rates(flops=flops, link=link)
+
+    # ---- steps ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run one step; returns float32 logits on rank 0 (None elsewhere)."""
+        if plan.kind == "prefill":
+            return self.prefill(plan.prefill)
+        return self.decode(plan.decode)
+
+    def prefill(self, p: PrefillPlan) -> torch.Tensor | None:
+        total, world, r = len(p.tokens), self.world, self.rank
+        ids = layout.shard(torch.tensor(p.tokens, dtype=torch.long), world, r).to(self.device)
+        positions = layout.positions(total, world, r) + p.start
+        positions = positions.clamp(max=p.start + total - 1).to(self.device)  # pads: any
+        with forward_context(PrefillContext(self, p, layout.local_len(total, world, r))):
+            hidden = self.model(ids, positions)  # [2L, hidden]
+        if p.all_logits:
+            shards = self.comm.all_gather(hidden)
+            full = layout.unshard(list(shards.unbind(0)), total)
+            return self.model.compute_logits(full) if r == 0 else None
+        if not p.sample:
+            return None
+        owner, index = layout.owner(total, world, total - 1)
+        last = hidden[index : index + 1].contiguous() if r == owner else hidden[:1].clone()
+        self.comm.broadcast(last, src=owner)
+        return self.model.compute_logits(last) if r == 0 else None
+
+    def decode(self, p: DecodePlan) -> torch.Tensor | None:
+        ids = torch.tensor(p.tokens, dtype=torch.long, device=self.device)
+        positions = torch.tensor(p.positions, dtype=torch.long, device=self.device)
+        with forward_context(DecodeContext(self, p)):
+            hidden = self.model(ids, positions)  # [B, hidden], the same on every rank
+        return self.model.compute_logits(hidden) if self.rank == 0 else None

@@ -1,0 +1,186 @@
+"""Ranks and their processes.
+
+`Cluster` is rank 0's handle on the world: it starts the other ranks (or, under torchrun,
+joins the ones torchrun started), sets up the two process groups — the device group
+(hccl / nccl / gloo) for tensors and a gloo group on the host for step plans — and each step
+broadcasts the plan and runs rank 0's share. The other ranks run `worker_loop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import envs
+from .backends import Backend, get_backend
+from .config import EngineConfig
+from .plan import SHUTDOWN, StepPlan
+
+log = logging.getLogger("tr_engine")
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when started by torchrun, else None."""
+    return envs.torchrun()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel end this process when the process that spawned it ends."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _init_groups(backend: Backend, rank: int, world: int, init_method: str):
+    """The device group (the default group) and the host group for plans."""
+    timeout = timedelta(seconds=envs.dist_timeout_s())
+    if world == 1:
+        return None, None
+    dist.init_process_group(backend.dist_backend, init_method=init_method, rank=rank,
+                            world_size=world, timeout=timeout)
+    if backend.dist_backend == "gloo":
+        return None, None
+    return None, dist.new_group(backend="gloo", timeout=timeout)
+
+
+def _set_threads(local_world: int) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def _make_runner(config, model_path, backend, rank, world, local_rank, group):
+    from .runner import ModelRunner  # imports the model code only where it runs
+
+    return ModelRunner(config, model_path, backend, rank, world, local_rank, group)
+
+
+def worker_loop(config: EngineConfig, model_path: str, rank: int, world: int, local_rank: int,
+                init_method: str, local_world: int) -> None:
+    """A rank other than 0: build its runner, then run every plan rank 0 broadcasts."""
+    backend = get_backend(config.device)
+    if backend.device_type == "cpu":
+        _set_threads(local_world)
+    group, host_group = _init_groups(backend, rank, world, init_method)
+    runner = _make_runner(config, model_path, backend, rank, world, local_rank, group)
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=host_group)
+        plan: StepPlan = box[0]
+        if plan.kind == "shutdown":
+            break
+        runner.run(plan)
+    dist.destroy_process_group()
+
+
+def _spawned_worker(config, model_path, rank, world, init_method, log_level) -> None:
+    _die_with_parent()
+    logging.basicConfig(level=log_level, format=f"%(asctime)s rank{rank} %(message)s")
+    try:
+        worker_loop(config, model_path, rank, world, rank, init_method, world)
+    except Exception:
+        log.error("rank %d failed:\n%s", rank, traceback.format_exc())
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def run_worker(config: EngineConfig) -> None:
+    """Entry for a rank other than 0 under torchrun (blocks until rank 0 shuts down)."""
+    env = torchrun_env()
+    if env is None:
+        raise RuntimeError("run_worker needs torchrun's RANK/WORLD_SIZE/MASTER_ADDR")
+    rank, world, local_rank = env
+    from .engine import resolve_model_path
+
+    model_path = resolve_model_path(config.model)
+    worker_loop(config.replace(world_size=world), model_path, rank, world, local_rank,
+                "env://", int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+class Cluster:
+    """Rank 0's view of all ranks."""
+
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        t = time.perf_counter()
+        self.backend = get_backend(config.device)
+        log.info("backend %s (%s) ready in %.1f s", self.backend.name,
+                 self.backend.dist_backend, time.perf_counter() - t)
+        self.procs: list[mp.Process] = []
+        env = torchrun_env()
+        if env is not None:
+            rank, world, local_rank = env
+            if rank != 0:
+                raise RuntimeError("under torchrun only rank 0 builds the engine")
+            init_method, local_world = "env://", int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        else:
+            rank, world, local_rank = 0, config.world_size, 0
+            local_world = world
+            if self.backend.device_type != "cpu" and world > self.backend.device_count():
+                raise ValueError(f"world_size {world} needs {world} {self.backend.name} "
+                                 f"devices; {self.backend.device_count()} are visible")
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            self._spawn(config, model_path, world, init_method)
+        self.world = world
+        self.config = config.replace(world_size=world)
+        try:
+            if self.backend.device_type == "cpu":
+                _set_threads(local_world)
+            self.group, self.host_group = _init_groups(self.backend, 0, world, init_method)
+            self.runner = _make_runner(self.config, model_path, self.backend, 0, world,
+                                       local_rank, self.group)
+        except BaseException:
+            self._kill()
+            raise
+
+    def _spawn(self, config, model_path, world, init_method) -> None:
+        ctx = mp.get_context("spawn")
+        level = logging.getLogger("tr_engine").getEffectiveLevel()
+        for rank in range(1, world):
+            p = ctx.Process(target=_spawned_worker, daemon=True,
+                            args=(config, model_path, rank, world, init_method, level))
+            p.start()
+            self.procs.append(p)
+
+    def dead_workers(self) -> list[int]:
+        return [i + 1 for i, p in enumerate(self.procs) if not p.is_alive()]
+
+    def run(self, plan: StepPlan):
+        if self.world > 1:
+            dist.broadcast_object_list([plan], src=0, group=self.host_group)
+        return self.runner.run(plan)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self.world > 1 and dist.is_initialized():
+            try:
+                if not self.dead_workers():
+                    dist.broadcast_object_list([SHUTDOWN], src=0, group=self.host_group)
+            except Exception:  # a dead rank: nothing more to tell it
+                pass
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+        self._kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        self.procs = []
