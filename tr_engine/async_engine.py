@@ -1,17 +1,28 @@
-"""The engine as the HTTP server sees it: async generation over a background engine loop.
+"""The engine as the HTTP server sees it: async generation over a background engine thread.
 
-INTERFACE ONLY for now; the implementation lands with the engine. The server codes against
-exactly these names.
+The engine loop (schedule, run, update) runs on its own thread, because a step blocks on
+device work and collectives. Requests reach it through an inbox; each request's outputs
+come back on an asyncio queue of the event loop that asked. A watchdog marks the engine
+dead if a rank process dies, so /health can say so even while a step hangs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import queue
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .config import EngineConfig
+from .engine import LLMEngine
+from .errors import EngineDead
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+
+log = logging.getLogger("tr_engine")
 
 
 @dataclass
@@ -44,15 +55,110 @@ class AsyncEngine:
       once the loop or a rank died); `engine.shutdown()` stops every rank.
     """
 
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self.kv_capacity_tokens = engine.kv_capacity * engine.world
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._dead: BaseException | None = None
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="tr-engine-loop", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="tr-engine-watchdog",
+                                          daemon=True)
+        self._thread.start()
+        self._watchdog.start()
+
     @classmethod
     def start(cls, config: EngineConfig) -> AsyncEngine:
-        raise NotImplementedError
+        return cls(LLMEngine(config))
 
+    # ---- the engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+                self._stats = self._snapshot()
+        except BaseException as e:  # the engine cannot go on: fail every open request
+            log.exception("engine loop died")
+            self._fail(EngineDead(f"the engine stopped: {type(e).__name__}: {e}"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, args = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id, ids, params, prompt = args
+                try:
+                    self.engine.add_request(request_id, ids, params, prompt)
+                except Exception as e:  # refused: QueueFull, RequestTooLong, ...
+                    self._deliver(request_id, e)
+            elif kind == "abort":
+                out = self.engine.abort(args)
+                if out is not None:
+                    self._deliver(args, out)
+            self._stats = self._snapshot()
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _fail(self, error: BaseException) -> None:
+        self._dead = error
+        with self._lock:
+            streams = list(self._streams.values())
+        for loop, q in streams:
+            loop.call_soon_threadsafe(q.put_nowait, error)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            dead = self.engine.cluster.dead_workers()
+            if dead and self._dead is None:
+                log.error("rank(s) %s died; the engine is dead", dead)
+                self._fail(EngineDead(f"rank(s) {dead} died"))
+            if self._dead is not None:
+                return
+
+    def _snapshot(self) -> EngineStats:
+        e, s = self.engine, self.engine.scheduler
+        return EngineStats(
+            running=s.num_running, waiting=s.num_waiting, kv_used_tokens=s.kv_used(),
+            kv_capacity_tokens=e.kv_capacity, prompt_tokens_total=e.prompt_tokens_total,
+            generation_tokens_total=e.generation_tokens_total,
+            prefill_tokens_per_s=e.last_prefill_tokens_per_s,
+        )
+
+    # ---- the server's side ---------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        raise NotImplementedError
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
+        except Exception as e:  # template errors (jinja raise_exception, bad structure)
+            raise ValueError(f"the chat template cannot take these messages: {e}") from None
+        if hasattr(ids, "input_ids"):
+            ids = ids.input_ids
+        elif isinstance(ids, dict):
+            ids = ids["input_ids"]
+        return list(ids)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        raise NotImplementedError
+        self.engine.check(prompt_token_ids, params)
 
     async def generate(
         self,
@@ -61,18 +167,53 @@ class AsyncEngine:
         params: SamplingParams,
         prompt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        raise NotImplementedError
-        yield
+        if self._dead is not None:
+            raise EngineDead(str(self._dead))
+        self.check(prompt_token_ids, params)
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._inbox.put(("add", (request_id, list(prompt_token_ids), params, prompt)))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True  # refused or failed: nothing to abort
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
-        raise NotImplementedError
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
 
     def stats(self) -> EngineStats:
-        raise NotImplementedError
+        return self._stats
 
     @property
     def healthy(self) -> bool:
-        raise NotImplementedError
+        return self._dead is None and self._thread.is_alive()
 
     def shutdown(self) -> None:
-        raise NotImplementedError
+        """Stop the loop, then every rank. Safe to call more than once."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + 30
+        self._thread.join(max(0.1, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("the engine loop is still busy; stopping the ranks anyway")
+        self.engine.shutdown()
