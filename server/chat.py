@@ -31,7 +31,7 @@ async def create_chat_completion(
         max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, param = req.max_tokens, "max_tokens"
-    params = serving.sampling_params(req, len(ids), max_tokens=max_tokens,
+    params = serving.sampling_params(req, ids, max_tokens=max_tokens,
                                      max_tokens_param=param, logprobs=top_n)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
 

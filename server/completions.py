@@ -22,7 +22,7 @@ async def create_completion(
     if req.best_of not in (None, 1):
         raise APIError(400, "Only best_of = 1 is supported.", "best_of", "invalid_value")
     text, ids = await _prompt(serving, req.prompt)
-    params = serving.sampling_params(req, len(ids), max_tokens=req.max_tokens,
+    params = serving.sampling_params(req, ids, max_tokens=req.max_tokens,
                                      max_tokens_param="max_tokens", logprobs=req.logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
 

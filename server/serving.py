@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from tr_engine.errors import RequestTooLong
 from tr_engine.outputs import RequestOutput, TokenLogprob
 from tr_engine.sampling_params import SamplingParams
 
@@ -98,8 +100,15 @@ class Serving:
 
     # ---- request -> SamplingParams --------------------------------------------------------
 
-    def sampling_params(self, req: _Sampling, prompt_len: int, *, max_tokens: int | None,
+    def sampling_params(self, req: _Sampling, ids: list[int], *, max_tokens: int | None,
                         max_tokens_param: str, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams, checked against the engine's limits.
+
+        Without max_tokens: all the room left (OpenAI's default), capped at
+        settings.default_max_tokens so that one request does not reserve a whole long context's
+        KV for its output; if the KV cache's layout leaves less room than the arithmetic says,
+        the largest max_tokens the engine accepts.
+        """
         if req.n not in (None, 1):
             raise APIError(400, "Only n = 1 is supported.", "n", "invalid_value")
         if req.logit_bias:
@@ -107,10 +116,7 @@ class Serving:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.",
                            "stream_options", "invalid_value")
-        if max_tokens is None:
-            # OpenAI's default: whatever room is left. If none is, 1 makes engine.check say so.
-            max_tokens = max(1, self.context_limit - prompt_len)
-        elif max_tokens < 1:
+        if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"{max_tokens_param} must be at least 1; got {max_tokens}.",
                            max_tokens_param, "invalid_value")
         top_k = req.top_k if req.top_k is not None else 0
@@ -119,8 +125,9 @@ class Serving:
         temperature = _default(req.temperature, 1.0)
         if 0.0 < temperature < _MIN_TEMPERATURE:
             temperature = 0.0  # dividing logits by ~0 overflows; this close to 0 is greedy
-        return SamplingParams(
-            max_tokens=max_tokens,
+        params = SamplingParams(
+            max_tokens=max_tokens or max(1, min(self.settings.default_max_tokens,
+                                                self.context_limit - len(ids))),
             temperature=temperature,
             top_p=_default(req.top_p, 1.0),
             top_k=top_k,
@@ -136,6 +143,31 @@ class Serving:
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
         )
+        if max_tokens is not None:
+            self.engine.check(ids, params)
+            return params
+        return self._largest_accepted(ids, params)
+
+    def _largest_accepted(self, ids: list[int], params: SamplingParams) -> SamplingParams:
+        """params with the largest max_tokens <= params.max_tokens that engine.check takes
+        (it is monotone in max_tokens); the engine's refusal if not even 1 fits."""
+        try:
+            self.engine.check(ids, params)
+            return params
+        except RequestTooLong:
+            if params.max_tokens == 1:
+                raise
+        lo, hi = 0, params.max_tokens - 1  # lo: known to fit (0 = none yet); hi: may fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            try:
+                self.engine.check(ids, dataclasses.replace(params, max_tokens=mid))
+                lo = mid
+            except RequestTooLong:
+                hi = mid - 1
+        if lo == 0:
+            self.engine.check(ids, dataclasses.replace(params, max_tokens=1))  # raises
+        return dataclasses.replace(params, max_tokens=max(lo, 1))
 
     # ---- running --------------------------------------------------------------------------
 
@@ -143,11 +175,11 @@ class Serving:
                     prompt: str | None) -> RequestStream:
         """Submit a request and return its outputs.
 
-        Refusals (too long, queue full, engine dead) raise here, before any response byte, so
+        `params` come from sampling_params(), which has run engine.check. Refusals (queue
+        full, engine dead) raise here, before any response byte, so
         they become HTTP errors rather than events inside a 200 stream.
         """
         self.check_ready()
-        self.engine.check(ids, params)
         gen = self.engine.generate(request_id, ids, params, prompt)
         first = asyncio.ensure_future(anext(gen))
         # One turn of the loop lets the engine admit or refuse the request (it refuses before

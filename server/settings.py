@@ -15,6 +15,8 @@ class ServerSettings:
       `Authorization: Bearer <api_key>`; /health, /metrics and /version stay open.
     graceful_shutdown_s: how long a shutdown waits for open requests before cutting them.
     retry_after_s: the Retry-After header sent with 503 when the queue is full.
+    default_max_tokens: the most a request that sets no max_tokens may generate (it gets the
+      room left in the context, up to this).
     """
 
     host: str = "127.0.0.1"
@@ -23,6 +25,7 @@ class ServerSettings:
     log_level: str = "info"
     graceful_shutdown_s: float = 2.0
     retry_after_s: int = 1
+    default_max_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -41,6 +44,10 @@ class ServerSettings:
         if not isinstance(self.retry_after_s, int) or self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be a non-negative integer; "
                              f"got {self.retry_after_s!r}")
+
+        if not isinstance(self.default_max_tokens, int) or self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be a positive integer; "
+                             f"got {self.default_max_tokens!r}")
 
     @property
     def url(self) -> str:

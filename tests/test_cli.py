@@ -40,7 +40,7 @@ def test_flags_reach_the_dataclasses():
         "--kv-cache-fraction", "0.5", "--kv-cache-tokens", "1000", "--prefill-chunk", "512",
         "--token-chunk", "256", "--max-num-seqs", "4", "--max-waiting", "9", "--seed", "7",
         "--host", "0.0.0.0", "--port", "9001", "--api-key", "k", "--log-level", "debug",
-        "--graceful-shutdown-s", "3.5", "--retry-after-s", "4",
+        "--graceful-shutdown-s", "3.5", "--retry-after-s", "4", "--default-max-tokens", "99",
     ])
     assert config == EngineConfig(
         model="/m", device="cpu", world_size=3, dtype="bfloat16", max_model_len=4096,
@@ -48,7 +48,8 @@ def test_flags_reach_the_dataclasses():
         kv_cache_tokens=1000, prefill_chunk=512, token_chunk=256, max_num_seqs=4,
         max_waiting=9, seed=7)
     assert server == ServerSettings(host="0.0.0.0", port=9001, api_key="k", log_level="debug",
-                                    graceful_shutdown_s=3.5, retry_after_s=4)
+                                    graceful_shutdown_s=3.5, retry_after_s=4,
+                                    default_max_tokens=99)
 
 
 def test_flags_override_yaml(tmp_path):

@@ -187,12 +187,15 @@ def test_chat_oversized_prompt(server):
     assert err["code"] == "context_length_exceeded"
 
 
-def test_default_max_tokens_fills_the_remaining_room(server):
+def test_default_max_tokens_is_the_room_left(server):
     r = _post(server, CHAT, {"messages": USER, "ignore_eos": True}, timeout=300)
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
-    assert usage["total_tokens"] == MAX_MODEL_LEN
     assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert usage["total_tokens"] <= MAX_MODEL_LEN
+    # the default was the most the engine accepts: one more is refused
+    more = _post(server, CHAT, {"messages": USER, "max_tokens": usage["completion_tokens"] + 1})
+    assert assert_openai_error(more, 400)["code"] == "context_length_exceeded"
 
 
 def test_queue_full_is_503_with_retry_after(server):

@@ -46,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model name clients send and /v1/models lists "
                    "(default: derived from the model)")
     g.add_argument("--dtype", choices=DTYPES,
-                   help="weight and activation dtype (default: auto, the checkpoint's own on "
-                   "a GPU or NPU, float32 on the CPU)")
+                   help="weight and activation dtype (default: auto, the checkpoint's own)")
     g.add_argument("--max-model-len", type=int, metavar="N",
                    help="longest prompt + output in tokens (default: the model's limit)")
 
@@ -91,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--graceful-shutdown-s", type=float, metavar="S",
                    help="on Ctrl-C / SIGTERM, seconds open requests get to finish "
                    "(default: 2)")
+    g.add_argument("--default-max-tokens", type=int, metavar="N",
+                   help="most tokens a request without max_tokens generates; it gets the room "
+                   "left in the context up to this (default: 4096)")
     g.add_argument("--retry-after-s", type=int, metavar="S",
                    help="Retry-After header of a 503 when the queue is full (default: 1)")
     return p
