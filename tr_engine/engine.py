@@ -229,10 +229,8 @@ class LLMEngine:
         if self.scheduler.has_work():
             raise RuntimeError("prompt_logits needs an idle engine")
         n = len(prompt_ids)
-        if not 0 < n <= min(self.max_model_len, self.config.prefill_chunk):
-            raise RequestTooLong(f"prompt_logits takes 1 to "
-                                 f"{min(self.max_model_len, self.config.prefill_chunk)} tokens; "
-                                 f"got {n}")
+        if not 0 < n <= self.max_model_len:
+            raise RequestTooLong(f"prompt_logits takes 1 to {self.max_model_len} tokens; got {n}")
         counts = prompt_share(n, self.world, n)
         starts = self.scheduler.kv.reserve(counts)
         if starts is None:
