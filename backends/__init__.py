@@ -14,7 +14,7 @@ from functools import cache
 import torch
 
 from .base import Backend
-from .comm import Communicator, Handle
+from .comm import SOLO, Communicator, Handle
 from .errors import BackendUnavailable
 
 _CLASSES = {
@@ -30,6 +30,7 @@ __all__ = [
     "Communicator",
     "Handle",
     "NAMES",
+    "SOLO",
     "backend_for",
     "get_backend",
     "npu_usable",

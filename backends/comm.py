@@ -31,12 +31,26 @@ class Handle:
         self._works.clear()
 
 
+class _Solo:
+    """A group of one: this process alone, whatever torch.distributed holds (an engine of
+    one rank may share its process with a multi-rank one)."""
+
+    def __repr__(self) -> str:
+        return "SOLO"
+
+
+SOLO = _Solo()
+
+
 class Communicator:
-    """Collectives and point-to-point over `group` (None = the default group)."""
+    """Collectives and point-to-point over `group` (None = the default group; SOLO = this
+    process alone)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
-        if dist.is_available() and dist.is_initialized():
+        if group is SOLO:
+            self.rank, self.world_size = 0, 1
+        elif dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
         else:  # a single process without torch.distributed: every collective is the identity

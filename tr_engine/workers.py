@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import envs
-from .backends import Backend, get_backend
+from .backends import SOLO, Backend, get_backend
 from .config import EngineConfig
 from .plan import SHUTDOWN, StepPlan
 
@@ -52,7 +52,10 @@ def _init_groups(backend: Backend, rank: int, world: int, init_method: str):
     """The device group (the default group) and the host group for plans."""
     timeout = timedelta(seconds=envs.dist_timeout_s())
     if world == 1:
-        return None, None
+        return SOLO, SOLO
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized in this process (another "
+                           "engine of several ranks?); close it before starting this one")
     dist.init_process_group(backend.dist_backend, init_method=init_method, rank=rank,
                             world_size=world, timeout=timeout)
     if backend.dist_backend == "gloo":
@@ -175,7 +178,7 @@ class Cluster:
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))
         self._kill()
-        if dist.is_initialized():
+        if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
     def _kill(self) -> None:
