@@ -187,8 +187,8 @@ def bench_one(s, hq, hkv, rank, world, reps):
 
 def fmt(rows, world):
     out = ["| S | heads q/kv | 1 GPU best (ms) | tokenring (ms) | TFLOP/s per GPU | speedup | "
-           "hidden comm | tokenring, portable merge (ms) | ring pass-KV (ms) | "
-           "torch context_parallel (ms) | tokenring vs CP |",
+           "hidden comm (comm alone / compute alone, ms) | tokenring, portable merge (ms) | "
+           "ring pass-KV (ms) | torch context_parallel (ms) | tokenring vs CP |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tr = r["tokenring"]
@@ -196,7 +196,8 @@ def fmt(rows, world):
         hidden = "-"
         if "comm_only" in r and r["comm_only"] > 0:
             h = (r["comm_only"] + r["compute_only"] - tr) / r["comm_only"]
-            hidden = f"{max(0.0, min(1.0, h)):.0%}"
+            hidden = (f"{max(0.0, min(1.0, h)):.0%} ({r['comm_only']:.1f} / "
+                      f"{r['compute_only']:.1f})")
         cp = f"{r['cp']:.1f} ({r['cp_note']})" if r.get("cp") else r.get("cp_note", "-")
         vs_cp = f"{r['cp'] / tr:.2f}x" if r.get("cp") else "-"
         out.append(f"| {r['S'] // 1024}K | {r['heads']} | {r['single']:.1f} ({r['single_kernel']})"

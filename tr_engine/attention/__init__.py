@@ -73,13 +73,14 @@ def gather_merge(
     out: torch.Tensor, lse: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode-style combine: every rank holds a partial result for the same queries (its
-    slice of the keys); one all-gather and the N-way merge give every rank the same answer."""
+    slice of the keys); one all-gather and the N-way merge give every rank the same answer.
+    out and lse travel packed as one float32 tensor `[..., D + 1]`: one collective a layer."""
     comm = communicator(group)
     if comm.world_size == 1:
         return out, lse.float()
-    outs = comm.all_gather(out.contiguous())
-    lses = comm.all_gather(lse.float().contiguous())
-    merged, merged_lse = merge_all(outs, lses)
+    packed = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1)
+    gathered = comm.all_gather(packed)  # [P, ..., D + 1]
+    merged, merged_lse = merge_all(gathered[..., :-1], gathered[..., -1])
     return merged.to(out.dtype), merged_lse
 
 

@@ -4,6 +4,8 @@ Rank r holds the zigzag shard of the sequence: chunks r and 2P-1-r of L tokens e
 
 - Step 0: causal attention of the local queries over the local keys (and the cached prefix,
   unmasked). A plain causal mask over the concatenation is exact: chunk r precedes 2P-1-r.
+  It runs in two parts: chunk r's rows before the ring steps, chunk 2P-1-r's rows after
+  them, so the first queries and the last results both travel while something computes.
 - Step s = 1..P-1: rank r attends the queries of owner j = (r + s) mod P:
   j > r: all of Q_j against the first local chunk (both of j's chunks come after chunk r,
          and neither reaches chunk 2P-1-r);
@@ -78,8 +80,14 @@ def tokenring_attention(
         return attend(q, kv.k_all, kv.v_all, causal, scale)
 
     to_prev, from_next = comm.peer(-1), comm.peer(1)
+    # The local block is cut in two: the first chunk's rows run first (hiding the first Q
+    # transfer), the second chunk's rows last (hiding the last results on their way home).
+    h = n // 2
+    acc_out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    acc_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    acc_out[h:].zero_()
+    acc_lse[h:].fill_(float("-inf"))
     q_cur = q.contiguous()  # the queries of owner (rank + s) % P at step s
-    acc_out = acc_lse = None
     pending = None  # (out, lse, owner) computed at the previous step for another rank
     for s in range(world):
         owner = (rank + s) % world
@@ -100,9 +108,10 @@ def tokenring_attention(
         handle = comm.exchange(sends, recvs)
 
         if s == 0:
-            out, lse = attend(q_cur, kv.k_all, kv.v_all, causal, scale)
-            acc_out = out.to(torch.float32, memory_format=torch.contiguous_format)
-            acc_lse = lse.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            k_a, v_a = (kv.k_first, kv.v_first) if causal else (kv.k_all, kv.v_all)
+            out, lse = attend(q[:h], k_a, v_a, causal, scale)
+            acc_out[:h] = out
+            acc_lse[:h] = lse
         else:
             out, lse = remote(q_cur, owner)
             pending = (out.contiguous(), lse.contiguous(), owner)
@@ -112,12 +121,14 @@ def tokenring_attention(
             _fold(backend, acc_out, acc_lse, result[0], result[1])
         q_cur = q_next
 
-    # The last step's results go home with nothing left to hide them behind.
     result = _result_buffers(q, rank, world - 1, world, n, half, whole)
-    comm.exchange(
+    handle = comm.exchange(
         [(pending[0], pending[2]), (pending[1], pending[2])],
         [(result[0], result[2]), (result[1], result[2])],
-    ).wait()
+    )
+    out, lse = attend(q[h:], kv.k_all, kv.v_all, causal, scale)
+    backend.merge_(acc_out[h:], acc_lse[h:], out, lse)
+    handle.wait()
     _fold(backend, acc_out, acc_lse, result[0], result[1])
     return acc_out.to(q.dtype), acc_lse
 

@@ -1,0 +1,252 @@
+"""The engine on GPUs: time to first token and decode per token, Llama-3.1-8B shape.
+
+    python benchmarks/prefill.py --worlds 1,2 --seqs 32768,131072 --hf --out docs/PERFORMANCE.md
+
+A checkpoint of Llama-3.1-8B's shape (32 layers, 4096 hidden, 32 query / 8 KV heads, 14336
+MLP, 128256 vocabulary, llama3 RoPE) with random bf16 weights is written once to --ckpt (no
+download). For each world size, one engine serves prompts of each length: TTFT is the wall
+time from submitting the request to its first token (the whole prefill plus sampling);
+decode is the median time of the following steps (one token each). MFU counts the linear
+layers' 2·params·tokens plus causal attention 2·S²·H·D per layer, per GPU, against the bf16
+matmul rate measured in the same run. The decode bound is the weights plus this rank's KV
+shard read once per token at the measured copy bandwidth. With --hf, transformers' own
+forward (sdpa, logits_to_keep=1) on one GPU runs first on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import copy_gbps, machine, matmul_tflops, today, write_section
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 32, 4096, 32, 8, 128, 14336, 128256
+LINEAR_PARAMS = LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_HEADS * HEAD_DIM + 3 * HIDDEN * MLP)
+WEIGHT_BYTES = 2 * (LINEAR_PARAMS + 2 * VOCAB * HIDDEN + (2 * LAYERS + 1) * HIDDEN)
+KV_BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
+
+
+def write_checkpoint(path: Path, max_len: int) -> None:
+    if (path / "config.json").exists():
+        return
+    from checkpoints import make_tokenizer
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB,
+        "hidden_size": HIDDEN, "intermediate_size": MLP, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": max_len, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 256,
+        "eos_token_id": 257, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g, device="cuda") * std).bfloat16().cpu()
+
+    shard, n = {"model.embed_tokens.weight": rnd(VOCAB, HIDDEN),
+                "lm_head.weight": rnd(VOCAB, HIDDEN),
+                "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16)}, 0
+    index = {}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shard.update({
+            p + "self_attn.q_proj.weight": rnd(HIDDEN, HIDDEN),
+            p + "self_attn.k_proj.weight": rnd(KV_HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.v_proj.weight": rnd(KV_HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.o_proj.weight": rnd(HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": rnd(MLP, HIDDEN),
+            p + "mlp.up_proj.weight": rnd(MLP, HIDDEN),
+            p + "mlp.down_proj.weight": rnd(HIDDEN, MLP),
+            p + "input_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+        })
+        if i % 8 == 7 or i == LAYERS - 1:
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(path / name))
+            index.update({k: name for k in shard})
+            shard, n = {}, n + 1
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": WEIGHT_BYTES}, "weight_map": index}))
+    make_tokenizer().save_pretrained(path)
+
+
+def flops(s: int) -> float:
+    return 2.0 * LINEAR_PARAMS * s + 2.0 * s * s * HEADS * HEAD_DIM * LAYERS
+
+
+def bench_hf(path: Path, seqs: list[int]) -> dict[int, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").cuda().eval()
+    out = {}
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 2048), device="cuda"), logits_to_keep=1)  # warm-up
+        for s in seqs:
+            ids = torch.randint(0, VOCAB, (1, s), device="cuda")
+            times = []
+            for _ in range(2):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                model(ids, logits_to_keep=1)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            out[s] = min(times)
+            print(f"transformers forward, 1 GPU, {s // 1024}K: {out[s]:.2f} s", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_engine(path: Path, world: int, seqs: list[int], decode_steps: int,
+                 plan_memory: bool, strategy: str) -> list[dict]:
+    from tr_engine.config import EngineConfig
+    from tr_engine.engine import LLMEngine
+    from tr_engine.errors import RequestTooLong
+    from tr_engine.sampling_params import SamplingParams
+
+    longest = max(seqs)
+    per_rank = -(-longest // world) + decode_steps + 64
+    config = EngineConfig(model=str(path), device="cuda", world_size=world, dtype="bfloat16",
+                          max_model_len=longest + decode_steps + 8, prefill_chunk=longest,
+                          token_chunk=8192, max_num_seqs=1,
+                          kv_cache_tokens=None if plan_memory else per_rank,
+                          attention_strategy=strategy)
+    try:
+        engine = LLMEngine(config)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        return [{"world": world, "S": s, "error": f"{type(e).__name__}: {e}"} for s in seqs]
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    for s in seqs:
+        ids = torch.randint(0, VOCAB, (s,), generator=g).tolist()
+        params = SamplingParams(max_tokens=decode_steps + 1, temperature=0, ignore_eos=True)
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            t0 = time.perf_counter()
+            engine.add_request(f"s{s}", ids, params)
+        except RequestTooLong as e:
+            rows.append({"world": world, "S": s, "error": str(e)})
+            continue
+        ttft, steps = None, []
+        while engine.has_work():
+            t = time.perf_counter()
+            outs = engine.step()
+            if outs and ttft is None:
+                ttft = time.perf_counter() - t0
+            elif outs:
+                steps.append(time.perf_counter() - t)
+        decode = statistics.median(steps)
+        shard = -(-s // world)
+        bound = (WEIGHT_BYTES + shard * KV_BYTES_PER_TOKEN) / (COPY_GBPS * 1e9)
+        row = {"world": world, "S": s, "ttft": ttft, "decode": decode, "bound": bound,
+               "peak_gib": torch.cuda.max_memory_reserved() / 2**30,
+               "mfu": flops(s) / world / ttft / (MATMUL_TFLOPS * 1e12),
+               "strategy": engine._choose_strategy(s, 0)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    engine.shutdown()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+MATMUL_TFLOPS = COPY_GBPS = 0.0
+
+
+def main() -> None:
+    global MATMUL_TFLOPS, COPY_GBPS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worlds", default="1,2")
+    ap.add_argument("--seqs", default="32768,131072")
+    ap.add_argument("--seqs-1gpu", default=None, help="prompt lengths on one GPU (default --seqs)")
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--hf", action="store_true", help="also time transformers' forward")
+    ap.add_argument("--hf-seqs", default="32768,65536")
+    ap.add_argument("--ckpt", default="/tmp/llama31-8b-random")
+    ap.add_argument("--section", default="engine")
+    ap.add_argument("--strategy", default="tokenring")
+    ap.add_argument("--plan-memory", action="store_true",
+                    help="size the KV pool from free memory (default: exactly what is needed)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.cuda.set_device(0)
+    MATMUL_TFLOPS, COPY_GBPS = matmul_tflops(), copy_gbps()
+    print(f"matmul {MATMUL_TFLOPS:.0f} TFLOP/s, copy {COPY_GBPS:.0f} GB/s", flush=True)
+    seqs = [int(x) for x in args.seqs.split(",")]
+    seqs1 = [int(x) for x in (args.seqs_1gpu or args.seqs).split(",")]
+    path = Path(args.ckpt)
+    t = time.perf_counter()
+    write_checkpoint(path, max(seqs + seqs1) + 4096)
+    print(f"checkpoint ready in {time.perf_counter() - t:.0f} s", flush=True)
+    hf = bench_hf(path, [int(x) for x in args.hf_seqs.split(",")]) if args.hf else {}
+    rows = []
+    for world in map(int, args.worlds.split(",")):
+        rows += bench_engine(path, world, seqs1 if world == 1 else seqs, args.decode_steps,
+                             args.plan_memory, args.strategy)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hf": hf, "rows": rows}))
+    text = report(rows, hf, args)
+    print(text)
+    if args.out:
+        write_section(args.out, args.section, text)
+
+
+def report(rows, hf, args) -> str:
+    lines = [f"## Engine prefill and decode — {today()}", "",
+             f"Machine: {machine()}. Ceilings in the same run: bf16 matmul "
+             f"{MATMUL_TFLOPS:.0f} TFLOP/s, device copy {COPY_GBPS:.0f} GB/s.", "",
+             "Command: `python benchmarks/prefill.py " + " ".join(sys.argv[1:]) + "`", "",
+             "Llama-3.1-8B shape, random bf16 weights, one request at a time, the whole prompt "
+             "in one prefill chunk, token-wise work in slices of 8192 tokens.", "",
+             "| GPUs | prompt | TTFT (s) | MFU | decode (ms/token) | decode bound (ms) | "
+             "decode / bound | peak memory, rank 0 (GiB) | strategy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = f"{r['S'] // 1024}K"
+        if "error" in r:
+            lines.append(f"| {r['world']} | {s} | refused: {r['error'][:160]} | | | | | | |")
+            continue
+        lines.append(f"| {r['world']} | {s} | {r['ttft']:.2f} | {r['mfu']:.0%} | "
+                     f"{r['decode'] * 1e3:.1f} | {r['bound'] * 1e3:.1f} | "
+                     f"{r['decode'] / r['bound']:.2f}x | {r['peak_gib']:.1f} | {r['strategy']} |")
+    by = {(r["world"], r["S"]): r for r in rows if "error" not in r}
+    notes = []
+    for s in sorted({r["S"] for r in rows}):
+        if (1, s) in by and (2, s) in by:
+            ratio = by[(1, s)]["ttft"] / by[(2, s)]["ttft"]
+            notes.append(f"- {s // 1024}K: 2 GPUs prefill {ratio:.2f}x faster than 1.")
+    for s, t in hf.items():
+        ours = by.get((1, int(s)))
+        mine = ""
+        if ours:
+            mine = f"; the engine on 1 GPU: {ours['ttft']:.2f} s ({t / ours['ttft']:.2f}x faster)"
+        notes.append(f"- transformers forward (sdpa, logits_to_keep=1), 1 GPU, {int(s) // 1024}K: "
+                     f"{t:.2f} s{mine}.")
+    return "\n".join(lines + [""] + notes)
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
