@@ -173,20 +173,24 @@ class Serving:
 
     async def start(self, request_id: str, ids: list[int], params: SamplingParams,
                     prompt: str | None) -> RequestStream:
-        """Submit a request and return its outputs.
+        """Submit a request and wait for its first output.
 
-        `params` come from sampling_params(), which has run engine.check. Refusals (queue
-        full, engine dead) raise here, before any response byte, so
-        they become HTTP errors rather than events inside a 200 stream.
+        `params` come from sampling_params(), which has run engine.check. The engine admits
+        or refuses a request on its own thread, so a refusal (queue full, engine dead) only
+        shows when the first item arrives; waiting for it here, before any response byte,
+        makes every refusal an HTTP error rather than an event inside a 200 stream.
+        Cancelling this wait (client gone) aborts the request.
         """
         self.check_ready()
         gen = self.engine.generate(request_id, ids, params, prompt)
-        first = asyncio.ensure_future(anext(gen))
-        # One turn of the loop lets the engine admit or refuse the request (it refuses before
-        # its first await); a refusal shows here as a finished task.
-        await asyncio.sleep(0)
-        if first.done() and first.exception() is not None:
-            raise first.exception()
+        try:
+            first = await anext(gen)
+        except StopAsyncIteration:
+            raise APIError(503, "The engine ended the request without output.", None,
+                           "engine_dead") from None
+        except BaseException:
+            await gen.aclose()
+            raise
         return RequestStream(self, request_id, gen, first)
 
     async def run(self, request_id: str, ids: list[int], params: SamplingParams,
@@ -247,11 +251,11 @@ class RequestStream:
     without ever having iterated."""
 
     def __init__(self, serving: Serving, request_id: str, gen: AsyncIterator[RequestOutput],
-                 first: asyncio.Future) -> None:
+                 first: RequestOutput) -> None:
         self.serving = serving
         self.request_id = request_id
         self._gen = gen
-        self._first: asyncio.Future | None = first
+        self._first: RequestOutput | None = first
         self._tracker = serving.metrics.tracker()
         self.finished = False
         self.closed = False
@@ -263,8 +267,7 @@ class RequestStream:
         if self.finished or self.closed:
             raise StopAsyncIteration
         if self._first is not None:
-            first, self._first = self._first, None
-            out = await first  # cancelling this await cancels the task, and so the request
+            out, self._first = self._first, None
         else:
             out = await anext(self._gen)
         self._tracker.observe(out)
@@ -275,13 +278,7 @@ class RequestStream:
         if self.closed:
             return
         self.closed = True
-        first, self._first = self._first, None
-        if first is not None and not first.done():
-            first.cancel()
-            with contextlib.suppress(BaseException):
-                await first
-        elif first is not None and not first.cancelled():
-            first.exception()  # seen: no "exception was never retrieved" warning
+        self._first = None
         await self._gen.aclose()
         if not self.finished:
             try:
