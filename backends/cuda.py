@@ -34,6 +34,23 @@ def _flash(q, k, v, causal, scale):
     return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
+def _decode(q, k, v, causal, scale):
+    if causal or q.shape[0] != 1 or _triton_decode is None:
+        raise RuntimeError("the split-K decode kernel takes one query row, no mask")
+    try:
+        return _triton_decode(q, k, v, scale)
+    except RuntimeError:
+        raise
+    except Exception as e:  # a Triton compile error: let the next kernel take the shape
+        raise RuntimeError(f"split-K decode kernel failed: {e}") from e
+
+
+try:
+    from .cuda_decode import decode_attention as _triton_decode
+except ImportError:  # no Triton
+    _triton_decode = None
+
+
 def _math(q, k, v, causal, scale):
     return math_attention(q, k, v, causal, scale)
 
@@ -43,9 +60,14 @@ class CudaBackend(Backend):
     device_type = "cuda"
     dist_backend = "nccl"
 
+    # cuDNN is the fastest on big blocks but builds an execution graph for every new shape;
+    # decode meets a new key length every step, so blocks of few queries go to flash first.
+    _BIG = (("cudnn", _cudnn), ("flash", _flash), ("math", _math))
+    _SMALL = (("decode", _decode), ("flash", _flash), ("cudnn", _cudnn), ("math", _math))
+    SMALL_QUERY_BLOCK = 64
+
     def __init__(self) -> None:
-        # Kernels tried in order; a shape class a kernel refused is not offered to it again.
-        self._kernels = (("cudnn", _cudnn), ("flash", _flash), ("math", _math))
+        # A shape class a kernel refused is not offered to it again.
         self._refused: set[tuple] = set()
         try:
             from .cuda_merge import fused_merge_
@@ -88,9 +110,11 @@ class CudaBackend(Backend):
             super().merge_(out, lse, out_b, lse_b)
 
     def _attention(self, q, k, v, causal, scale):
-        shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal, q.shape[0] == 1)
+        shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal,
+                       min(q.shape[0], self.SMALL_QUERY_BLOCK + 1))
         last_error = None
-        for name, kernel in self._kernels:
+        kernels = self._SMALL if q.shape[0] <= self.SMALL_QUERY_BLOCK else self._BIG
+        for name, kernel in kernels:
             if name != "math" and q.dtype == torch.float32:
                 continue
             if (name, *shape_class) in self._refused:

@@ -16,6 +16,7 @@ forward (sdpa, logits_to_keep=1) on one GPU runs first on the same weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -114,20 +115,21 @@ def bench_hf(path: Path, seqs: list[int]) -> dict[int, float]:
     return out
 
 
-def bench_engine(path: Path, world: int, seqs: list[int], decode_steps: int,
-                 plan_memory: bool, strategy: str) -> list[dict]:
+def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
     from tr_engine.config import EngineConfig
     from tr_engine.engine import LLMEngine
     from tr_engine.errors import RequestTooLong
     from tr_engine.sampling_params import SamplingParams
 
+    decode_steps = args.decode_steps
     longest = max(seqs)
-    per_rank = -(-longest // world) + decode_steps + 64
+    chunk = min(args.prefill_chunk or longest, longest)
+    per_rank = -(-longest // world) + -(-longest // chunk) * 2 * world + decode_steps + 64
     config = EngineConfig(model=str(path), device="cuda", world_size=world, dtype="bfloat16",
-                          max_model_len=longest + decode_steps + 8, prefill_chunk=longest,
+                          max_model_len=longest + decode_steps + 8, prefill_chunk=chunk,
                           token_chunk=8192, max_num_seqs=1,
-                          kv_cache_tokens=None if plan_memory else per_rank,
-                          attention_strategy=strategy)
+                          kv_cache_tokens=None if args.plan_memory else per_rank,
+                          attention_strategy=args.strategy)
     try:
         engine = LLMEngine(config)
     except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -137,6 +139,11 @@ def bench_engine(path: Path, world: int, seqs: list[int], decode_steps: int,
     for s in seqs:
         ids = torch.randint(0, VOCAB, (s,), generator=g).tolist()
         params = SamplingParams(max_tokens=decode_steps + 1, temperature=0, ignore_eos=True)
+        if s <= args.warmup_max:
+            with contextlib.suppress(RequestTooLong):
+                engine.add_request(f"warm{s}", ids, params)
+            while engine.has_work():
+                engine.step()
         torch.cuda.reset_peak_memory_stats()
         try:
             t0 = time.perf_counter()
@@ -183,6 +190,11 @@ def main() -> None:
     ap.add_argument("--ckpt", default="/tmp/llama31-8b-random")
     ap.add_argument("--section", default="engine")
     ap.add_argument("--strategy", default="tokenring")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="prefill in pieces of this many tokens (default: the longest prompt)")
+    ap.add_argument("--warmup-max", type=int, default=131072,
+                    help="prompts up to this long are served once untimed first (kernel "
+                         "set-up for new shapes stays out of the numbers)")
     ap.add_argument("--plan-memory", action="store_true",
                     help="size the KV pool from free memory (default: exactly what is needed)")
     ap.add_argument("--out", default=None)
@@ -200,8 +212,7 @@ def main() -> None:
     hf = bench_hf(path, [int(x) for x in args.hf_seqs.split(",")]) if args.hf else {}
     rows = []
     for world in map(int, args.worlds.split(",")):
-        rows += bench_engine(path, world, seqs1 if world == 1 else seqs, args.decode_steps,
-                             args.plan_memory, args.strategy)
+        rows += bench_engine(path, world, seqs1 if world == 1 else seqs, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"hf": hf, "rows": rows}))
     text = report(rows, hf, args)
@@ -215,8 +226,10 @@ def report(rows, hf, args) -> str:
              f"Machine: {machine()}. Ceilings in the same run: bf16 matmul "
              f"{MATMUL_TFLOPS:.0f} TFLOP/s, device copy {COPY_GBPS:.0f} GB/s.", "",
              "Command: `python benchmarks/prefill.py " + " ".join(sys.argv[1:]) + "`", "",
-             "Llama-3.1-8B shape, random bf16 weights, one request at a time, the whole prompt "
-             "in one prefill chunk, token-wise work in slices of 8192 tokens.", "",
+             "Llama-3.1-8B shape, random bf16 weights, one request at a time, prefill in "
+             f"chunks of {args.prefill_chunk or 'the whole prompt'} tokens, token-wise work "
+             f"in slices of 8192 tokens, attention strategy {args.strategy}. Prompts up to "
+             f"{args.warmup_max // 1024}K tokens are served once untimed first.", "",
              "| GPUs | prompt | TTFT (s) | MFU | decode (ms/token) | decode bound (ms) | "
              "decode / bound | peak memory, rank 0 (GiB) | strategy |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -4,8 +4,6 @@ Rank r holds the zigzag shard of the sequence: chunks r and 2P-1-r of L tokens e
 
 - Step 0: causal attention of the local queries over the local keys (and the cached prefix,
   unmasked). A plain causal mask over the concatenation is exact: chunk r precedes 2P-1-r.
-  It runs in two parts: chunk r's rows before the ring steps, chunk 2P-1-r's rows after
-  them, so the first queries and the last results both travel while something computes.
 - Step s = 1..P-1: rank r attends the queries of owner j = (r + s) mod P:
   j > r: all of Q_j against the first local chunk (both of j's chunks come after chunk r,
          and neither reaches chunk 2P-1-r);
@@ -14,6 +12,8 @@ Rank r holds the zigzag shard of the sequence: chunks r and 2P-1-r of L tokens e
 - Q_j moves one hop per step, r+1 -> r, carrying only the rows the receiver needs. The
   partial (out, lse) of step s goes straight back to owner j, the other way round the ring,
   while step s+1 computes, and is merged there. So both directions of each link carry data.
+  The last step computes its rows in two halves and sends the first half's results while
+  the second computes, so only half of the final transfer is left uncovered.
 
 Partial prefill (new tokens after a cached prefix) is the case that favours passing Q: every
 rank's slice of the cache is attended by every query without a mask, so nothing of the cache
@@ -65,41 +65,39 @@ def tokenring_attention(
         """Does rank `at` need every row of owner's queries (or only the second chunk)?"""
         return not causal or has_prefix or owner > at
 
-    def remote(q_j: torch.Tensor, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not causal:
-            return attend(q_j, kv.k_all, kv.v_all, False, scale)
-        if owner > rank:
-            return attend(q_j, kv.k_first, kv.v_first, False, scale)
-        if not has_prefix:  # q_j is only the second chunk
-            return attend(q_j, kv.k_all, kv.v_all, False, scale)
-        o1, l1 = attend(q_j[:half], kv.k_prefix, kv.v_prefix, False, scale)
-        o2, l2 = attend(q_j[half:], kv.k_all, kv.v_all, False, scale)
-        return torch.cat([o1, o2]), torch.cat([l1, l2])
+    def remote(q_j: torch.Tensor, owner: int, lo: int, hi: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows lo:hi of owner's partial result here (q_j: the rows this rank received)."""
+        rows = q_j[lo:hi]
+        if not causal or owner > rank or not has_prefix:
+            # j > r: every row sees the first local chunk (and the prefix); j < r without a
+            # prefix: q_j is only the second chunk, which sees all local keys
+            k, v = (kv.k_first, kv.v_first) if causal and owner > rank else (kv.k_all, kv.v_all)
+            return attend(rows, k, v, False, scale)
+        # j < r with a prefix: the first chunk sees only the prefix, the second everything
+        parts = []
+        if lo < half:
+            parts.append(attend(q_j[lo : min(hi, half)], kv.k_prefix, kv.v_prefix, False, scale))
+        if hi > half:
+            parts.append(attend(q_j[max(lo, half) : hi], kv.k_all, kv.v_all, False, scale))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     if world == 1:
         return attend(q, kv.k_all, kv.v_all, causal, scale)
 
     to_prev, from_next = comm.peer(-1), comm.peer(1)
-    # The local block is cut in two: the first chunk's rows run first (hiding the first Q
-    # transfer), the second chunk's rows last (hiding the last results on their way home).
-    h = n // 2
-    acc_out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    acc_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    acc_out[h:].zero_()
-    acc_lse[h:].fill_(float("-inf"))
     q_cur = q.contiguous()  # the queries of owner (rank + s) % P at step s
+    acc_out = acc_lse = None
     pending = None  # (out, lse, owner) computed at the previous step for another rank
-    for s in range(world):
+    for s in range(world - 1):
         owner = (rank + s) % world
-        sends, recvs = [], []
-        q_next = None
-        if s < world - 1:
-            # The previous rank works on the same owner's queries at step s + 1.
-            part = q_cur if whole(owner, to_prev) else q_cur[q_cur.shape[0] - half :]
-            sends.append((part, to_prev))
-            rows = n if whole((rank + s + 1) % world, rank) else half
-            q_next = q.new_empty((rows, *q.shape[1:]))
-            recvs.append((q_next, from_next))
+        # The previous rank works on the same owner's queries at step s + 1.
+        part = q_cur if whole(owner, to_prev) else q_cur[q_cur.shape[0] - half :]
+        rows = n if whole((rank + s + 1) % world, rank) else half
+        q_next = q.new_empty((rows, *q.shape[1:]))
+        sends, recvs = [(part, to_prev)], [(q_next, from_next)]
         result = None
         if pending is not None:
             sends += [(pending[0], pending[2]), (pending[1], pending[2])]
@@ -108,28 +106,44 @@ def tokenring_attention(
         handle = comm.exchange(sends, recvs)
 
         if s == 0:
-            k_a, v_a = (kv.k_first, kv.v_first) if causal else (kv.k_all, kv.v_all)
-            out, lse = attend(q[:h], k_a, v_a, causal, scale)
-            acc_out[:h] = out
-            acc_lse[:h] = lse
+            out, lse = attend(q_cur, kv.k_all, kv.v_all, causal, scale)
+            acc_out = out.to(torch.float32, memory_format=torch.contiguous_format)
+            acc_lse = lse.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         else:
-            out, lse = remote(q_cur, owner)
+            out, lse = remote(q_cur, owner, 0, q_cur.shape[0])
             pending = (out.contiguous(), lse.contiguous(), owner)
 
         handle.wait()
         if result is not None:
-            _fold(backend, acc_out, acc_lse, result[0], result[1])
+            _fold(backend, acc_out, acc_lse, result[0], result[1], n - result[0].shape[0])
         q_cur = q_next
 
-    result = _result_buffers(q, rank, world - 1, world, n, half, whole)
-    handle = comm.exchange(
-        [(pending[0], pending[2]), (pending[1], pending[2])],
-        [(result[0], result[2]), (result[1], result[2])],
-    )
-    out, lse = attend(q[h:], kv.k_all, kv.v_all, causal, scale)
-    backend.merge_(acc_out[h:], acc_lse[h:], out, lse)
-    handle.wait()
-    _fold(backend, acc_out, acc_lse, result[0], result[1])
+    # The last step runs in two halves of its rows, so the first half's results travel home
+    # while the second half computes; only the second half's transfer is left in the open.
+    s, owner = world - 1, (rank + world - 1) % world
+    early = None
+    if pending is not None:  # the previous step's results
+        early = _result_buffers(q, rank, s - 1, world, n, half, whole)
+        h_early = comm.exchange([(pending[0], pending[2]), (pending[1], pending[2])],
+                                [(early[0], early[2]), (early[1], early[2])])
+    mine = _result_buffers(q, rank, s, world, n, half, whole)  # my rows, computed elsewhere
+    theirs, mine_rows = q_cur.shape[0], mine[0].shape[0]
+    cut, my_cut = theirs // 2, mine_rows // 2
+    handles = []
+    for lo, hi, my_lo, my_hi in ((0, cut, 0, my_cut), (cut, theirs, my_cut, mine_rows)):
+        out, lse = remote(q_cur, owner, lo, hi)
+        handles.append(comm.exchange(
+            [(out.contiguous(), owner), (lse.contiguous(), owner)],
+            [(mine[0][my_lo:my_hi], mine[2]), (mine[1][my_lo:my_hi], mine[2])]))
+        if early is not None:
+            h_early.wait()
+            _fold(backend, acc_out, acc_lse, early[0], early[1], n - early[0].shape[0])
+            early = None
+    start = n - mine_rows
+    handles[0].wait()
+    _fold(backend, acc_out, acc_lse, mine[0][:my_cut], mine[1][:my_cut], start)
+    handles[1].wait()
+    _fold(backend, acc_out, acc_lse, mine[0][my_cut:], mine[1][my_cut:], start + my_cut)
     return acc_out.to(q.dtype), acc_lse
 
 
@@ -142,11 +156,10 @@ def _result_buffers(q, rank, step, world, n, half, whole):
     return out, lse, src
 
 
-def _fold(backend, acc_out, acc_lse, out_b, lse_b) -> None:
-    """Merge a partial result for the last rows(out_b) rows of the accumulator."""
-    rows = out_b.shape[0]
-    start = acc_out.shape[0] - rows
-    backend.merge_(acc_out[start:], acc_lse[start:], out_b, lse_b)
+def _fold(backend, acc_out, acc_lse, out_b, lse_b, start: int) -> None:
+    """Merge a partial result for rows start:start + rows(out_b) of the accumulator."""
+    end = start + out_b.shape[0]
+    backend.merge_(acc_out[start:end], acc_lse[start:end], out_b, lse_b)
 
 
 __all__ = ["tokenring_attention", "LocalKV"]
