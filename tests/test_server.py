@@ -124,7 +124,7 @@ def _stop(server: Server) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
-        code = proc.wait(timeout=30)
+        code = proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         code = None
     deadline = time.monotonic() + 10
@@ -137,7 +137,7 @@ def _stop(server: Server) -> None:
         proc.wait(timeout=10)
     log = server.log()
     os.unlink(server.log_path)
-    assert code is not None, f"tr-serve did not stop within 30 s of SIGTERM:\n{log[-4000:]}"
+    assert code is not None, f"tr-serve did not stop within 15 s of SIGTERM:\n{log[-4000:]}"
     assert not left, f"processes left behind after shutdown: {left}\n{log[-4000:]}"
     assert code == 0, f"tr-serve exited with {code}:\n{log[-4000:]}"
 

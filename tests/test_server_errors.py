@@ -187,14 +187,21 @@ def test_chat_oversized_prompt(server):
     assert err["code"] == "context_length_exceeded"
 
 
-def test_default_max_tokens_is_the_room_left(server):
-    r = _post(server, CHAT, {"messages": USER, "ignore_eos": True}, timeout=300)
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_default_max_tokens_is_the_room_left(server, path):
+    # A long prompt leaves a little room; without max_tokens the request may fill it.
+    if path == CHAT:
+        body = {"messages": [{"role": "user", "content": "apple " * 200}], "ignore_eos": True}
+    else:
+        body = {"prompt": _ids(server, MAX_MODEL_LEN - 12), "max_tokens": None,
+                "ignore_eos": True}
+    r = _post(server, path, body, timeout=300)
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
     assert r.json()["choices"][0]["finish_reason"] == "length"
-    assert usage["total_tokens"] <= MAX_MODEL_LEN
+    assert usage["completion_tokens"] >= 1 and usage["total_tokens"] <= MAX_MODEL_LEN
     # the default was the most the engine accepts: one more is refused
-    more = _post(server, CHAT, {"messages": USER, "max_tokens": usage["completion_tokens"] + 1})
+    more = _post(server, path, {**body, "max_tokens": usage["completion_tokens"] + 1})
     assert assert_openai_error(more, 400)["code"] == "context_length_exceeded"
 
 
