@@ -464,8 +464,10 @@ def test_api_key_required(server, method, path, body):
 
 
 def test_open_routes_need_no_key(server):
-    for path in ("/health", "/metrics", "/version"):
+    for path in ("/health", "/metrics", "/version", "/openapi.json"):
         assert httpx.get(server.base + path).status_code == 200, path
+    paths = httpx.get(server.base + "/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(paths)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.base + "/v1", api_key="wrong",
                       max_retries=0).models.list()
