@@ -34,23 +34,6 @@ def _flash(q, k, v, causal, scale):
     return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
-def _decode(q, k, v, causal, scale):
-    if causal or q.shape[0] != 1 or _triton_decode is None:
-        raise RuntimeError("the split-K decode kernel takes one query row, no mask")
-    try:
-        return _triton_decode(q, k, v, scale)
-    except RuntimeError:
-        raise
-    except Exception as e:  # a Triton compile error: let the next kernel take the shape
-        raise RuntimeError(f"split-K decode kernel failed: {e}") from e
-
-
-try:
-    from .cuda_decode import decode_attention as _triton_decode
-except ImportError:  # no Triton
-    _triton_decode = None
-
-
 def _math(q, k, v, causal, scale):
     return math_attention(q, k, v, causal, scale)
 
@@ -63,7 +46,7 @@ class CudaBackend(Backend):
     # cuDNN is the fastest on big blocks but builds an execution graph for every new shape;
     # decode meets a new key length every step, so blocks of few queries go to flash first.
     _BIG = (("cudnn", _cudnn), ("flash", _flash), ("math", _math))
-    _SMALL = (("decode", _decode), ("flash", _flash), ("cudnn", _cudnn), ("math", _math))
+    _SMALL = (("flash", _flash), ("cudnn", _cudnn), ("math", _math))
     SMALL_QUERY_BLOCK = 64
 
     def __init__(self) -> None:

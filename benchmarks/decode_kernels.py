@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from common import copy_gbps, machine, time_ms
 from tr_engine.backends.cuda import _cudnn, _flash
-from tr_engine.backends.cuda_decode import decode_attention
 
 from tr_engine.attention import merge_all
 
@@ -48,8 +47,7 @@ def probe(n: int) -> None:
     v = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
     gb = 2 * k.numel() * k.element_size() / 1e9
     ref, _ = _flash(q, k, v, False, D**-0.5)
-    for name, fn in [("triton split-K", lambda: decode_attention(q, k, v, D**-0.5)),
-                     ("cudnn", lambda: _cudnn(q, k, v, False, D**-0.5)),
+    for name, fn in [("cudnn", lambda: _cudnn(q, k, v, False, D**-0.5)),
                      ("flash", lambda: _flash(q, k, v, False, D**-0.5))] + [
             (f"{kern} split {p}", lambda kern=kern, p=p: split_k(kern, q, k, v, p))
             for kern in ("flash", "cudnn") for p in (8, 32, 128)]:

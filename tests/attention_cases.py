@@ -16,3 +16,14 @@ def run_strategy(ctx, name, q, k, v, causal, prefixes, scale=None):
         kw["k_prefix"], kw["v_prefix"] = prefixes[r]
     qs, ks, vs = (layout.shard(x, p, r) for x in (q, k, v))
     return get_strategy(name)(qs, ks, vs, ctx.group, causal=causal, scale=scale, **kw)
+
+
+def run_tokenring_in_pieces(ctx, q, k, v, causal, pieces_from):
+    """tokenring with the four-piece last step switched on from shards of `pieces_from`."""
+    from tr_engine.attention import tokenring
+
+    saved, tokenring.PIECES_FROM = tokenring.PIECES_FROM, pieces_from
+    try:
+        return run_strategy(ctx, "tokenring", q, k, v, causal, None)
+    finally:
+        tokenring.PIECES_FROM = saved

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from attention_cases import run_strategy
+from attention_cases import run_strategy, run_tokenring_in_pieces
 from conftest import record_error
 from reference import attention64
 from world import World
@@ -124,3 +124,15 @@ def test_custom_scale_and_bad_input(world):
     bad_k = torch.randn(24, 3, 64)  # 4 query heads are not a multiple of 3
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
         world.run(run_strategy, ("tokenring", q, bad_k, bad_k, True, None), ranks=2)
+
+
+def test_last_step_in_four_pieces(world):
+    """The four-piece last step (long shards), with pieces of uneven length."""
+    for p, causal, total in ((2, True, 2 * 2 * 9 + 3), (3, True, 2 * 3 * 7), (4, False, 61)):
+        q, k, v = make_qkv(total, 4, 2, 32, torch.float32, 40 + p)
+        results = world.run(run_tokenring_in_pieces, (q, k, v, causal, 4), ranks=p)
+        out = layout.unshard([r[0] for r in results], total)
+        ref, _ = attention64(q, k, v, causal=causal)
+        err = (out.double() - ref).abs()
+        record_error("tokenring four pieces", err.max().item(), err.mean().item())
+        assert err.max().item() < 1e-4

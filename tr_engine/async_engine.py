@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .config import EngineConfig
 from .engine import LLMEngine
-from .errors import EngineDead
+from .errors import EngineDead, QueueFull
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -49,8 +49,9 @@ class AsyncEngine:
     - `async for out in engine.generate(request_id, prompt_token_ids, params, prompt=None)`:
       yields a RequestOutput each time new tokens arrive (cumulative text/token_ids plus
       delta_text/delta_token_ids), the last one with finished=True and finish_reason set.
-      Raises RequestTooLong or QueueFull before yielding anything. If the consumer stops
-      iterating (client gone), the request is aborted and its KV freed.
+      Raises RequestTooLong, QueueFull or EngineDead at its first step, before any await
+      (the engine thread can still refuse with QueueFull in a race, at the first await). If
+      the consumer stops iterating (client gone), the request is aborted and its KV freed.
     - `engine.abort(request_id)`; `engine.stats() -> EngineStats`; `engine.healthy` (False
       once the loop or a rank died); `engine.shutdown()` stops every rank.
     """
@@ -67,6 +68,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._dead: BaseException | None = None
+        self._unread_adds = 0  # requests in the inbox the engine thread has not taken yet
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="tr-engine-loop", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="tr-engine-watchdog",
@@ -101,6 +103,8 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
+                with self._lock:
+                    self._unread_adds -= 1
                 request_id, ids, params, prompt = args
                 try:
                     self.engine.add_request(request_id, ids, params, prompt)
@@ -171,9 +175,13 @@ class AsyncEngine:
             raise EngineDead(str(self._dead))
         self.check(prompt_token_ids, params)
         q: asyncio.Queue = asyncio.Queue()
+        limit = self.engine.config.max_waiting
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
+            if self._stats.waiting + self._unread_adds >= limit:
+                raise QueueFull(f"the queue is full ({limit} requests waiting)")
+            self._unread_adds += 1
             self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._inbox.put(("add", (request_id, list(prompt_token_ids), params, prompt)))
         self._wake.set()

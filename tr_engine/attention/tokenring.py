@@ -12,8 +12,8 @@ Rank r holds the zigzag shard of the sequence: chunks r and 2P-1-r of L tokens e
 - Q_j moves one hop per step, r+1 -> r, carrying only the rows the receiver needs. The
   partial (out, lse) of step s goes straight back to owner j, the other way round the ring,
   while step s+1 computes, and is merged there. So both directions of each link carry data.
-  The last step computes its rows in two halves and sends the first half's results while
-  the second computes, so only half of the final transfer is left uncovered.
+  The last step computes its rows in pieces, each sending its results while the next
+  computes, so only the last piece's transfer is left uncovered.
 
 Partial prefill (new tokens after a cached prefix) is the case that favours passing Q: every
 rank's slice of the cache is attended by every query without a mask, so nothing of the cache
@@ -118,8 +118,8 @@ def tokenring_attention(
             _fold(backend, acc_out, acc_lse, result[0], result[1], n - result[0].shape[0])
         q_cur = q_next
 
-    # The last step runs in two halves of its rows, so the first half's results travel home
-    # while the second half computes; only the second half's transfer is left in the open.
+    # The last step runs in pieces of its rows, so each piece's results travel home while
+    # the next one computes; only the last piece's transfer is left in the open.
     s, owner = world - 1, (rank + world - 1) % world
     early = None
     if pending is not None:  # the previous step's results
@@ -128,23 +128,36 @@ def tokenring_attention(
                                 [(early[0], early[2]), (early[1], early[2])])
     mine = _result_buffers(q, rank, s, world, n, half, whole)  # my rows, computed elsewhere
     theirs, mine_rows = q_cur.shape[0], mine[0].shape[0]
-    cut, my_cut = theirs // 2, mine_rows // 2
+    pieces = _pieces(n)  # from n, which every rank shares
+    cuts = [theirs * i // pieces for i in range(pieces + 1)]
+    my_cuts = [mine_rows * i // pieces for i in range(pieces + 1)]
     handles = []
-    for lo, hi, my_lo, my_hi in ((0, cut, 0, my_cut), (cut, theirs, my_cut, mine_rows)):
-        out, lse = remote(q_cur, owner, lo, hi)
+    for i in range(pieces):
+        out, lse = remote(q_cur, owner, cuts[i], cuts[i + 1])
+        a, b = my_cuts[i], my_cuts[i + 1]
         handles.append(comm.exchange(
             [(out.contiguous(), owner), (lse.contiguous(), owner)],
-            [(mine[0][my_lo:my_hi], mine[2]), (mine[1][my_lo:my_hi], mine[2])]))
+            [(mine[0][a:b], mine[2]), (mine[1][a:b], mine[2])]))
         if early is not None:
             h_early.wait()
             _fold(backend, acc_out, acc_lse, early[0], early[1], n - early[0].shape[0])
             early = None
     start = n - mine_rows
-    handles[0].wait()
-    _fold(backend, acc_out, acc_lse, mine[0][:my_cut], mine[1][:my_cut], start)
-    handles[1].wait()
-    _fold(backend, acc_out, acc_lse, mine[0][my_cut:], mine[1][my_cut:], start + my_cut)
+    for i, handle in enumerate(handles):
+        handle.wait()
+        a, b = my_cuts[i], my_cuts[i + 1]
+        _fold(backend, acc_out, acc_lse, mine[0][a:b], mine[1][a:b], start + a)
     return acc_out.to(q.dtype), acc_lse
+
+
+PIECES_FROM = 8192  # shard length from which the last step is cut in four
+
+
+def _pieces(n: int) -> int:
+    """Pieces the last step is cut into: each sends its results while the next computes, so
+    only the last piece's transfer is left uncovered; pieces stay big enough to run well.
+    Every rank reaches the same number (the sender's and receiver's row counts agree)."""
+    return 4 if n >= PIECES_FROM else 2
 
 
 def _result_buffers(q, rank, step, world, n, half, whole):
