@@ -227,7 +227,8 @@ def report(rows, hf, args) -> str:
              f"{MATMUL_TFLOPS:.0f} TFLOP/s, device copy {COPY_GBPS:.0f} GB/s.", "",
              "Command: `python benchmarks/prefill.py " + " ".join(sys.argv[1:]) + "`", "",
              "Llama-3.1-8B shape, random bf16 weights, one request at a time, prefill in "
-             f"chunks of {args.prefill_chunk or 'the whole prompt'} tokens, token-wise work "
+             f"{f'chunks of {args.prefill_chunk} tokens' if args.prefill_chunk else 'one chunk'}"
+             ", token-wise work "
              f"in slices of 8192 tokens, attention strategy {args.strategy}. Prompts up to "
              f"{args.warmup_max // 1024}K tokens are served once untimed first.", "",
              "| GPUs | prompt | TTFT (s) | MFU | decode (ms/token) | decode bound (ms) | "

@@ -59,10 +59,13 @@ class Scheduler:
         need = reservation(prompt_len, max_tokens, self.world, self.prefill_chunk)
         if not self.kv.fits_alone(need):
             capacity = self.kv.capacity * self.world
+            per_rank = ""
+            if self.world > 1:
+                per_rank = f" ({self.kv.capacity} on each of {self.world} ranks)"
             raise RequestTooLong(
-                f"the KV cache holds {capacity} tokens ({self.kv.capacity} on each of "
-                f"{self.world} ranks), but the request needs {total} ({prompt_len} in the "
-                f"prompt + {max_tokens} max_tokens; {max(need)} on one rank)"
+                f"the KV cache holds {capacity} tokens{per_rank}, but the request needs "
+                f"{total} ({prompt_len} in the prompt + {max_tokens} max_tokens; {max(need)} "
+                f"on one rank)"
             )
 
     def add(self, seq: Sequence) -> None:
