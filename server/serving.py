@@ -173,25 +173,12 @@ class Serving:
 
     async def start(self, request_id: str, ids: list[int], params: SamplingParams,
                     prompt: str | None) -> RequestStream:
-        """Submit a request and wait for its first output.
-
-        `params` come from sampling_params(), which has run engine.check. The engine admits
-        or refuses a request on its own thread, so a refusal (queue full, engine dead) only
-        shows when the first item arrives; waiting for it here, before any response byte,
-        makes every refusal an HTTP error rather than an event inside a 200 stream.
-        Cancelling this wait (client gone) aborts the request.
-        """
+        """Submit a request. `params` come from sampling_params(), which has run
+        engine.check; the engine refuses a full queue or a dead engine right here, so those
+        are HTTP errors and a stream can start before the first token (a long prefill)."""
         self.check_ready()
         gen = self.engine.generate(request_id, ids, params, prompt)
-        try:
-            first = await anext(gen)
-        except StopAsyncIteration:
-            raise APIError(503, "The engine ended the request without output.", None,
-                           "engine_dead") from None
-        except BaseException:
-            await gen.aclose()
-            raise
-        return RequestStream(self, request_id, gen, first)
+        return RequestStream(self, request_id, gen, None)
 
     async def run(self, request_id: str, ids: list[int], params: SamplingParams,
                   prompt: str | None) -> RequestOutput:

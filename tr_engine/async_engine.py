@@ -49,9 +49,10 @@ class AsyncEngine:
     - `async for out in engine.generate(request_id, prompt_token_ids, params, prompt=None)`:
       yields a RequestOutput each time new tokens arrive (cumulative text/token_ids plus
       delta_text/delta_token_ids), the last one with finished=True and finish_reason set.
-      Raises RequestTooLong, QueueFull or EngineDead at its first step, before any await
-      (the engine thread can still refuse with QueueFull in a race, at the first await). If
-      the consumer stops iterating (client gone), the request is aborted and its KV freed.
+      `generate` itself raises RequestTooLong, QueueFull or EngineDead, before anything is
+      queued (in a race the engine thread can still refuse with QueueFull, which then comes
+      out of the first iteration). If the consumer stops iterating (client gone), the
+      request is aborted and its KV freed.
     - `engine.abort(request_id)`; `engine.stats() -> EngineStats`; `engine.healthy` (False
       once the loop or a rank died); `engine.shutdown()` stops every rank.
     """
@@ -164,13 +165,16 @@ class AsyncEngine:
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.check(prompt_token_ids, params)
 
-    async def generate(
+    def generate(
         self,
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        """Submit a request; call it on the event loop's thread. Refusals (RequestTooLong,
+        InvalidParameter, QueueFull, EngineDead) raise here, before anything is queued;
+        the returned iterator yields the outputs."""
         if self._dead is not None:
             raise EngineDead(str(self._dead))
         self.check(prompt_token_ids, params)
@@ -185,6 +189,9 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._inbox.put(("add", (request_id, list(prompt_token_ids), params, prompt)))
         self._wake.set()
+        return self._outputs(request_id, q)
+
+    async def _outputs(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
