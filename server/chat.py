@@ -16,7 +16,7 @@ from .protocol import (
     ChatResponseMessage,
     DeltaMessage,
 )
-from .serving import DONE, RequestStream, Serving, SSEResponse, sse, stream_error
+from .serving import RequestStream, Serving, SSEResponse, sse, stream_events
 
 
 async def create_chat_completion(
@@ -70,32 +70,22 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
                            "top_logprobs", "invalid_value")
 
 
-async def _events(serving: Serving, request_id: str, stream: RequestStream, top_n: int | None,
-                  include_usage: bool) -> AsyncIterator[str]:
+def _events(serving: Serving, request_id: str, stream: RequestStream, top_n: int | None,
+            include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
         return sse(ChatCompletionChunk(id=request_id, created=created, model=serving.model_name,
                                        choices=choices, usage=usage))
 
-    try:
-        yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-        last = None
-        async for out in stream:
-            last = out
-            c = out.outputs[0]
-            with_logprobs = top_n is not None and bool(c.delta_logprobs)
-            if not (c.delta_text or with_logprobs or out.finished):
-                continue
-            yield chunk([ChatChunkChoice(
-                delta=DeltaMessage(content=c.delta_text) if c.delta_text else DeltaMessage(),
-                logprobs=serving.chat_logprobs(c.delta_logprobs, top_n) if with_logprobs
-                else None,
-                finish_reason=c.finish_reason if out.finished else None,
-                stop_reason=c.stop_reason if out.finished else None,
-            )])
-        if include_usage and last is not None:
-            yield chunk([], usage=serving.usage(last))
-    except Exception as exc:
-        yield stream_error(exc)
-    yield DONE
+    def choice(out, c, with_logprobs: bool) -> ChatChunkChoice:
+        return ChatChunkChoice(
+            delta=DeltaMessage(content=c.delta_text) if c.delta_text else DeltaMessage(),
+            logprobs=serving.chat_logprobs(c.delta_logprobs, top_n) if with_logprobs else None,
+            finish_reason=c.finish_reason if out.finished else None,
+            stop_reason=c.stop_reason if out.finished else None,
+        )
+
+    role = chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+    return stream_events(serving, stream, chunk, choice, top_n is not None, include_usage,
+                         first=role)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from .errors import APIError
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from .serving import DONE, RequestStream, Serving, SSEResponse, sse, stream_error
+from .serving import RequestStream, Serving, SSEResponse, sse, stream_events
 
 
 async def create_completion(
@@ -57,32 +57,22 @@ async def _prompt(serving: Serving, prompt) -> tuple[str | None, list[int]]:
     return None, serving.check_token_ids(list(prompt), "prompt")
 
 
-async def _events(serving: Serving, request_id: str, stream: RequestStream, logprobs: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
+def _events(serving: Serving, request_id: str, stream: RequestStream, logprobs: bool,
+            include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[CompletionChoice], usage=None) -> str:
         return sse(CompletionResponse(id=request_id, created=created, model=serving.model_name,
                                       choices=choices, usage=usage))
 
-    try:
-        last = None
-        async for out in stream:
-            last = out
-            c = out.outputs[0]
-            with_logprobs = logprobs and bool(c.delta_logprobs)
-            if not (c.delta_text or with_logprobs or out.finished):
-                continue
-            offset = len(c.text) - len(c.delta_text)
-            yield chunk([CompletionChoice(
-                text=c.delta_text,
-                logprobs=serving.completion_logprobs(c.delta_logprobs, offset) if with_logprobs
-                else None,
-                finish_reason=c.finish_reason if out.finished else None,
-                stop_reason=c.stop_reason if out.finished else None,
-            )])
-        if include_usage and last is not None:
-            yield chunk([], usage=serving.usage(last))
-    except Exception as exc:
-        yield stream_error(exc)
-    yield DONE
+    def choice(out, c, with_logprobs: bool) -> CompletionChoice:
+        offset = len(c.text) - len(c.delta_text)
+        return CompletionChoice(
+            text=c.delta_text,
+            logprobs=serving.completion_logprobs(c.delta_logprobs, offset) if with_logprobs
+            else None,
+            finish_reason=c.finish_reason if out.finished else None,
+            stop_reason=c.stop_reason if out.finished else None,
+        )
+
+    return stream_events(serving, stream, chunk, choice, logprobs, include_usage)

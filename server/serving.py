@@ -327,6 +327,33 @@ class SSEResponse(StreamingResponse):
             await self._on_close()
 
 
+async def stream_events(serving: Serving, stream: RequestStream, chunk: Callable[..., str],
+                        choice: Callable[[RequestOutput, object, bool], object],
+                        logprobs: bool, include_usage: bool,
+                        first: str | None = None) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request, for chat and completions alike: `first`
+    (chat's role chunk), a chunk for each output that adds text, logprobs or the finish, the
+    usage chunk when asked, then [DONE]. An error after the 200 went out is one error event.
+    `chunk(choices, usage=None)` frames a chunk; `choice(out, completion, with_logprobs)`
+    builds an endpoint's choice."""
+    try:
+        if first is not None:
+            yield first
+        last = None
+        async for out in stream:
+            last = out
+            c = out.outputs[0]
+            with_logprobs = logprobs and bool(c.delta_logprobs)
+            if not (c.delta_text or with_logprobs or out.finished):
+                continue
+            yield chunk([choice(out, c, with_logprobs)])
+        if include_usage and last is not None:
+            yield chunk([], usage=serving.usage(last))
+    except Exception as exc:
+        yield stream_error(exc)
+    yield DONE
+
+
 def stream_error(exc: Exception) -> str:
     """An error after the 200 went out: one event in OpenAI's error shape (then [DONE])."""
     err = as_api_error(exc)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from tr_engine.backends import backend_for
 
-from .common import check_and_prepare, communicator
+from .common import check_and_prepare, communicator, shard_sizes
 
 
 def allgather_kv_attention(
@@ -35,8 +35,7 @@ def allgather_kv_attention(
     if world == 1:
         return attend(q, kv.k_all, kv.v_all, causal, scale)
 
-    sizes = torch.tensor([kv.n_prefix, kv.k_all.shape[0] - kv.n_prefix], dtype=torch.int64)
-    sizes = comm.all_gather(sizes.to(q.device)).tolist()
+    sizes = shard_sizes(comm, kv, q.device)
     longest = max(a + b for a, b in sizes)
 
     def gather(x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -84,3 +84,10 @@ def check_and_prepare(
     else:
         k_all, v_all, n_prefix = k[:valid].contiguous(), v[:valid].contiguous(), 0
     return LocalKV(k_all, v_all, n_prefix, n // 2), scale or 1.0 / math.sqrt(d)
+
+
+def shard_sizes(comm: Communicator, kv: LocalKV, device: torch.device) -> list[list[int]]:
+    """Every rank's [prefix rows, own key rows]: prefixes and padding may differ by rank,
+    and a rank must know what it will receive before it posts the receive."""
+    mine = torch.tensor([kv.n_prefix, kv.k_all.shape[0] - kv.n_prefix], dtype=torch.int64)
+    return comm.all_gather(mine.to(device)).tolist()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from tr_engine.backends import backend_for
 
-from .common import check_and_prepare, communicator
+from .common import check_and_prepare, communicator, shard_sizes
 
 
 def ring_attention(
@@ -42,9 +42,7 @@ def ring_attention(
         return attend(q, kv.k_all, kv.v_all, causal, scale)
     half = q.shape[0] // 2
 
-    # Every rank's (prefix rows, valid key rows): prefixes and padding may differ by rank.
-    sizes = torch.tensor([kv.n_prefix, kv.k_all.shape[0] - kv.n_prefix], dtype=torch.int64)
-    sizes = comm.all_gather(sizes.to(q.device)).tolist()
+    sizes = shard_sizes(comm, kv, q.device)
 
     def rows_for(owner: int, at: int) -> int:
         """How many of owner's key rows rank `at` needs: its prefix plus chunk(s)."""
