@@ -27,6 +27,9 @@ class Backend(ABC):
     device_type: str  # torch device type
     dist_backend: str  # torch.distributed backend: "gloo", "nccl", "hccl"
 
+    def __init__(self) -> None:
+        self._refused: set[tuple] = set()  # (kernel, *shape class) pairs a kernel refused
+
     @classmethod
     def is_available(cls) -> bool:
         """True when this platform can run here (driver present and a device visible)."""
@@ -79,7 +82,7 @@ class Backend(ABC):
         tk = k.shape[0]
         if scale is None:
             scale = 1.0 / math.sqrt(d)
-        if tq == 0 or tk == 0 or (causal and tk == 0):
+        if tq == 0 or tk == 0:
             return empty_result(q)
         if not causal or tq == tk:
             return self._attention(q, k, v, causal, scale)
@@ -91,11 +94,30 @@ class Backend(ABC):
             p = tk - tq
             out, lse = self._attention(q, k[:p], v[:p], False, scale)
             out_b, lse_b = self._attention(q, k[p:], v[p:], True, scale)
-            return merge_to(q.dtype, *merge(out.float(), lse, out_b, lse_b))
+            out, lse = merge(out.float(), lse, out_b, lse_b)
+            return out.to(q.dtype), lse
         # More queries than keys: the first tq - tk rows see nothing.
         out, lse = empty_result(q)
         out[tq - tk :], lse[tq - tk :] = self._attention(q[tq - tk :], k, v, True, scale)
         return out, lse
+
+    def _first_accepting(self, kernels, shape_class: tuple, q, k, v, causal, scale
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the first of `kernels` ((name, fn) pairs, in order of preference) that takes
+        this block. A kernel that refuses a shape class (RuntimeError) is not offered that
+        class again, so the refusal costs once."""
+        last_error = None
+        for name, kernel in kernels:
+            if (name, *shape_class) in self._refused:
+                continue
+            try:
+                out, lse = kernel(q, k, v, causal, scale)
+                return out, lse.float()
+            except RuntimeError as e:  # this build does not support the shape or dtype
+                self._refused.add((name, *shape_class))
+                last_error = e
+        raise RuntimeError(f"no {self.name} attention kernel accepted {shape_class}"
+                           ) from last_error
 
     @abstractmethod
     def _attention(
@@ -115,7 +137,3 @@ def empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     return out, lse
-
-
-def merge_to(dtype, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return out.to(dtype), lse

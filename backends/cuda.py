@@ -50,8 +50,7 @@ class CudaBackend(Backend):
     SMALL_QUERY_BLOCK = 64
 
     def __init__(self) -> None:
-        # A shape class a kernel refused is not offered to it again.
-        self._refused: set[tuple] = set()
+        super().__init__()
         try:
             from .cuda_merge import fused_merge_
         except ImportError:  # no Triton: the portable merge
@@ -95,17 +94,7 @@ class CudaBackend(Backend):
     def _attention(self, q, k, v, causal, scale):
         shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal,
                        min(q.shape[0], self.SMALL_QUERY_BLOCK + 1))
-        last_error = None
         kernels = self._SMALL if q.shape[0] <= self.SMALL_QUERY_BLOCK else self._BIG
-        for name, kernel in kernels:
-            if name != "math" and q.dtype == torch.float32:
-                continue
-            if (name, *shape_class) in self._refused:
-                continue
-            try:
-                out, lse = kernel(q, k, v, causal, scale)
-                return out, lse.float()
-            except RuntimeError as e:  # the kernel does not support this shape or dtype
-                self._refused.add((name, *shape_class))
-                last_error = e
-        raise RuntimeError(f"no CUDA attention kernel accepted {shape_class}") from last_error
+        if q.dtype == torch.float32:
+            kernels = [kv for kv in kernels if kv[0] == "math"]
+        return self._first_accepting(kernels, shape_class, q, k, v, causal, scale)

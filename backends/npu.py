@@ -165,6 +165,7 @@ class NpuBackend(Backend):
     dist_backend = "hccl"
 
     def __init__(self) -> None:
+        super().__init__()
         init_env()
         self.torch_npu = import_torch_npu()
         self.npu = self.torch_npu.npu  # = torch.npu once torch_npu is imported
@@ -176,7 +177,6 @@ class NpuBackend(Backend):
             )
         self._ring_update = getattr(self.torch_npu, "npu_ring_attention_update", None)
         self._masks: dict[torch.device, torch.Tensor] = {}
-        self._refused: set[tuple] = set()
 
     @classmethod
     def is_available(cls) -> bool:
@@ -227,19 +227,8 @@ class NpuBackend(Backend):
 
     def _attention(self, q, k, v, causal, scale):
         shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal, q.shape[0] == 1)
-        last_error = None
-        for name in self.kernels_for(q, k):
-            if (name, *shape_class) in self._refused:
-                continue
-            try:
-                out, lse = getattr(self, f"_{name}")(q, k, v, causal, scale)
-                return out, lse.float()
-            except RuntimeError as e:  # this CANN / torch_npu build refuses the shape
-                if name == "math":
-                    raise
-                self._refused.add((name, *shape_class))
-                last_error = e
-        raise RuntimeError(f"no NPU attention kernel accepted {shape_class}") from last_error
+        kernels = [(name, getattr(self, f"_{name}")) for name in self.kernels_for(q, k)]
+        return self._first_accepting(kernels, shape_class, q, k, v, causal, scale)
 
     def _mask(self, device: torch.device) -> torch.Tensor:
         if device not in self._masks:
