@@ -151,16 +151,7 @@ class AsyncEngine:
 
     # ---- the server's side ---------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)
-        except Exception as e:  # template errors (jinja raise_exception, bad structure)
-            raise ValueError(f"the chat template cannot take these messages: {e}") from None
-        if hasattr(ids, "input_ids"):
-            ids = ids.input_ids
-        elif isinstance(ids, dict):
-            ids = ids["input_ids"]
-        return list(ids)
+        return self.engine.encode_chat(messages)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.check(prompt_token_ids, params)

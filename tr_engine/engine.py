@@ -84,6 +84,22 @@ class LLMEngine:
                       elem=self.cluster.runner.dtype.itemsize, rates=self.cluster.runner.rates)
 
     # ---- requests ------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template applied to one conversation; ValueError for messages the
+        template cannot take."""
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                return_dict=False)
+        except Exception as e:  # template errors (jinja raise_exception, bad structure)
+            raise ValueError(f"the chat template cannot take these messages: {e}") from None
+        # a list of ids, or a BatchEncoding / dict in some transformers versions
+        if hasattr(ids, "input_ids"):
+            ids = ids.input_ids
+        elif isinstance(ids, dict):
+            ids = ids["input_ids"]
+        return list(ids)
+
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise before any work if the request can never run."""
         vocab = self.model_config.vocab_size

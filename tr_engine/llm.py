@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence as Seq
 
 from .config import EngineConfig
 from .engine import LLMEngine
@@ -47,12 +46,8 @@ class LLM:
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conv in conversations:
-            ids = self.tokenizer.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, tokenize=True,
-                return_dict=False)
-            prompts.append({"prompt_token_ids": list(_ids(ids))})
+        prompts = [{"prompt_token_ids": self.engine.encode_chat(conv, add_generation_prompt)}
+                   for conv in conversations]
         return self.generate(prompts, sampling_params)
 
     def prompt_logits(self, prompt_token_ids: list[int]):
@@ -89,11 +84,3 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _ids(x) -> Seq[int]:
-    """apply_chat_template returns a list, or a BatchEncoding in some versions."""
-    if hasattr(x, "input_ids"):
-        return x.input_ids
-    if isinstance(x, dict):
-        return x["input_ids"]
-    return x
