@@ -125,6 +125,48 @@ class Backend(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The platform kernel. Called only with Tq, Tk > 0 and, when causal, Tq == Tk."""
 
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        starts: torch.Tensor,
+        lens: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query row per sequence against its slab of a cache: q `[B, Hq, D]`; sequence
+        b sees `k_cache[starts[b] : starts[b] + lens[b]]` (`[N, Hkv, D]` caches, starts and
+        lens integer tensors `[B]` on the device). Returns (out `[B, Hq, D]`, lse `[B, Hq]`
+        float32); a sequence with no keys gets (0, -inf).
+
+        A backend that captures graphs reads starts and lens on the device; this portable
+        version reads them on the host and runs `attention` per sequence."""
+        outs, lses = [], []
+        for i, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+            o, lse = self.attention(q[i : i + 1], k_cache[s : s + n], v_cache[s : s + n],
+                                    False, scale)
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses)
+
+    def merge_gathered(self, gathered: torch.Tensor, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge every rank's partial result for the same rows: gathered `[P, ..., D + 1]`
+        float32 (out, then lse) -> (out `[..., D]` in `dtype`, lse float32)."""
+        from tr_engine.attention.merge import merge_all
+
+        out, lse = merge_all(gathered[..., :-1], gathered[..., -1])
+        return out.to(dtype), lse
+
+    # Graphs: record a step's kernels once, replay them with one launch.
+    supports_graphs = False
+
+    def new_graph(self):
+        raise NotImplementedError(f"{self.name} does not capture graphs")
+
+    def graph_capture(self, graph, pool=None) -> contextlib.AbstractContextManager:
+        raise NotImplementedError(f"{self.name} does not capture graphs")
+
     def merge_(self, out, lse, out_b, lse_b) -> None:
         """Fold the partial result (out_b, lse_b) into the float32 accumulator (out, lse)."""
         from tr_engine.attention.merge import merge_

@@ -56,6 +56,13 @@ class CudaBackend(Backend):
         except ImportError:  # no Triton: the portable merge
             fused_merge_ = None
         self._fused_merge = fused_merge_
+        try:
+            from . import cuda_decode
+        except ImportError:  # no Triton: the portable decode attention, no graphs
+            cuda_decode = None
+        self._decode = cuda_decode
+        self.supports_graphs = cuda_decode is not None
+        self._sms: int | None = None
 
     @classmethod
     def is_available(cls) -> bool:
@@ -82,6 +89,26 @@ class CudaBackend(Backend):
 
     def new_event(self, timing: bool = False):
         return torch.cuda.Event(enable_timing=timing)
+
+    def new_graph(self):
+        return torch.cuda.CUDAGraph()
+
+    def graph_capture(self, graph, pool=None):
+        return torch.cuda.graph(graph, pool=pool)
+
+    def decode_attention(self, q, k_cache, v_cache, starts, lens, scale):
+        d = q.shape[-1]
+        if self._decode is None or q.dtype == torch.float32 or d & (d - 1) or d < 16:
+            return super().decode_attention(q, k_cache, v_cache, starts, lens, scale)
+        if self._sms is None:
+            self._sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        splits = self._decode.decode_splits(q.shape[0], k_cache.shape[1], self._sms)
+        return self._decode.decode_attention(q, k_cache, v_cache, starts, lens, scale, splits)
+
+    def merge_gathered(self, gathered, dtype):
+        if self._decode is None:
+            return super().merge_gathered(gathered, dtype)
+        return self._decode.merge_packed(gathered, dtype)
 
     def merge_(self, out, lse, out_b, lse_b) -> None:
         d = out.shape[-1]

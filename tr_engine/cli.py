@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued requests before new ones get 503 (default: 256)")
     g.add_argument("--seed", type=int, metavar="N",
                    help="seed of requests that give none (default: 0)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="launch decode steps kernel by kernel instead of replaying device "
+                   "graphs recorded at start-up (CUDA)")
 
     g = p.add_argument_group("HTTP server")
     g.add_argument("--host", help="address to listen on (default: 127.0.0.1)")

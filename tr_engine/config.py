@@ -25,6 +25,8 @@ class EngineConfig:
     prefill_chunk: a prompt longer than this is prefilled in pieces of this many tokens,
       with decode steps of running requests in between.
     max_num_seqs: sequences decoded together in one step; max_waiting: queue bound.
+    enforce_eager: run decode steps kernel by kernel instead of replaying them from device
+      graphs recorded at start-up (graphs are used where the backend records them: CUDA).
     """
 
     model: str | None = None
@@ -41,6 +43,7 @@ class EngineConfig:
     max_waiting: int = 256
     served_model_name: str | None = None
     seed: int = 0
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -18,6 +18,7 @@ from .attention import Rates, gather_merge, get_strategy, layout
 from .backends import Backend, Communicator
 from .config import EngineConfig
 from .context import ForwardContext, forward_context
+from .graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .loader import load_model
 from .plan import DecodePlan, PrefillPlan, StepPlan
@@ -42,25 +43,24 @@ class PrefillContext(ForwardContext):
 
 
 class DecodeContext(ForwardContext):
-    def __init__(self, runner: ModelRunner, plan: DecodePlan) -> None:
-        self.runner, self.plan = runner, plan
+    """One new token per sequence, the same on every rank. Everything this rank needs is in
+    device tensors `[B]`: where each sequence's slab starts, how many of its keys this rank
+    attends (the new one included on its owner), and the slot the new K/V goes to (a spare
+    slot on the ranks that do not keep it). No host value steers the kernels, so a graph
+    captured once replays every step."""
+
+    def __init__(self, runner: ModelRunner, starts: torch.Tensor, lens: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        self.runner, self.starts, self.lens, self.slots = runner, starts, lens, slots
 
     def attention(self, layer, q, k, v, scale):
-        # q [B, Hq, D], k/v [B, Hkv, D]: one new token per sequence, the same on every rank.
-        r, p, cache = self.runner.rank, self.plan, self.runner.kv
-        attend = self.runner.backend.attention
-        outs, lses = [], []
-        for i in range(len(p.seq_ids)):
-            start, n = p.kv_start[i][r], p.kv_len[i][r]
-            if p.owner[i] == r:
-                cache.store(layer, start + n, k[i : i + 1], v[i : i + 1])
-                n += 1
-            ks, vs = cache.view(layer, start, n)
-            o, lse = attend(q[i : i + 1], ks, vs, False, scale)
-            outs.append(o)
-            lses.append(lse)
-        out, _ = gather_merge(torch.cat(outs), torch.cat(lses), self.runner.group)
-        return out
+        # q [B, Hq, D], k/v [B, Hkv, D]
+        k_cache, v_cache = self.runner.kv.layer(layer)
+        k_cache.index_copy_(0, self.slots, k)
+        v_cache.index_copy_(0, self.slots, v)
+        attend = self.runner.backend.decode_attention
+        out, lse = attend(q, k_cache, v_cache, self.starts, self.lens, scale)
+        return gather_merge(out, lse, self.runner.group)[0]
 
 
 class ModelRunner:
@@ -86,6 +86,9 @@ class ModelRunner:
         self.kv = KVCache(mc.num_layers, self.capacity, mc.num_kv_heads, mc.head_dim,
                           self.dtype, self.device)
         self.rates = self._calibrate()
+        self.graphs = None
+        if backend.supports_graphs and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
     # ---- set-up ------------------------------------------------------------------------
     def _plan_memory(self) -> int:
@@ -179,8 +182,25 @@ class ModelRunner:
         return self.model.compute_logits(last) if r == 0 else None
 
     def decode(self, p: DecodePlan) -> torch.Tensor | None:
-        ids = torch.tensor(p.tokens, dtype=torch.long, device=self.device)
-        positions = torch.tensor(p.positions, dtype=torch.long, device=self.device)
-        with forward_context(DecodeContext(self, p)):
+        meta = self._decode_meta(p)
+        graph = self.graphs.get(len(p.tokens)) if self.graphs is not None else None
+        if graph is not None:
+            return self.graphs.replay(graph, meta)
+        return self.decode_forward(meta.to(self.device))
+
+    def _decode_meta(self, p: DecodePlan) -> torch.Tensor:
+        """`[5, B]` int64 on the host: token ids, positions, this rank's slab starts, keys
+        to attend, and the slots the new K/V go to."""
+        r = self.rank
+        starts = [s[r] for s in p.kv_start]
+        lens = [n[r] + (o == r) for n, o in zip(p.kv_len, p.owner)]
+        slots = [s[r] + n[r] if o == r else self.kv.spare
+                 for s, n, o in zip(p.kv_start, p.kv_len, p.owner)]
+        return torch.tensor([p.tokens, p.positions, starts, lens, slots], dtype=torch.long)
+
+    def decode_forward(self, meta: torch.Tensor) -> torch.Tensor | None:
+        """The decode forward for `meta` (as `_decode_meta` lays it out, on the device)."""
+        ids, positions, starts, lens, slots = meta
+        with forward_context(DecodeContext(self, starts, lens, slots)):
             hidden = self.model(ids, positions)  # [B, hidden], the same on every rank
         return self.model.compute_logits(hidden) if self.rank == 0 else None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from tr_engine.backends import backend_for
+
 from . import layout
 from .allgather import allgather_kv_attention, local_attention
 from .common import communicator
@@ -80,8 +82,7 @@ def gather_merge(
         return out, lse.float()
     packed = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1)
     gathered = comm.all_gather(packed)  # [P, ..., D + 1]
-    merged, merged_lse = merge_all(gathered[..., :-1], gathered[..., -1])
-    return merged.to(out.dtype), merged_lse
+    return backend_for(out.device).merge_gathered(gathered, out.dtype)
 
 
 __all__ = [

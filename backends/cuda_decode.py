@@ -1,0 +1,136 @@
+"""Decode attention for CUDA (Triton): one query per sequence against its slab of the cache.
+
+The slab of sequence b is `k_cache[starts[b] : starts[b] + lens[b]]`, and starts and lens
+are read on the device, so a CUDA graph captured once serves every step whatever the
+lengths. Split-K ("flash decoding"): the keys of a sequence are cut into `splits` ranges,
+one program per (sequence, KV head, range) so a single long sequence still fills the GPU;
+each program handles all the query heads that share its KV head (grouped-query attention)
+as the rows of one small matrix product. A second kernel merges the ranges with the same
+identity as tr_engine/attention/merge.py. Ranges and rows that see no key give (0, -inf).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_kernel(q, k, v, starts, lens, part_out, part_lse, scale,
+                  sq_b, sq_h, sk_n, sk_h, sv_n, sv_h, splits,
+                  GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(starts + b).to(tl.int64)
+    n = tl.load(lens + b).to(tl.int32)
+    per = tl.cdiv(tl.cdiv(n, splits), BLOCK) * BLOCK  # keys per range, whole blocks
+    lo = s * per
+    hi = tl.minimum(lo + per, n)
+
+    rows = tl.arange(0, ROWS)
+    dims = tl.arange(0, D)
+    heads = h * GROUP + rows  # the query heads reading KV head h
+    row_ok = rows < GROUP
+    qb = tl.load(q + b * sq_b + heads[:, None] * sq_h + dims[None, :], mask=row_ok[:, None],
+                 other=0.0)  # [ROWS, D]
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    for off in range(lo, hi, BLOCK):
+        keys = off + tl.arange(0, BLOCK)
+        key_ok = keys < hi
+        pos = start + keys
+        kb = tl.load(k + pos[:, None] * sk_n + h * sk_h + dims[None, :], mask=key_ok[:, None],
+                     other=0.0)  # [BLOCK, D]
+        scores = tl.dot(qb, tl.trans(kb)) * scale  # [ROWS, BLOCK] float32
+        scores = tl.where(key_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        vb = tl.load(v + pos[:, None] * sv_n + h * sv_h + dims[None, :], mask=key_ok[:, None],
+                     other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        m = m_new
+
+    seen = total > 0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    slot = (b * (GROUP * tl.num_programs(1)) + heads) * splits + s  # [B, Hq, splits]
+    tl.store(part_out + slot[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
+    tl.store(part_lse + slot, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(part_out, part_lse, out, lse, n, o_row, o_part, l_row, l_part, s_out, s_lse,
+                    D: tl.constexpr, N: tl.constexpr):
+    """Merge n partial results per row: part i of row r is out `part_out[r*o_row + i*o_part :
+    ... + D]`, lse `part_lse[r*l_row + i*l_part]`. Σ_i exp(lse_i - max) out_i / Σ_i exp(...)
+    is merge.py's identity with the largest lse as the reference."""
+    row = tl.program_id(0)
+    idx = tl.arange(0, N)
+    dims = tl.arange(0, D)
+    ok = idx < n
+    lses = tl.load(part_lse + row * l_row + idx * l_part, mask=ok, other=float("-inf"))
+    top = tl.max(lses, 0)
+    ref = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(lses - ref)  # 0 for parts that saw no key
+    total = tl.sum(w, 0)
+    parts = tl.load(part_out + row * o_row + idx[:, None] * o_part + dims[None, :],
+                    mask=ok[:, None], other=0.0)
+    safe = tl.where(total > 0, total, 1.0)
+    merged = tl.sum(parts * w[:, None], 0) / safe
+    tl.store(out + row * s_out + dims, merged.to(out.dtype.element_ty))
+    tl.store(lse + row * s_lse, tl.where(total > 0, ref + tl.log(safe), float("-inf")))
+
+
+def decode_splits(batch: int, kv_heads: int, sms: int) -> int:
+    """Key ranges per sequence: enough programs to give every SM a few."""
+    return max(1, min(128, triton.cdiv(4 * sms, batch * kv_heads)))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     starts: torch.Tensor, lens: torch.Tensor, scale: float, splits: int,
+                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q `[B, Hq, D]`; k_cache, v_cache `[N, Hkv, D]` (last dim contiguous); starts, lens `[B]`
+    integer tensors. Returns out `[B, Hq, D]` and lse `[B, Hq]`, written into `out` and
+    `lse` when given (any dtype, rows of stride out.stride(1) and lse.stride(1): the caller
+    may pass views into one packed buffer)."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    if q.stride(2) != 1 or k_cache.stride(2) != 1 or v_cache.stride(2) != 1:
+        raise ValueError("decode_attention needs the head dimension contiguous")
+    part_out = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
+    _split_kernel[(b, hkv, splits)](
+        q, k_cache, v_cache, starts, lens, part_out, part_lse, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), splits,
+        GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), D=d, BLOCK=64,
+        num_warps=4, num_stages=3,
+    )
+    if out.stride(0) != hq * out.stride(1) or lse.stride(0) != hq * lse.stride(1):
+        raise ValueError("out and lse rows must be evenly strided over (B, Hq)")
+    _combine_kernel[(b * hq,)](part_out, part_lse, out, lse, splits, splits * d, d, splits, 1,
+                               out.stride(1), lse.stride(1), D=d,
+                               N=max(2, triton.next_power_of_2(splits)))
+    return out, lse
+
+
+def merge_packed(gathered: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the ranks' packed partial results: gathered `[P, B, H, D + 1]` float32 (out,
+    then lse, per row) -> out `[B, H, D]` in `dtype`, lse `[B, H]` float32. One kernel."""
+    p, b, h, d1 = gathered.shape
+    d, rows = d1 - 1, b * h
+    gathered = gathered.contiguous()
+    out = torch.empty((b, h, d), dtype=dtype, device=gathered.device)
+    lse = torch.empty((b, h), dtype=torch.float32, device=gathered.device)
+    _combine_kernel[(rows,)](gathered, gathered[..., d], out, lse, p, d1, rows * d1, d1, rows * d1,
+                             d, 1, D=d, N=max(2, triton.next_power_of_2(p)))
+    return out, lse

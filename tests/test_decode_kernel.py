@@ -1,0 +1,108 @@
+"""The CUDA decode attention kernels (Triton), run on the CPU in Triton's interpreter, against
+float64 attention; and the portable decode attention every backend inherits.
+
+The kernels read slab starts and key counts from tensors, so the cases mix empty slabs,
+one-key slabs, slabs at the end of the cache and more key ranges than keys.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import record_error
+from reference import attention64
+from tr_engine.backends import get_backend
+
+pytest.importorskip("triton", reason="the CUDA kernels are checked where Triton is installed")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest: kernels run on the CPU
+    from tr_engine.backends import cuda_decode
+
+    return cuda_decode
+
+
+def reference(q, k_cache, v_cache, starts, lens, scale):
+    outs, lses = [], []
+    for b, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+        out, lse = attention64(q[b : b + 1], k_cache[s : s + n], v_cache[s : s + n],
+                               causal=False, scale=scale)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+SLABS = ([0, 10, 100, 399, 250], [1, 0, 300, 1, 150])  # (starts, lens); the cache holds 400
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 1, 64), (9, 3, 64), (8, 2, 128)])
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_decode_kernel_matches_float64(kernels, dtype, hq, hkv, d, splits):
+    g = torch.Generator().manual_seed(hq * 100 + d + splits)
+    k_cache = torch.randn(400, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(400, hkv, d, generator=g).to(dtype)
+    q = torch.randn(5, hq, d, generator=g).to(dtype)
+    starts, lens = torch.tensor(SLABS[0]), torch.tensor(SLABS[1])
+    out, lse = kernels.decode_attention(q, k_cache, v_cache, starts, lens, d**-0.5, splits)
+    ref_out, ref_lse = reference(q, k_cache, v_cache, starts, lens, d**-0.5)
+    err = (out.double() - ref_out).abs()
+    record_error(f"decode kernel {dtype}".replace("torch.", ""), err.max().item(),
+                 err.mean().item())
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert err.max() < (2e-6 if dtype == torch.float32 else 2e-3)
+    empty = lens == 0
+    assert torch.isneginf(lse[empty]).all() and (out[empty] == 0).all()
+    assert (lse[~empty].double() - ref_lse[~empty]).abs().max() < 1e-5
+
+
+def test_decode_kernel_writes_into_a_packed_buffer(kernels):
+    """Out and lse can land in one [B, H, D + 1] float32 buffer (what decode all-gathers)."""
+    g = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(400, 2, 64, generator=g)
+    v_cache = torch.randn(400, 2, 64, generator=g)
+    q = torch.randn(5, 8, 64, generator=g)
+    starts, lens = torch.tensor(SLABS[0]), torch.tensor(SLABS[1])
+    packed = torch.full((5, 8, 65), 123.0)
+    kernels.decode_attention(q, k_cache, v_cache, starts, lens, 0.125, 4,
+                             out=packed[..., :64], lse=packed[..., 64])
+    ref_out, ref_lse = reference(q, k_cache, v_cache, starts, lens, 0.125)
+    assert (packed[..., :64].double() - ref_out).abs().max() < 2e-6
+    lse = packed[..., 64]
+    assert torch.isneginf(lse[1]).all()
+    assert (lse[lens > 0].double() - ref_lse[lens > 0]).abs().max() < 1e-5
+
+
+def test_merge_packed_matches_merge_all(kernels):
+    from tr_engine.attention import merge_all
+
+    g = torch.Generator().manual_seed(3)
+    outs = torch.randn(3, 2, 4, 64, generator=g)
+    lses = torch.randn(3, 2, 4, generator=g) * 5
+    lses[1, 0] = float("-inf")  # rank 1 saw no key for sequence 0
+    lses[:, 1, 0] = float("-inf")  # no rank saw a key for (sequence 1, head 0)
+    packed = torch.cat([outs, lses.unsqueeze(-1)], dim=-1)
+    out, lse = kernels.merge_packed(packed, torch.float16)
+    ref_out, ref_lse = merge_all(outs.double(), lses.double())
+    assert out.dtype == torch.float16
+    assert (out.double() - ref_out).abs().max() < 2e-3
+    assert (out[1, 0] == 0).all() and torch.isneginf(lse[1, 0])
+    finite = ~torch.isneginf(ref_lse)
+    assert (lse[finite].double() - ref_lse[finite]).abs().max() < 1e-5
+
+
+def test_portable_decode_attention_matches_float64():
+    """The host-driven version on the CPU backend: the path decode takes without graphs."""
+    g = torch.Generator().manual_seed(11)
+    k_cache = torch.randn(400, 3, 64, generator=g)
+    v_cache = torch.randn(400, 3, 64, generator=g)
+    q = torch.randn(5, 9, 64, generator=g)
+    starts, lens = torch.tensor(SLABS[0]), torch.tensor(SLABS[1])
+    out, lse = get_backend("cpu").decode_attention(q, k_cache, v_cache, starts, lens, 0.125)
+    ref_out, ref_lse = reference(q, k_cache, v_cache, starts, lens, 0.125)
+    assert (out.double() - ref_out).abs().max() < 2e-6
+    assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()

@@ -1,0 +1,88 @@
+"""Decode steps replayed from device graphs.
+
+A decode step of an 8B model is a few thousand small kernels; launched one by one from
+Python the host, not the device, sets the pace. So at start-up the runner records the whole
+decode forward once per batch size bucket (1, 2, 4, ... up to max_num_seqs) and each step
+copies its inputs into the recorded buffers and replays the graph with one launch. The
+forward is graph-safe by construction: `DecodeContext` takes every per-step value (ids,
+positions, slab starts, key counts, store slots) from one device tensor, and the decode
+attention kernel reads them there. A batch runs in the smallest bucket that holds it; the
+padding rows attend to nothing and store their K/V in the pool's spare slot.
+
+Every rank records and replays the same steps in the same order, collectives included.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .runner import ModelRunner
+
+log = logging.getLogger("tr_engine")
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Powers of two below max_batch, then max_batch itself."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_batch]
+
+
+class _Graph:
+    def __init__(self, graph, meta: torch.Tensor, logits: torch.Tensor | None) -> None:
+        self.graph, self.meta, self.logits = graph, meta, logits
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_batch: int) -> None:
+        self.runner = runner
+        self.sizes = buckets(max_batch)
+        self._graphs: dict[int, _Graph] = {}
+        self._pool = None
+        t = time.perf_counter()
+        for b in reversed(self.sizes):  # the largest first: the others fit in its memory
+            self._graphs[b] = self._capture(b)
+        runner.backend.synchronize()
+        log.info("rank %d: decode graphs for batch sizes %s recorded in %.1f s", runner.rank,
+                 self.sizes, time.perf_counter() - t)
+
+    def _blank_meta(self, b: int) -> torch.Tensor:
+        """Inputs of a step that computes nothing useful: token 0 at position 0 in every row,
+        no keys to attend, K/V stored in the spare slot."""
+        meta = torch.zeros((5, b), dtype=torch.long)
+        meta[4] = self.runner.kv.spare
+        return meta
+
+    def _capture(self, b: int) -> _Graph:
+        runner, backend = self.runner, self.runner.backend
+        meta = self._blank_meta(b).to(runner.device)
+        runner.decode_forward(meta)  # warm-up: kernel compilation, library handles, NCCL
+        backend.synchronize()
+        graph = backend.new_graph()
+        with backend.graph_capture(graph, pool=self._pool):
+            logits = runner.decode_forward(meta)
+        self._pool = graph.pool()
+        return _Graph(graph, meta, logits)
+
+    def get(self, batch: int) -> _Graph | None:
+        """The graph of the smallest bucket that holds `batch` rows (None: run eagerly)."""
+        for b in self.sizes:
+            if b >= batch:
+                return self._graphs[b]
+        return None
+
+    def replay(self, graph: _Graph, meta: torch.Tensor) -> torch.Tensor | None:
+        """Run one step: meta `[5, B]` on the host -> logits `[B, V]` on rank 0."""
+        n = meta.shape[1]
+        padded = self._blank_meta(graph.meta.shape[1])
+        padded[:, :n] = meta
+        graph.meta.copy_(padded)
+        graph.graph.replay()
+        return None if graph.logits is None else graph.logits[:n].clone()
