@@ -159,7 +159,11 @@ class Backend(ABC):
         return out.to(dtype), lse
 
     # Graphs: record a step's kernels once, replay them with one launch.
-    supports_graphs = False
+    def graph_safe_decode(self, dtype: torch.dtype, head_dim: int) -> bool:
+        """True when a decode forward of this dtype and head size can be recorded as a graph
+        (this backend records graphs, and its decode attention reads starts/lens on the
+        device)."""
+        return False
 
     def new_graph(self):
         raise NotImplementedError(f"{self.name} does not capture graphs")

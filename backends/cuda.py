@@ -61,7 +61,6 @@ class CudaBackend(Backend):
         except ImportError:  # no Triton: the portable decode attention, no graphs
             cuda_decode = None
         self._decode = cuda_decode
-        self.supports_graphs = cuda_decode is not None
         self._sms: int | None = None
 
     @classmethod
@@ -90,6 +89,9 @@ class CudaBackend(Backend):
     def new_event(self, timing: bool = False):
         return torch.cuda.Event(enable_timing=timing)
 
+    def graph_safe_decode(self, dtype: torch.dtype, head_dim: int) -> bool:
+        return self._decode is not None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
     def new_graph(self):
         return torch.cuda.CUDAGraph()
 
@@ -98,7 +100,7 @@ class CudaBackend(Backend):
 
     def decode_attention(self, q, k_cache, v_cache, starts, lens, scale):
         d = q.shape[-1]
-        if self._decode is None or q.dtype == torch.float32 or d & (d - 1) or d < 16:
+        if not self.graph_safe_decode(q.dtype, d):
             return super().decode_attention(q, k_cache, v_cache, starts, lens, scale)
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(q.device).multi_processor_count

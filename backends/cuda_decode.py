@@ -19,7 +19,8 @@ import triton.language as tl
 @triton.jit
 def _split_kernel(q, k, v, starts, lens, part_out, part_lse, scale,
                   sq_b, sq_h, sk_n, sk_h, sv_n, sv_h, splits,
-                  GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+                  GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                  PRECISION: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(starts + b).to(tl.int64)
     n = tl.load(lens + b).to(tl.int32)
@@ -42,7 +43,7 @@ def _split_kernel(q, k, v, starts, lens, part_out, part_lse, scale,
         pos = start + keys
         kb = tl.load(k + pos[:, None] * sk_n + h * sk_h + dims[None, :], mask=key_ok[:, None],
                      other=0.0)  # [BLOCK, D]
-        scores = tl.dot(qb, tl.trans(kb)) * scale  # [ROWS, BLOCK] float32
+        scores = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * scale  # [ROWS, BLOCK]
         scores = tl.where(key_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp(m - m_new)
@@ -50,7 +51,7 @@ def _split_kernel(q, k, v, starts, lens, part_out, part_lse, scale,
         total = total * alpha + tl.sum(p, 1)
         vb = tl.load(v + pos[:, None] * sv_n + h * sv_h + dims[None, :], mask=key_ok[:, None],
                      other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
         m = m_new
 
     seen = total > 0
@@ -89,19 +90,26 @@ def decode_splits(batch: int, kv_heads: int, sms: int) -> int:
     return max(1, min(128, triton.cdiv(4 * sms, batch * kv_heads)))
 
 
+# Tile shape and pipelining, tuned on an H200 with benchmarks/decode_kernels.py.
+BLOCK, WARPS, STAGES = 64, 4, 3
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      starts: torch.Tensor, lens: torch.Tensor, scale: float, splits: int,
-                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None
+                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                     tiles: tuple[int, int, int] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """q `[B, Hq, D]`; k_cache, v_cache `[N, Hkv, D]` (last dim contiguous); starts, lens `[B]`
     integer tensors. Returns out `[B, Hq, D]` and lse `[B, Hq]`, written into `out` and
     `lse` when given (any dtype, rows of stride out.stride(1) and lse.stride(1): the caller
-    may pass views into one packed buffer)."""
+    may pass views into one packed buffer). float32 runs its products in full float32 (no
+    TF32). `tiles` = (keys per block, warps, pipeline stages) overrides the tuned ones."""
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
     if q.stride(2) != 1 or k_cache.stride(2) != 1 or v_cache.stride(2) != 1:
         raise ValueError("decode_attention needs the head dimension contiguous")
+    block, warps, stages = tiles or (BLOCK, WARPS, STAGES)
     part_out = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
     if out is None:
@@ -112,8 +120,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, starts, lens, part_out, part_lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), splits,
-        GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), D=d, BLOCK=64,
-        num_warps=4, num_stages=3,
+        GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
+        num_stages=stages,
     )
     if out.stride(0) != hq * out.stride(1) or lse.stride(0) != hq * lse.stride(1):
         raise ValueError("out and lse rows must be evenly strided over (B, Hq)")

@@ -1,64 +1,142 @@
-"""Decode attention kernels on one GPU: one query row against a long KV shard.
+"""Decode attention on one GPU: one query row per sequence against long KV slabs.
 
-    python benchmarks/decode_kernels.py
+    python benchmarks/decode_kernels.py [--out docs/PERFORMANCE.md]
 
-A single query row gives a flash kernel only (heads) blocks of work, far too few to fill
-the GPU, so the shard is also tried split into S pieces run as a batch of S (split-K,
-"flash decoding" with stock kernels) and merged by LSE. Reports GB/s of K+V read.
+The engine's decode kernel (backends/cuda_decode.py, Triton, split-K, slab starts and
+lengths read on the device so it can be recorded in a graph) against float64 first, then
+timed against the stock cuDNN and flash kernels called on the same slab (which need the
+length on the host). 32 query / 8 KV heads, D 128, bf16; GB/s counts K and V read once.
+A sweep over the kernel's tile shapes (keys per block, warps, pipeline stages) picks the
+defaults.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import sys
+
 import torch
-from common import copy_gbps, machine, time_ms
+from common import copy_gbps, machine, time_ms, today, write_section
+from tr_engine.backends import cuda_decode
 from tr_engine.backends.cuda import _cudnn, _flash
 
-from tr_engine.attention import merge_all
-
 D, HQ, HKV = 128, 32, 8
+SMS = 0
 
 
-def split_k(kernel, q, k, v, pieces):
-    n = k.shape[0] // pieces
-    qb = q.reshape(1, HQ, 1, D).expand(pieces, HQ, 1, D).contiguous()
-    kb = k[: n * pieces].view(pieces, n, HKV, D).transpose(1, 2)
-    vb = v[: n * pieces].view(pieces, n, HKV, D).transpose(1, 2)
-    if kernel == "flash":
-        res = torch.ops.aten._scaled_dot_product_flash_attention(qb, kb, vb, 0.0, False, False,
-                                                                 scale=D**-0.5)
-        out, lse = res[0][:, :, 0], res[1][:, :, 0]
-    else:
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qb, kb, vb, None, True, 0.0,
-                                                                 False, False, scale=D**-0.5)
-        out, lse = res[0][:, :, 0], res[1].reshape(pieces, HQ)
-    return merge_all(out, lse)
+def slabs(batch: int, n: int):
+    """A cache of `batch` slabs of n keys with gaps between them, and q for each."""
+    cap = batch * (n + 1000)
+    k = torch.randn(cap, HKV, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(cap, HKV, D, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
+    starts = torch.arange(batch, device="cuda") * (n + 1000) + 500
+    lens = torch.full((batch,), n, device="cuda")
+    return q, k, v, starts, lens
+
+
+def check() -> list[str]:
+    lines = []
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        k = torch.randn(20000, HKV, D, device="cuda", generator=g).to(dtype)
+        v = torch.randn(20000, HKV, D, device="cuda", generator=g).to(dtype)
+        q = torch.randn(4, HQ, D, device="cuda", generator=g).to(dtype)
+        starts = torch.tensor([0, 5000, 19999, 100], device="cuda")
+        lens = torch.tensor([5000, 0, 1, 17000], device="cuda")
+        splits = cuda_decode.decode_splits(4, HKV, SMS)
+        out, lse = cuda_decode.decode_attention(q, k, v, starts, lens, D**-0.5, splits)
+        worst = 0.0
+        for b, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+            kk = k[s : s + n].double().repeat_interleave(HQ // HKV, 1)
+            vv = v[s : s + n].double().repeat_interleave(HQ // HKV, 1)
+            sc = torch.einsum("hd,nhd->hn", q[b].double(), kk) * D**-0.5
+            if n == 0:
+                assert (out[b] == 0).all() and torch.isneginf(lse[b]).all()
+                continue
+            ref = torch.einsum("hn,nhd->hd", torch.softmax(sc, -1), vv)
+            worst = max(worst, (out[b].double() - ref).abs().max().item())
+            assert (lse[b].double() - torch.logsumexp(sc, -1)).abs().max() < 1e-3
+        assert worst < tol, f"{dtype}: {worst:.2e}"
+        lines.append(f"{str(dtype)[6:]}: max abs error against float64 {worst:.1e} "
+                     f"(slabs of 5000, 0, 1, 17000 keys)")
+    return lines
+
+
+def gbps(batch: int, n: int, ms: float) -> float:
+    return 2 * batch * n * HKV * D * 2 / ms / 1e6
+
+
+def sweep(batch: int, n: int) -> tuple[tuple[int, int, int], list[str]]:
+    q, k, v, starts, lens = slabs(batch, n)
+    splits = cuda_decode.decode_splits(batch, HKV, SMS)
+    best, lines = None, []
+    for tiles in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
+        try:
+            ms = time_ms(lambda t=tiles: cuda_decode.decode_attention(
+                q, k, v, starts, lens, D**-0.5, splits, tiles=t), warmup=3, reps=20,
+                sync_ranks=False)
+        except Exception as e:  # e.g. out of shared memory for this tile
+            lines.append(f"  tiles {tiles}: refused ({type(e).__name__})")
+            continue
+        lines.append(f"  tiles {tiles}: {ms * 1e3:7.1f} us {gbps(batch, n, ms):6.0f} GB/s")
+        if best is None or ms < best[1]:
+            best = (tiles, ms)
+    return best[0], lines
+
+
+def compare(batch: int, n: int, tiles) -> list[str]:
+    q, k, v, starts, lens = slabs(batch, n)
+    splits = cuda_decode.decode_splits(batch, HKV, SMS)
+    rows = []
+    ours = time_ms(lambda: cuda_decode.decode_attention(q, k, v, starts, lens, D**-0.5, splits,
+                                                        tiles=tiles),
+                   warmup=3, reps=20, sync_ranks=False)
+    rows.append(("ours (graph-safe)", ours))
+    s0 = starts.tolist()
+    for name, fn in (("cudnn", _cudnn), ("flash", _flash)):
+        def run(fn=fn):
+            for b in range(batch):
+                fn(q[b : b + 1], k[s0[b] : s0[b] + n], v[s0[b] : s0[b] + n], False, D**-0.5)
+        try:
+            rows.append((f"{name} per sequence", time_ms(run, warmup=3, reps=20,
+                                                         sync_ranks=False)))
+        except RuntimeError as e:
+            rows.append((f"{name}: refused {str(e)[:40]}", float("nan")))
+    return [f"| {batch} | {n // 1024}K | {name} | {ms * 1e3:.1f} | {gbps(batch, n, ms):.0f} |"
+            for name, ms in rows]
 
 
 def main() -> None:
-    print(machine())
-    print(f"device copy {copy_gbps():.0f} GB/s (read + write)")
-    for n in (65536, 262144, 524288):
-        probe(n)
-
-
-def probe(n: int) -> None:
-    q = torch.randn(1, HQ, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(n, HKV, D, device="cuda", dtype=torch.bfloat16)
-    gb = 2 * k.numel() * k.element_size() / 1e9
-    ref, _ = _flash(q, k, v, False, D**-0.5)
-    for name, fn in [("cudnn", lambda: _cudnn(q, k, v, False, D**-0.5)),
-                     ("flash", lambda: _flash(q, k, v, False, D**-0.5))] + [
-            (f"{kern} split {p}", lambda kern=kern, p=p: split_k(kern, q, k, v, p))
-            for kern in ("flash", "cudnn") for p in (8, 32, 128)]:
-        try:
-            out = fn()[0]
-            err = (out.float().reshape(ref.shape) - ref.float()).abs().max().item()
-            ms = time_ms(fn, warmup=3, reps=20, sync_ranks=False)
-            print(f"n={n:>7} {name:>18}: {ms * 1e3:8.1f} us  {gb / ms * 1e3:7.0f} GB/s"
-                  f"  max err vs flash {err:.1e}")
-        except RuntimeError as e:
-            print(f"n={n:>7} {name:>18}: refused ({str(e)[:60]})")
+    global SMS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    SMS = torch.cuda.get_device_properties(0).multi_processor_count
+    copy = copy_gbps()
+    head = [f"## Decode attention kernel — {today()}", "",
+            f"Machine: {machine()}; device copy {copy:.0f} GB/s (read + write).", "",
+            "Command: `python benchmarks/decode_kernels.py " + " ".join(sys.argv[1:]) + "`", ""]
+    head += ["Correctness: " + "; ".join(check()) + ".", ""]
+    print("\n".join(head), flush=True)
+    sweeps = []
+    chosen = {}
+    for batch, n in ((1, 65536), (1, 16384), (8, 8192)):
+        tiles, lines = sweep(batch, n)
+        chosen[(batch, n)] = tiles
+        sweeps += [f"batch {batch}, {n // 1024}K keys each: best tiles {tiles}"] + lines
+        print("\n".join(sweeps[-len(lines) - 1:]), flush=True)
+    table = ["| batch | keys per sequence | kernel | us | GB/s |", "|---|---|---|---|---|"]
+    default = (cuda_decode.BLOCK, cuda_decode.WARPS, cuda_decode.STAGES)
+    for batch, n in ((1, 8192), (1, 65536), (1, 262144), (1, 524288), (8, 8192), (32, 4096)):
+        table += compare(batch, n, default)
+        print(table[-1], flush=True)
+    text = "\n".join(head + [f"Kernel defaults (keys per block, warps, stages): {default}.", ""]
+                     + table + ["", "Tile sweep:", "", "```", *sweeps, "```"])
+    print(text)
+    if args.out:
+        write_section(args.out, "decode-kernels", text)
 
 
 if __name__ == "__main__":

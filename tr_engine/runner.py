@@ -87,7 +87,7 @@ class ModelRunner:
                           self.dtype, self.device)
         self.rates = self._calibrate()
         self.graphs = None
-        if backend.supports_graphs and not config.enforce_eager:
+        if not config.enforce_eager and backend.graph_safe_decode(self.dtype, mc.head_dim):
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
     # ---- set-up ------------------------------------------------------------------------
