@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norm import kernels_for
+
 
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)). `gate_up_proj` holds gate's rows, then up's."""
@@ -16,5 +18,9 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)  # [T, hidden]
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        kernels = kernels_for(gate_up)
+        if kernels is not None:
+            return self.down_proj(kernels.silu_mul(gate_up))  # [T, hidden]
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)

@@ -4,7 +4,7 @@ Layout: the half-split one of Hugging Face checkpoints (dimension i pairs with i
 Positions are global token positions; a rank's tokens need not be contiguous, so cos and sin
 are looked up per token from a table built once on the device. The table is computed in
 float64 on the host (angles of positions in the hundreds of thousands lose digits in float32)
-and kept in float32; the rotation runs in float32 too.
+and kept in float32; the rotation runs in the activations' dtype (see `_rotate`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .norm import kernels_for
 
 if TYPE_CHECKING:
     from tr_engine.models.config import RopeConfig
@@ -80,7 +82,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T]; q [T, Hq, D], k [T, Hkv, D]
+        # positions [T]; q [T, Hq, D], k [T, Hkv, D] (views of the fused projection allowed)
+        kernels = kernels_for(q)
+        if kernels is not None:
+            return kernels.rope(q, k, positions, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -63,8 +63,9 @@ class LlamaDecoderLayer(nn.Module):
 
     def finish(self, hidden: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         # hidden [T, hidden], o [T, Hq, D] -> the next layer's residual stream [T, hidden]
-        hidden = hidden + self.self_attn.o_proj(o.flatten(1))
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attn_out = self.self_attn.o_proj(o.flatten(1))  # [T, hidden]
+        normed, hidden = self.post_attention_layernorm.add_forward(attn_out, hidden)
+        return hidden + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
