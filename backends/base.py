@@ -133,21 +133,28 @@ class Backend(ABC):
         starts: torch.Tensor,
         lens: torch.Tensor,
         scale: float,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One query row per sequence against its slab of a cache: q `[B, Hq, D]`; sequence
         b sees `k_cache[starts[b] : starts[b] + lens[b]]` (`[N, Hkv, D]` caches, starts and
         lens integer tensors `[B]` on the device). Returns (out `[B, Hq, D]`, lse `[B, Hq]`
-        float32); a sequence with no keys gets (0, -inf).
+        float32); a sequence with no keys gets (0, -inf). Given `out` and `lse` (views, any
+        float dtype), the results are written there: decode packs both into one buffer.
 
         A backend that captures graphs reads starts and lens on the device; this portable
         version reads them on the host and runs `attention` per sequence."""
         outs, lses = [], []
         for i, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
-            o, lse = self.attention(q[i : i + 1], k_cache[s : s + n], v_cache[s : s + n],
-                                    False, scale)
+            o, row_lse = self.attention(q[i : i + 1], k_cache[s : s + n], v_cache[s : s + n],
+                                        False, scale)
             outs.append(o)
-            lses.append(lse)
-        return torch.cat(outs), torch.cat(lses)
+            lses.append(row_lse)
+        if out is None:
+            return torch.cat(outs), torch.cat(lses)
+        out.copy_(torch.cat(outs))
+        lse.copy_(torch.cat(lses))
+        return out, lse
 
     def merge_gathered(self, gathered: torch.Tensor, dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor]:

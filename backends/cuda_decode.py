@@ -85,13 +85,14 @@ def _combine_kernel(part_out, part_lse, out, lse, n, o_row, o_part, l_row, l_par
     tl.store(lse + row * s_lse, tl.where(total > 0, ref + tl.log(safe), float("-inf")))
 
 
-def decode_splits(batch: int, kv_heads: int, sms: int) -> int:
-    """Key ranges per sequence: enough programs to give every SM a few."""
-    return max(1, min(128, triton.cdiv(4 * sms, batch * kv_heads)))
+# Tuned on an H200 with benchmarks/decode_kernels.py: keys per block, warps, pipeline stages,
+# and programs per SM the key ranges aim at.
+BLOCK, WARPS, STAGES, WAVES = 64, 4, 3, 4
 
 
-# Tile shape and pipelining, tuned on an H200 with benchmarks/decode_kernels.py.
-BLOCK, WARPS, STAGES = 64, 4, 3
+def decode_splits(batch: int, kv_heads: int, sms: int, waves: int = WAVES) -> int:
+    """Key ranges per sequence: enough programs to give every SM `waves` of them."""
+    return max(1, min(128, triton.cdiv(waves * sms, batch * kv_heads)))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -160,12 +160,13 @@ def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
             elif outs:
                 steps.append(time.perf_counter() - t)
         decode = statistics.median(steps)
+        replay = replay_ms(engine, s) if world == 1 else None
         shard = -(-s // world)
         bound = (WEIGHT_BYTES + shard * KV_BYTES_PER_TOKEN) / (COPY_GBPS * 1e9)
         row = {"world": world, "S": s, "ttft": ttft, "decode": decode, "bound": bound,
                "peak_gib": torch.cuda.max_memory_reserved() / 2**30,
                "mfu": flops(s) / world / ttft / (MATMUL_TFLOPS * 1e12),
-               "strategy": engine._choose_strategy(s, 0)}
+               "strategy": engine._choose_strategy(s, 0), "replay_ms": replay}
         rows.append(row)
         print(json.dumps(row), flush=True)
     engine.shutdown()
@@ -173,6 +174,22 @@ def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
     gc.collect()
     torch.cuda.empty_cache()
     return rows
+
+
+def replay_ms(engine, s: int) -> float | None:
+    """GPU time of one decode step alone (one rank): the batch-of-one graph replayed against
+    the first s slots of the pool, where the request just served left its KV (freed, not
+    cleared). The step time above also holds the host's share: scheduling, sampling,
+    detokenizing."""
+    runner = engine.cluster.runner
+    graphs = runner.graphs
+    if graphs is None:
+        return None
+    from common import time_ms
+
+    meta = torch.tensor([[1], [s], [0], [s], [runner.kv.spare]], dtype=torch.long)
+    graph = graphs.get(1)
+    return time_ms(lambda: graphs.replay(graph, meta), warmup=2, reps=10, sync_ranks=False)
 
 
 MATMUL_TFLOPS = COPY_GBPS = 0.0
@@ -248,6 +265,12 @@ def report(rows, hf, args) -> str:
         if (1, s) in by and (2, s) in by:
             ratio = by[(1, s)]["ttft"] / by[(2, s)]["ttft"]
             notes.append(f"- {s // 1024}K: 2 GPUs prefill {ratio:.2f}x faster than 1.")
+    for r in rows:
+        if r.get("replay_ms"):
+            gpu = r["replay_ms"] / 1e3
+            notes.append(f"- 1 GPU, {r['S'] // 1024}K: the decode graph alone takes "
+                         f"{gpu * 1e3:.1f} ms on the GPU ({gpu / r['bound']:.2f}x the bound); "
+                         f"the rest of the {r['decode'] * 1e3:.1f} ms step is the host's.")
     for s, t in hf.items():
         ours = by.get((1, int(s)))
         mine = ""

@@ -55,12 +55,19 @@ class DecodeContext(ForwardContext):
 
     def attention(self, layer, q, k, v, scale):
         # q [B, Hq, D], k/v [B, Hkv, D]
-        k_cache, v_cache = self.runner.kv.layer(layer)
+        runner = self.runner
+        k_cache, v_cache = runner.kv.layer(layer)
         k_cache.index_copy_(0, self.slots, k)
         v_cache.index_copy_(0, self.slots, v)
-        attend = self.runner.backend.decode_attention
-        out, lse = attend(q, k_cache, v_cache, self.starts, self.lens, scale)
-        return gather_merge(out, lse, self.runner.group)[0]
+        attend = runner.backend.decode_attention
+        if runner.world == 1:
+            return attend(q, k_cache, v_cache, self.starts, self.lens, scale)[0]
+        # out and lse go straight into the one float32 buffer the ranks all-gather
+        b, h, d = q.shape
+        packed = torch.empty((b, h, d + 1), dtype=torch.float32, device=q.device)
+        attend(q, k_cache, v_cache, self.starts, self.lens, scale, packed[..., :d],
+               packed[..., d])
+        return gather_merge(packed, q.dtype, runner.group)[0]
 
 
 class ModelRunner:

@@ -72,17 +72,15 @@ def sharded_attention(
 
 
 def gather_merge(
-    out: torch.Tensor, lse: torch.Tensor, group: dist.ProcessGroup | None = None
+    packed: torch.Tensor, dtype: torch.dtype, group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode-style combine: every rank holds a partial result for the same queries (its
-    slice of the keys); one all-gather and the N-way merge give every rank the same answer.
-    out and lse travel packed as one float32 tensor `[..., D + 1]`: one collective a layer."""
+    slice of the keys), out and lse packed as one float32 tensor `[..., D + 1]` so they
+    travel in one collective; one all-gather and the N-way merge give every rank the same
+    (out `[..., D]` in `dtype`, lse)."""
     comm = communicator(group)
-    if comm.world_size == 1:
-        return out, lse.float()
-    packed = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1)
     gathered = comm.all_gather(packed)  # [P, ..., D + 1]
-    return backend_for(out.device).merge_gathered(gathered, out.dtype)
+    return backend_for(packed.device).merge_gathered(gathered, dtype)
 
 
 __all__ = [
