@@ -87,7 +87,7 @@ def _combine_kernel(part_out, part_lse, out, lse, n, o_row, o_part, l_row, l_par
 
 # Tuned on an H200 with benchmarks/decode_kernels.py: keys per block, warps, pipeline stages,
 # and programs per SM the key ranges aim at.
-BLOCK, WARPS, STAGES, WAVES = 64, 4, 3, 4
+BLOCK, WARPS, STAGES, WAVES = 32, 2, 3, 4
 
 
 def decode_splits(batch: int, kv_heads: int, sms: int, waves: int = WAVES) -> int:

@@ -161,12 +161,14 @@ def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
                 steps.append(time.perf_counter() - t)
         decode = statistics.median(steps)
         replay = replay_ms(engine, s) if world == 1 else None
+        bare = bare_step_ms(engine, s)
         shard = -(-s // world)
         bound = (WEIGHT_BYTES + shard * KV_BYTES_PER_TOKEN) / (COPY_GBPS * 1e9)
         row = {"world": world, "S": s, "ttft": ttft, "decode": decode, "bound": bound,
                "peak_gib": torch.cuda.max_memory_reserved() / 2**30,
                "mfu": flops(s) / world / ttft / (MATMUL_TFLOPS * 1e12),
-               "strategy": engine._choose_strategy(s, 0), "replay_ms": replay}
+               "strategy": engine._choose_strategy(s, 0), "replay_ms": replay,
+               "bare_step_ms": bare}
         rows.append(row)
         print(json.dumps(row), flush=True)
     engine.shutdown()
@@ -190,6 +192,33 @@ def replay_ms(engine, s: int) -> float | None:
     meta = torch.tensor([[1], [s], [0], [s], [runner.kv.spare]], dtype=torch.long)
     graph = graphs.get(1)
     return time_ms(lambda: graphs.replay(graph, meta), warmup=2, reps=10, sync_ranks=False)
+
+
+def bare_step_ms(engine, s: int) -> float:
+    """Wall time of a decode step without the scheduler, sampler and detokenizer: the plan
+    sent to every rank and every rank's graph replayed (KV of the request just served, in
+    the first slots of each rank's pool), until rank 0 holds the logits."""
+    from tr_engine.plan import DecodePlan, StepPlan
+
+    world = engine.world
+    shard = layout_len(s, world)
+    plan = StepPlan("decode", decode=DecodePlan(
+        seq_ids=[0], tokens=[1], positions=[s], kv_start=[[0] * world],
+        kv_len=[[shard[r] for r in range(world)]], owner=[-1]))  # owner -1: nobody keeps it
+    times = []
+    for _ in range(12):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.cluster.run(plan)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[2:]) * 1e3
+
+
+def layout_len(s: int, world: int) -> list[int]:
+    from tr_engine.attention import layout
+
+    return [layout.local_len(s, world, r) for r in range(world)]
 
 
 MATMUL_TFLOPS = COPY_GBPS = 0.0
@@ -266,6 +295,10 @@ def report(rows, hf, args) -> str:
             ratio = by[(1, s)]["ttft"] / by[(2, s)]["ttft"]
             notes.append(f"- {s // 1024}K: 2 GPUs prefill {ratio:.2f}x faster than 1.")
     for r in rows:
+        if r.get("bare_step_ms"):
+            notes.append(f"- {r['world']} GPU(s), {r['S'] // 1024}K: a decode step without "
+                         f"scheduling, sampling and detokenizing (plan to every rank, graph "
+                         f"replays, logits on rank 0) takes {r['bare_step_ms']:.1f} ms.")
         if r.get("replay_ms"):
             gpu = r["replay_ms"] / 1e3
             notes.append(f"- 1 GPU, {r['S'] // 1024}K: the decode graph alone takes "

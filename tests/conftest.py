@@ -4,12 +4,15 @@ import os
 import sys
 from collections import defaultdict
 
+import torch
+
 sys.path.insert(0, os.path.dirname(__file__))
 
-# The tests run on the CPU: Triton kernels (the CUDA backend's) run in Triton's interpreter.
-# Triton reads this when it defines a kernel, its own library's included, so it is set
-# before anything imports triton.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, Triton kernels (the CUDA backend's) run in Triton's interpreter. Triton
+# reads this when it defines a kernel, its own library's included, so it is set before
+# anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # (group label) -> list of (max_abs_err, mean_abs_err) recorded by tests that compare numbers.
 ERRORS: dict[str, list[tuple[float, float]]] = defaultdict(list)

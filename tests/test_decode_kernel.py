@@ -1,5 +1,6 @@
-"""The CUDA decode attention kernels (Triton), run on the CPU in Triton's interpreter, against
-float64 attention; and the portable decode attention every backend inherits.
+"""The CUDA decode attention kernels (Triton) against float64 attention: compiled on a GPU,
+in Triton's interpreter on the CPU elsewhere; and the portable decode attention every
+backend inherits.
 
 The kernels read slab starts and key counts from tensors, so the cases mix empty slabs,
 one-key slabs, slabs at the end of the cache and more key ranges than keys.
@@ -18,12 +19,20 @@ from tr_engine.backends import get_backend
 pytest.importorskip("triton", reason="the CUDA kernels are checked where Triton is installed")
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(scope="module")
 def kernels():
-    assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest: kernels run on the CPU
+    if DEVICE == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest
     from tr_engine.backends import cuda_decode
 
     return cuda_decode
+
+
+def on_device(*xs):
+    return [x.to(DEVICE) for x in xs]
 
 
 def reference(q, k_cache, v_cache, starts, lens, scale):
@@ -48,7 +57,9 @@ def test_decode_kernel_matches_float64(kernels, dtype, hq, hkv, d, splits):
     v_cache = torch.randn(400, hkv, d, generator=g).to(dtype)
     q = torch.randn(5, hq, d, generator=g).to(dtype)
     starts, lens = torch.tensor(SLABS[0]), torch.tensor(SLABS[1])
-    out, lse = kernels.decode_attention(q, k_cache, v_cache, starts, lens, d**-0.5, splits)
+    out, lse = kernels.decode_attention(*on_device(q, k_cache, v_cache, starts, lens),
+                                        d**-0.5, splits)
+    out, lse = out.cpu(), lse.cpu()
     ref_out, ref_lse = reference(q, k_cache, v_cache, starts, lens, d**-0.5)
     err = (out.double() - ref_out).abs()
     record_error(f"decode kernel {dtype}".replace("torch.", ""), err.max().item(),
@@ -67,9 +78,10 @@ def test_decode_kernel_writes_into_a_packed_buffer(kernels):
     v_cache = torch.randn(400, 2, 64, generator=g)
     q = torch.randn(5, 8, 64, generator=g)
     starts, lens = torch.tensor(SLABS[0]), torch.tensor(SLABS[1])
-    packed = torch.full((5, 8, 65), 123.0)
-    kernels.decode_attention(q, k_cache, v_cache, starts, lens, 0.125, 4,
+    packed = torch.full((5, 8, 65), 123.0, device=DEVICE)
+    kernels.decode_attention(*on_device(q, k_cache, v_cache, starts, lens), 0.125, 4,
                              out=packed[..., :64], lse=packed[..., 64])
+    packed = packed.cpu()
     ref_out, ref_lse = reference(q, k_cache, v_cache, starts, lens, 0.125)
     assert (packed[..., :64].double() - ref_out).abs().max() < 2e-6
     lse = packed[..., 64]
@@ -86,7 +98,7 @@ def test_merge_packed_matches_merge_all(kernels):
     lses[1, 0] = float("-inf")  # rank 1 saw no key for sequence 0
     lses[:, 1, 0] = float("-inf")  # no rank saw a key for (sequence 1, head 0)
     packed = torch.cat([outs, lses.unsqueeze(-1)], dim=-1)
-    out, lse = kernels.merge_packed(packed, torch.float16)
+    out, lse = (x.cpu() for x in kernels.merge_packed(packed.to(DEVICE), torch.float16))
     ref_out, ref_lse = merge_all(outs.double(), lses.double())
     assert out.dtype == torch.float16
     assert (out.double() - ref_out).abs().max() < 2e-3

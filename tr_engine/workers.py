@@ -13,6 +13,7 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -63,6 +64,41 @@ def _init_groups(backend: Backend, rank: int, world: int, init_method: str):
     return None, dist.new_group(backend="gloo", timeout=timeout)
 
 
+class PlanChannel:
+    """Step plans from rank 0 to the other ranks over the host (gloo) group, every step.
+
+    A plan is pickled into a fixed buffer and goes out in one broadcast (torch's
+    broadcast_object_list takes two: the size, then the bytes); a plan larger than the
+    buffer sends the rest in a second. Every rank holds one channel and calls `send`
+    (rank 0) or `recv` (the others) in step order."""
+
+    SIZE = 8192
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.buf = torch.zeros(self.SIZE, dtype=torch.uint8)
+
+    def send(self, plan: StepPlan) -> None:
+        data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+        first = len(data).to_bytes(8, "little") + data[: self.SIZE - 8]
+        self.buf[: len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+        dist.broadcast(self.buf, src=0, group=self.group)
+        if len(data) > self.SIZE - 8:
+            rest = torch.frombuffer(bytearray(data[self.SIZE - 8 :]), dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self.group)
+
+    def recv(self) -> StepPlan:
+        dist.broadcast(self.buf, src=0, group=self.group)
+        raw = self.buf.numpy().tobytes()
+        n = int.from_bytes(raw[:8], "little")
+        data = raw[8 : 8 + n]
+        if n > self.SIZE - 8:
+            rest = torch.empty(n - (self.SIZE - 8), dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self.group)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
+
+
 def _set_threads(local_world: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
@@ -81,10 +117,9 @@ def worker_loop(config: EngineConfig, model_path: str, rank: int, world: int, lo
         _set_threads(local_world)
     group, host_group = _init_groups(backend, rank, world, init_method)
     runner = _make_runner(config, model_path, backend, rank, world, local_rank, group)
+    channel = PlanChannel(host_group)
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=host_group)
-        plan: StepPlan = box[0]
+        plan = channel.recv()
         if plan.kind == "shutdown":
             break
         runner.run(plan)
@@ -144,6 +179,7 @@ class Cluster:
             if self.backend.device_type == "cpu":
                 _set_threads(local_world)
             self.group, self.host_group = _init_groups(self.backend, 0, world, init_method)
+            self.channel = PlanChannel(self.host_group)
             self.runner = _make_runner(self.config, model_path, self.backend, 0, world,
                                        local_rank, self.group)
         except BaseException:
@@ -164,14 +200,14 @@ class Cluster:
 
     def run(self, plan: StepPlan):
         if self.world > 1:
-            dist.broadcast_object_list([plan], src=0, group=self.host_group)
+            self.channel.send(plan)
         return self.runner.run(plan)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self.world > 1 and dist.is_initialized():
             try:
                 if not self.dead_workers():
-                    dist.broadcast_object_list([SHUTDOWN], src=0, group=self.host_group)
+                    self.channel.send(SHUTDOWN)
             except Exception:  # a dead rank: nothing more to tell it
                 pass
         deadline = time.monotonic() + timeout
