@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -42,12 +43,12 @@ def reference(path: str) -> list[list[int]]:
                 for p in prompts()]
 
 
-def engine_tokens(path: str, world: int, eager: bool) -> list[list[int]]:
+def engine_tokens(path: str, world: int, eager: bool, max_num_seqs: int) -> list[list[int]]:
     from tr_engine import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     with LLM(path, device="cuda", world_size=world, dtype="float32", prefill_chunk=16,
-             kv_cache_tokens=1024, max_num_seqs=8, enforce_eager=eager) as llm:
+             kv_cache_tokens=1024, max_num_seqs=max_num_seqs, enforce_eager=eager) as llm:
         graphs = llm.engine.cluster.runner.graphs
         assert (graphs is None) == eager, "graphs recorded unless eager"
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
@@ -63,6 +64,8 @@ def main() -> int:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--eager-families", default="llama3.1,qwen3",
                     help="families also run eagerly on the largest world")
+    ap.add_argument("--max-num-seqs", type=int, default=8,
+                    help="decode batch limit (graphs are recorded for 1, 2, 4, ... up to it)")
     args = ap.parse_args()
     worlds = [int(w) for w in args.worlds.split(",")]
     failures = 0
@@ -74,11 +77,12 @@ def main() -> int:
             if family in args.eager_families.split(","):
                 runs.append((max(worlds), True))
             for world, eager in runs:
-                got = engine_tokens(path, world, eager)
+                t = time.perf_counter()
+                got = engine_tokens(path, world, eager, args.max_num_seqs)
                 same = [a == b for a, b in zip(got, ref)]
                 mode = "eager" if eager else "graphs"
                 print(f"{family:>9} P={world} {mode:>6}: {sum(same)}/{len(same)} prompts equal "
-                      "to transformers", flush=True)
+                      f"to transformers ({time.perf_counter() - t:.0f} s)", flush=True)
                 failures += not all(same)
     print("all equal" if not failures else f"{failures} runs differ")
     return 1 if failures else 0
