@@ -43,12 +43,14 @@ def reference(path: str) -> list[list[int]]:
                 for p in prompts()]
 
 
-def engine_tokens(path: str, world: int, eager: bool, max_num_seqs: int) -> list[list[int]]:
+def engine_tokens(path: str, world: int, eager: bool, max_num_seqs: int, strategy: str
+                  ) -> list[list[int]]:
     from tr_engine import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     with LLM(path, device="cuda", world_size=world, dtype="float32", prefill_chunk=16,
-             kv_cache_tokens=1024, max_num_seqs=max_num_seqs, enforce_eager=eager) as llm:
+             kv_cache_tokens=1024, max_num_seqs=max_num_seqs, enforce_eager=eager,
+             attention_strategy=strategy) as llm:
         graphs = llm.engine.cluster.runner.graphs
         assert (graphs is None) == eager, "graphs recorded unless eager"
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
@@ -64,6 +66,8 @@ def main() -> int:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--eager-families", default="llama3.1,qwen3",
                     help="families also run eagerly on the largest world")
+    ap.add_argument("--strategy", default="auto", help="prefill attention strategy")
+    ap.add_argument("--modes", default="graphs", help="graphs, eager or both (graphs,eager)")
     ap.add_argument("--max-num-seqs", type=int, default=8,
                     help="decode batch limit (graphs are recorded for 1, 2, 4, ... up to it)")
     args = ap.parse_args()
@@ -73,12 +77,13 @@ def main() -> int:
         for family in args.families.split(","):
             path = str(make_checkpoint(family, root))
             ref = reference(path)
-            runs = [(w, False) for w in worlds]
-            if family in args.eager_families.split(","):
+            modes = args.modes.split(",")
+            runs = [(w, mode == "eager") for w in worlds for mode in modes]
+            if "eager" not in modes and family in args.eager_families.split(","):
                 runs.append((max(worlds), True))
             for world, eager in runs:
                 t = time.perf_counter()
-                got = engine_tokens(path, world, eager, args.max_num_seqs)
+                got = engine_tokens(path, world, eager, args.max_num_seqs, args.strategy)
                 same = [a == b for a, b in zip(got, ref)]
                 mode = "eager" if eager else "graphs"
                 print(f"{family:>9} P={world} {mode:>6}: {sum(same)}/{len(same)} prompts equal "
