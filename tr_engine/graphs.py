@@ -71,6 +71,17 @@ class DecodeGraphs:
         self._pool = graph.pool()
         return _Graph(graph, meta, logits)
 
+    def release(self) -> None:
+        """Free the graphs and their memory. A graph that recorded collectives holds on to
+        the communicator (NCCL will not tear it down while such a graph lives), so every
+        rank releases its graphs before the process group is destroyed."""
+        for g in self._graphs.values():
+            g.graph.reset()
+        self._graphs.clear()
+        self.sizes = []
+        self._pool = None
+        self.runner.backend.synchronize()
+
     def get(self, batch: int) -> _Graph | None:
         """The graph of the smallest bucket that holds `batch` rows (None: run eagerly)."""
         for b in self.sizes:

@@ -162,6 +162,12 @@ class ModelRunner:
             link = buf.numel() * buf.element_size() / max(time.perf_counter() - t, 1e-9)
         return Rates(flops=flops, link=link)
 
+    def close(self) -> None:
+        """Release what must go before the process group does (the decode graphs)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     # ---- steps ---------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor | None:

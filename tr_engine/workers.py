@@ -123,6 +123,7 @@ def worker_loop(config: EngineConfig, model_path: str, rank: int, world: int, lo
         if plan.kind == "shutdown":
             break
         runner.run(plan)
+    runner.close()
     dist.destroy_process_group()
 
 
@@ -204,6 +205,7 @@ class Cluster:
         return self.runner.run(plan)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self.runner.close()
         if self.world > 1 and dist.is_initialized():
             try:
                 if not self.dead_workers():
