@@ -176,7 +176,7 @@ def check_rope(k, device, dtype, d, hq, hkv, t, views):
 def check_model(k, device, dtype, chunk):
     """A small Qwen3 (per-head q/k norm, GQA) through its forward: kernels against torch."""
     from tr_engine.context import ForwardContext, forward_context
-    from tr_engine.layers.norm import force_kernels
+    from tr_engine.layers.tokenwise import force_kernels
     from tr_engine.models.config import ModelConfig, RopeConfig
     from tr_engine.models.qwen3 import Qwen3ForCausalLM
 
@@ -298,7 +298,7 @@ def test_kernels_on_cuda():
     """The compiled kernels against torch's CUDA code, bfloat16 included; all cases in one
     test, failures listed together."""
     k = pytest.importorskip("tr_engine.backends.cuda_tokenwise", reason="Triton is not installed")
-    from tr_engine.layers.norm import kernels_for
+    from tr_engine.layers.tokenwise import kernels_for
 
     assert kernels_for(torch.empty(1, device="cuda")) is k, "CUDA tensors take the torch code"
     failures = {}

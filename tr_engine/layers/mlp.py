@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norm import kernels_for
+from .tokenwise import kernels_for
 
 
 class GatedMLP(nn.Module):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .norm import kernels_for
+from .tokenwise import kernels_for
 
 if TYPE_CHECKING:
     from tr_engine.models.config import RopeConfig
