@@ -27,3 +27,18 @@ def run_tokenring_in_pieces(ctx, q, k, v, causal, pieces_from):
         return run_strategy(ctx, "tokenring", q, k, v, causal, None)
     finally:
         tokenring.PIECES_FROM = saved
+
+
+def relay_plans(ctx, plans):
+    """Rank 0 sends `plans` through a PlanChannel; every rank returns what it holds after."""
+    from tr_engine.workers import PlanChannel
+
+    channel = PlanChannel(ctx.group)
+    got = []
+    for plan in plans:
+        if ctx.rank == 0:
+            channel.send(plan)
+            got.append(plan)
+        else:
+            got.append(channel.recv())
+    return got

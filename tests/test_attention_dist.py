@@ -1,4 +1,5 @@
-"""Every strategy on 1-4 gloo ranks against float64 attention on one process."""
+"""Every strategy on 1-4 gloo ranks against float64 attention on one process; and the
+channel that carries step plans to the ranks, in the same world."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from attention_cases import run_strategy, run_tokenring_in_pieces
+from attention_cases import relay_plans, run_strategy, run_tokenring_in_pieces
 from conftest import record_error
 from reference import attention64
 from world import World
@@ -136,3 +137,17 @@ def test_last_step_in_four_pieces(world):
         err = (out.double() - ref).abs()
         record_error("tokenring four pieces", err.max().item(), err.mean().item())
         assert err.max().item() < 1e-4
+
+
+def test_plan_channel_carries_plans_of_any_size(world):
+    """Small plans fit the channel's buffer; a long prefill chunk overflows it and follows in
+    a second broadcast. Every rank must receive each plan whole and in order."""
+    from tr_engine.plan import SHUTDOWN, DecodePlan, PrefillPlan, StepPlan
+
+    decode = StepPlan("decode", decode=DecodePlan([3, 4], [11, 12], [70000, 9], [[0, 5]] * 2,
+                                                  [[35000, 4], [35000, 5]], [1, 0]))
+    prefill = StepPlan("prefill", prefill=PrefillPlan(7, list(range(100_000, 130_000)), 4096,
+                                                      [0, 0, 0], [2048] * 3, True, "tokenring"))
+    plans = [decode, prefill, decode, SHUTDOWN]
+    for got in world.run(relay_plans, (plans,), ranks=3):
+        assert got == plans
