@@ -43,11 +43,14 @@ def reference(path: str) -> list[list[int]]:
                 for p in prompts()]
 
 
-def engine_tokens(path: str, world: int, eager: bool, max_num_seqs: int, strategy: str
-                  ) -> list[list[int]]:
+def check_engine(path: str, ref: list[list[int]], label: str, world: int, eager: bool,
+                 max_num_seqs: int, strategy: str) -> bool:
+    """Generate on CUDA, compare with `ref`, print the line, then shut the engine down (the
+    line comes first, so a shutdown that hangs cannot hide it)."""
     from tr_engine import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    t = time.perf_counter()
     with LLM(path, device="cuda", world_size=world, dtype="float32", prefill_chunk=16,
              kv_cache_tokens=1024, max_num_seqs=max_num_seqs, enforce_eager=eager,
              attention_strategy=strategy) as llm:
@@ -55,7 +58,12 @@ def engine_tokens(path: str, world: int, eager: bool, max_num_seqs: int, strateg
         assert (graphs is None) == eager, "graphs recorded unless eager"
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
         assert llm.engine.scheduler.kv_used() == [0] * world
-    return [o.token_ids for o in outs]
+        same = [o.token_ids == r for o, r in zip(outs, ref)]
+        print(f"{label}: {sum(same)}/{len(same)} prompts equal to transformers "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        t = time.perf_counter()
+    print(f"{label}: shut down in {time.perf_counter() - t:.1f} s", flush=True)
+    return all(same)
 
 
 def main() -> int:
@@ -82,13 +90,9 @@ def main() -> int:
             if "eager" not in modes and family in args.eager_families.split(","):
                 runs.append((max(worlds), True))
             for world, eager in runs:
-                t = time.perf_counter()
-                got = engine_tokens(path, world, eager, args.max_num_seqs, args.strategy)
-                same = [a == b for a, b in zip(got, ref)]
-                mode = "eager" if eager else "graphs"
-                print(f"{family:>9} P={world} {mode:>6}: {sum(same)}/{len(same)} prompts equal "
-                      f"to transformers ({time.perf_counter() - t:.0f} s)", flush=True)
-                failures += not all(same)
+                label = f"{family:>9} P={world} {'eager' if eager else 'graphs':>6}"
+                failures += not check_engine(path, ref, label, world, eager, args.max_num_seqs,
+                                             args.strategy)
     print("all equal" if not failures else f"{failures} runs differ")
     return 1 if failures else 0
 
