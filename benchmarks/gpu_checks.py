@@ -22,31 +22,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-PROMPT_LENS = (1, 3, 7, 13, 40)
 NEW_TOKENS = 32
 
 
-def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
 def reference(path: str) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from checkpoints import hf_greedy, sample_prompts
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    gen = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                           pad_token_id=None, bos_token_id=None)
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        return [model.generate(torch.tensor([p]), generation_config=gen)[0, len(p):].tolist()
-                for p in prompts()]
+    return hf_greedy(model, sample_prompts(), NEW_TOKENS)
 
 
 def check_engine(path: str, ref: list[list[int]], label: str, world: int, eager: bool,
                  max_num_seqs: int, strategy: str) -> bool:
     """Generate on CUDA, compare with `ref`, print the line, then shut the engine down (the
     line comes first, so a shutdown that hangs cannot hide it)."""
+    from checkpoints import sample_prompts
+
     from tr_engine import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -56,7 +48,7 @@ def check_engine(path: str, ref: list[list[int]], label: str, world: int, eager:
              attention_strategy=strategy) as llm:
         graphs = llm.engine.cluster.runner.graphs
         assert (graphs is None) == eager, "graphs recorded unless eager"
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
+        outs = llm.generate([{"prompt_token_ids": p} for p in sample_prompts()], params)
         assert llm.engine.scheduler.kv_used() == [0] * world
         same = [o.token_ids == r for o, r in zip(outs, ref)]
         print(f"{label}: {sum(same)}/{len(same)} prompts equal to transformers "

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import copy_gbps, machine, matmul_tflops, today, write_section
+from common import copy_gbps, machine, matmul_tflops, time_ms, today, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -187,8 +187,6 @@ def replay_ms(engine, s: int) -> float | None:
     graphs = runner.graphs
     if graphs is None:
         return None
-    from common import time_ms
-
     meta = torch.tensor([[1], [s], [0], [s], [runner.kv.spare]], dtype=torch.long)
     graph = graphs.get(1)
     return time_ms(lambda: graphs.replay(graph, meta), warmup=2, reps=10, sync_ranks=False)
@@ -198,13 +196,14 @@ def bare_step_ms(engine, s: int) -> float:
     """Wall time of a decode step without the scheduler, sampler and detokenizer: the plan
     sent to every rank and every rank's graph replayed (KV of the request just served, in
     the first slots of each rank's pool), until rank 0 holds the logits."""
+    from tr_engine.attention import layout
     from tr_engine.plan import DecodePlan, StepPlan
 
     world = engine.world
-    shard = layout_len(s, world)
+    shard = [layout.local_len(s, world, r) for r in range(world)]
     plan = StepPlan("decode", decode=DecodePlan(
         seq_ids=[0], tokens=[1], positions=[s], kv_start=[[0] * world],
-        kv_len=[[shard[r] for r in range(world)]], owner=[-1]))  # owner -1: nobody keeps it
+        kv_len=[shard], owner=[-1]))  # owner -1: nobody keeps it
     times = []
     for _ in range(12):
         torch.cuda.synchronize()
@@ -213,12 +212,6 @@ def bare_step_ms(engine, s: int) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times[2:]) * 1e3
-
-
-def layout_len(s: int, world: int) -> list[int]:
-    from tr_engine.attention import layout
-
-    return [layout.local_len(s, world, r) for r in range(world)]
 
 
 MATMUL_TFLOPS = COPY_GBPS = 0.0

@@ -3,6 +3,9 @@
     from checkpoints import FAMILIES, make_checkpoint
     path = make_checkpoint("qwen3", tmp_path)   # -> tmp_path / "qwen3", a checkpoint folder
 
+`sample_prompts()` and `hf_greedy()` give the generation cases the engine is checked with
+against transformers, on the CPU (tests/test_engine.py) and on GPUs (benchmarks/gpu_checks.py).
+
 Each folder holds what a real one does: config.json, generation_config.json, safetensors
 weights (qwen3's are sharded with an index; llama3.2's are bfloat16) and a byte-level
 tokenizer with a chat template. Weights are seeded, so a family's checkpoint is the same on
@@ -18,6 +21,28 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+PROMPT_LENS = (1, 3, 7, 13, 40)  # lengths not a multiple of 2P, and shorter than 2P
+
+
+def sample_prompts() -> list[list[int]]:
+    """One prompt of byte tokens for each of PROMPT_LENS (seeded)."""
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, EOS not stopping it (the engine's
+    ignore_eos); `model` is a loaded causal LM."""
+    from transformers import GenerationConfig
+
+    model.generation_config.eos_token_id = None  # else it overrides ours and stops at EOS
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=None, bos_token_id=None)
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), generation_config=gen)[0, len(p):].tolist()
+                for p in prompts]
+
 
 # The families, as the checkpoints of each look; EXTRA_FAMILIES add RoPE scalings.
 FAMILIES = ("llama2", "llama3.1", "llama3.2", "qwen2", "qwen3", "mistral")

@@ -13,12 +13,11 @@ import functools
 
 import pytest
 import torch
-from checkpoints import FAMILIES, make_checkpoint
+from checkpoints import FAMILIES, PROMPT_LENS, hf_greedy, make_checkpoint, sample_prompts
 from conftest import record_error
 
 from tr_engine import LLM, SamplingParams
 
-PROMPT_LENS = (1, 3, 7, 13, 40)
 NEW_TOKENS = 32
 CHUNK = 16  # prefill_chunk: the 40-token prompt takes three chunks
 
@@ -28,25 +27,15 @@ def ckpt_root(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpts")
 
 
-def prompts():
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
 @functools.cache
 def hf_reference(path: str):
     """transformers' logits of the longest prompt and greedy continuation of each prompt."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # else it overrides ours and stops at EOS
-    gen = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                           pad_token_id=None, bos_token_id=None)
     with torch.no_grad():
-        logits = model(torch.tensor([prompts()[-1]])).logits[0]
-        outs = [model.generate(torch.tensor([p]), generation_config=gen)[0, len(p):].tolist()
-                for p in prompts()]
-    return logits, outs
+        logits = model(torch.tensor([sample_prompts()[-1]])).logits[0]
+    return logits, hf_greedy(model, sample_prompts(), NEW_TOKENS)
 
 
 # Which checks run at which world size: logits on 1-3 ranks, generation on 1, 2 and 4.
@@ -61,14 +50,14 @@ def test_family_matches_transformers(ckpt_root, family, world):
     with LLM(path, device="cpu", world_size=world, dtype="float32", prefill_chunk=CHUNK,
              attention_strategy=strategy, kv_cache_tokens=1024) as llm:
         if world in (1, 2, 3):
-            logits = llm.prompt_logits(prompts()[-1])
+            logits = llm.prompt_logits(sample_prompts()[-1])
             err = (logits - ref_logits).abs()
             record_error(f"engine prefill logits P={world}", err.max().item(),
                          err.mean().item())
             assert err.max().item() < 1e-4, f"{family} P={world}: {err.max().item():.2e}"
         if world in (1, 2, 4):
             params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-            outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
+            outs = llm.generate([{"prompt_token_ids": p} for p in sample_prompts()], params)
             for n, out, ref in zip(PROMPT_LENS, outs, ref_tokens):
                 assert out.token_ids == ref, f"{family} P={world}, prompt of {n} tokens"
                 assert out.finish_reason == "length"
