@@ -7,7 +7,8 @@ checkpoints on CUDA, where decode steps replay from recorded graphs and use the 
 decode kernel. float32, five prompts of 1-40 tokens decoded together as one batch (the
 40-token one prefilled in three chunks), 32 new tokens each, against transformers on the
 CPU. With several ranks the same engine also runs with --enforce-eager: graphs and eager
-launches must give the same tokens. Prints one line per case and exits 1 on a mismatch.
+launches must give the same tokens, and every rank must exit by itself at shutdown. Prints
+one line per case and exits 1 on a mismatch or a rank that had to be killed.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def check_engine(path: str, ref: list[list[int]], label: str, world: int, eager:
         same = [o.token_ids == r for o, r in zip(outs, ref)]
         print(f"{label}: {sum(same)}/{len(same)} prompts equal to transformers "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
+        workers = list(llm.engine.cluster.procs)
         t = time.perf_counter()
-    print(f"{label}: shut down in {time.perf_counter() - t:.1f} s", flush=True)
-    return all(same)
+    clean = all(p.exitcode == 0 for p in workers)
+    print(f"{label}: shut down in {time.perf_counter() - t:.1f} s, "
+          f"{'every rank exited by itself' if clean else 'a rank had to be killed'}", flush=True)
+    return all(same) and clean
 
 
 def main() -> int:
@@ -85,7 +89,7 @@ def main() -> int:
                 label = f"{family:>9} P={world} {'eager' if eager else 'graphs':>6}"
                 failures += not check_engine(path, ref, label, world, eager, args.max_num_seqs,
                                              args.strategy)
-    print("all equal" if not failures else f"{failures} runs differ")
+    print("all equal, clean shutdowns" if not failures else f"{failures} runs failed")
     return 1 if failures else 0
 
 

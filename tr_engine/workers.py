@@ -206,12 +206,19 @@ class Cluster:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.runner.close()
+        told = False
         if self.world > 1 and dist.is_initialized():
             try:
                 if not self.dead_workers():
                     self.channel.send(SHUTDOWN)
+                    told = True
             except Exception:  # a dead rank: nothing more to tell it
                 pass
+        if told:
+            # NCCL takes a communicator down on all its ranks together: each rank's
+            # destroy_process_group waits for the others', so rank 0 must not wait for the
+            # workers to exit first (they would sit in theirs until killed).
+            dist.destroy_process_group()
         deadline = time.monotonic() + timeout
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))
@@ -220,8 +227,9 @@ class Cluster:
             dist.destroy_process_group()
 
     def _kill(self) -> None:
-        for p in self.procs:
+        for rank, p in enumerate(self.procs, start=1):
             if p.is_alive():
+                log.warning("rank %d is still running; killing it", rank)
                 p.kill()
                 p.join(5)
         self.procs = []
