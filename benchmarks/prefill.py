@@ -289,7 +289,8 @@ def report(rows, hf, args) -> str:
             notes.append(f"- {s // 1024}K: 2 GPUs prefill {ratio:.2f}x faster than 1.")
     for r in rows:
         if r.get("bare_step_ms"):
-            notes.append(f"- {r['world']} GPU(s), {r['S'] // 1024}K: a decode step without "
+            gpus = f"{r['world']} GPU{'s' if r['world'] > 1 else ''}"
+            notes.append(f"- {gpus}, {r['S'] // 1024}K: a decode step without "
                          f"scheduling, sampling and detokenizing (plan to every rank, graph "
                          f"replays, logits on rank 0) takes {r['bare_step_ms']:.1f} ms.")
         if r.get("replay_ms"):
