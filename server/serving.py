@@ -178,7 +178,7 @@ class Serving:
         are HTTP errors and a stream can start before the first token (a long prefill)."""
         self.check_ready()
         gen = self.engine.generate(request_id, ids, params, prompt)
-        return RequestStream(self, request_id, gen, None)
+        return RequestStream(self, request_id, gen)
 
     async def run(self, request_id: str, ids: list[int], params: SamplingParams,
                   prompt: str | None) -> RequestOutput:
@@ -237,12 +237,11 @@ class RequestStream:
     output aborts the request and frees its KV; it is safe to call at any point, twice, or
     without ever having iterated."""
 
-    def __init__(self, serving: Serving, request_id: str, gen: AsyncIterator[RequestOutput],
-                 first: RequestOutput) -> None:
+    def __init__(self, serving: Serving, request_id: str, gen: AsyncIterator[RequestOutput]
+                 ) -> None:
         self.serving = serving
         self.request_id = request_id
         self._gen = gen
-        self._first: RequestOutput | None = first
         self._tracker = serving.metrics.tracker()
         self.finished = False
         self.closed = False
@@ -253,10 +252,7 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished or self.closed:
             raise StopAsyncIteration
-        if self._first is not None:
-            out, self._first = self._first, None
-        else:
-            out = await anext(self._gen)
+        out = await anext(self._gen)
         self._tracker.observe(out)
         self.finished = out.finished
         return out
@@ -265,7 +261,6 @@ class RequestStream:
         if self.closed:
             return
         self.closed = True
-        self._first = None
         await self._gen.aclose()
         if not self.finished:
             try:

@@ -179,9 +179,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     config = config.replace(device=backend.name)
     log.info("backend %s in %.2f s", backend.name, time.perf_counter() - t0)
 
-    from tr_engine.workers import run_worker, torchrun_env
+    from tr_engine import envs
+    from tr_engine.workers import run_worker
 
-    env = torchrun_env()
+    env = envs.torchrun()
     if env is not None:
         rank, world_size, _ = env
         if config.world_size not in (1, world_size):

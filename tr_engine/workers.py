@@ -32,11 +32,6 @@ from .plan import SHUTDOWN, StepPlan
 log = logging.getLogger("tr_engine")
 
 
-def torchrun_env() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) when started by torchrun, else None."""
-    return envs.torchrun()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,7 +135,7 @@ def _spawned_worker(config, model_path, rank, world, init_method, log_level) -> 
 
 def run_worker(config: EngineConfig) -> None:
     """Entry for a rank other than 0 under torchrun (blocks until rank 0 shuts down)."""
-    env = torchrun_env()
+    env = envs.torchrun()
     if env is None:
         raise RuntimeError("run_worker needs torchrun's RANK/WORLD_SIZE/MASTER_ADDR")
     rank, world, local_rank = env
@@ -160,7 +155,7 @@ class Cluster:
         log.info("backend %s (%s) ready in %.1f s", self.backend.name,
                  self.backend.dist_backend, time.perf_counter() - t)
         self.procs: list[mp.Process] = []
-        env = torchrun_env()
+        env = envs.torchrun()
         if env is not None:
             rank, world, local_rank = env
             if rank != 0:
