@@ -37,7 +37,14 @@ KV_BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
 
 
 def write_checkpoint(path: Path, max_len: int) -> None:
-    if (path / "config.json").exists():
+    """Write the checkpoint unless one is there; one written for shorter prompts gets its
+    context limit raised (the weights do not depend on it)."""
+    config_file = path / "config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        if config["max_position_embeddings"] < max_len:
+            config["max_position_embeddings"] = max_len
+            config_file.write_text(json.dumps(config, indent=1))
         return
     from checkpoints import make_tokenizer
     from safetensors.torch import save_file
@@ -53,7 +60,7 @@ def write_checkpoint(path: Path, max_len: int) -> None:
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 256,
         "eos_token_id": 257, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
     }
-    (path / "config.json").write_text(json.dumps(config, indent=1))
+    config_file.write_text(json.dumps(config, indent=1))
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def rnd(*shape, std=0.02):
