@@ -130,24 +130,33 @@ class Backend(ABC):
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        starts: torch.Tensor,
+        tables: torch.Tensor,
+        rows: torch.Tensor,
         lens: torch.Tensor,
+        block_size: int,
         scale: float,
         out: torch.Tensor | None = None,
         lse: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One query row per sequence against its slab of a cache: q `[B, Hq, D]`; sequence
-        b sees `k_cache[starts[b] : starts[b] + lens[b]]` (`[N, Hkv, D]` caches, starts and
-        lens integer tensors `[B]` on the device). Returns (out `[B, Hq, D]`, lse `[B, Hq]`
-        float32); a sequence with no keys gets (0, -inf). Given `out` and `lse` (views, any
-        float dtype), the results are written there: decode packs both into one buffer.
+        """One query row per sequence against its keys in a paged cache: q `[B, Hq, D]`;
+        `[N, Hkv, D]` caches cut into pages of `block_size` slots; sequence b reads its
+        first lens[b] keys through its block table `tables[rows[b]]` (key i sits in slot
+        `tables[rows[b], i // block_size] * block_size + i % block_size`). tables `[R, W]`
+        and rows, lens `[B]` are integer tensors on the device. Returns (out `[B, Hq, D]`,
+        lse `[B, Hq]` float32); a sequence with no keys gets (0, -inf). Given `out` and
+        `lse` (views, any float dtype), the results are written there: decode packs both
+        into one buffer.
 
-        A backend that captures graphs reads starts and lens on the device; this portable
-        version reads them on the host and runs `attention` per sequence."""
+        A backend that captures graphs reads all of it on the device; this portable version
+        reads it on the host, gathers each sequence's keys and runs `attention` on them."""
         outs, lses = [], []
-        for i, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
-            o, row_lse = self.attention(q[i : i + 1], k_cache[s : s + n], v_cache[s : s + n],
-                                        False, scale)
+        table_rows = tables[rows].tolist()
+        for i, (pages, n) in enumerate(zip(table_rows, lens.tolist())):
+            idx = torch.arange(n)
+            page = torch.tensor(pages[: -(-n // block_size)], dtype=torch.long)
+            slots = (page[idx // block_size] * block_size + idx % block_size).to(q.device)
+            o, row_lse = self.attention(q[i : i + 1], k_cache.index_select(0, slots),
+                                        v_cache.index_select(0, slots), False, scale)
             outs.append(o)
             lses.append(row_lse)
         if out is None:
@@ -168,8 +177,8 @@ class Backend(ABC):
     # Graphs: record a step's kernels once, replay them with one launch.
     def graph_safe_decode(self, dtype: torch.dtype, head_dim: int) -> bool:
         """True when a decode forward of this dtype and head size can be recorded as a graph
-        (this backend records graphs, and its decode attention reads starts/lens on the
-        device)."""
+        (this backend records graphs, and its decode attention reads its tables, rows and
+        lens on the device)."""
         return False
 
     def new_graph(self):

@@ -98,15 +98,17 @@ class CudaBackend(Backend):
     def graph_capture(self, graph, pool=None):
         return torch.cuda.graph(graph, pool=pool)
 
-    def decode_attention(self, q, k_cache, v_cache, starts, lens, scale, out=None, lse=None):
+    def decode_attention(self, q, k_cache, v_cache, tables, rows, lens, block_size, scale,
+                         out=None, lse=None):
         d = q.shape[-1]
         if not self.graph_safe_decode(q.dtype, d):
-            return super().decode_attention(q, k_cache, v_cache, starts, lens, scale, out, lse)
+            return super().decode_attention(q, k_cache, v_cache, tables, rows, lens,
+                                            block_size, scale, out, lse)
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         splits = self._decode.decode_splits(q.shape[0], k_cache.shape[1], self._sms)
-        return self._decode.decode_attention(q, k_cache, v_cache, starts, lens, scale, splits,
-                                             out, lse)
+        return self._decode.decode_attention(q, k_cache, v_cache, tables, rows, lens,
+                                             block_size, scale, splits, out, lse)
 
     def merge_gathered(self, gathered, dtype):
         if self._decode is None:

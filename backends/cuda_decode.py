@@ -1,8 +1,9 @@
-"""Decode attention for CUDA (Triton): one query per sequence against its slab of the cache.
+"""Decode attention for CUDA (Triton): one query per sequence against its keys in the paged
+cache.
 
-The slab of sequence b is `k_cache[starts[b] : starts[b] + lens[b]]`, and starts and lens
-are read on the device, so a CUDA graph captured once serves every step whatever the
-lengths. Split-K ("flash decoding"): the keys of a sequence are cut into `splits` ranges,
+Sequence b reads its first lens[b] keys through its block table: key i lies in slot
+`tables[rows[b], i // PAGE] * PAGE + i % PAGE`. Tables, rows and lens are read on the
+device, so a CUDA graph captured once serves every step whatever the lengths. Split-K ("flash decoding"): the keys of a sequence are cut into `splits` ranges,
 one program per (sequence, KV head, range) so a single long sequence still fills the GPU;
 each program handles all the query heads that share its KV head (grouped-query attention)
 as the rows of one small matrix product. A second kernel merges the ranges with the same
@@ -17,12 +18,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _split_kernel(q, k, v, starts, lens, part_out, part_lse, scale,
-                  sq_b, sq_h, sk_n, sk_h, sv_n, sv_h, splits,
+def _split_kernel(q, k, v, tables, rows_of, lens, part_out, part_lse, scale,
+                  sq_b, sq_h, sk_n, sk_h, sv_n, sv_h, st_r, splits,
                   GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PAGE: tl.constexpr, PRECISION: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(starts + b).to(tl.int64)
+    table = tables + tl.load(rows_of + b).to(tl.int64) * st_r
     n = tl.load(lens + b).to(tl.int32)
     per = tl.cdiv(tl.cdiv(n, splits), BLOCK) * BLOCK  # keys per range, whole blocks
     lo = s * per
@@ -40,7 +41,8 @@ def _split_kernel(q, k, v, starts, lens, part_out, part_lse, scale,
     for off in range(lo, hi, BLOCK):
         keys = off + tl.arange(0, BLOCK)
         key_ok = keys < hi
-        pos = start + keys
+        page = tl.load(table + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
+        pos = page * PAGE + keys % PAGE
         kb = tl.load(k + pos[:, None] * sk_n + h * sk_h + dims[None, :], mask=key_ok[:, None],
                      other=0.0)  # [BLOCK, D]
         scores = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * scale  # [ROWS, BLOCK]
@@ -96,12 +98,14 @@ def decode_splits(batch: int, kv_heads: int, sms: int, waves: int = WAVES) -> in
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     starts: torch.Tensor, lens: torch.Tensor, scale: float, splits: int,
+                     tables: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor,
+                     block_size: int, scale: float, splits: int,
                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
                      tiles: tuple[int, int, int] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q `[B, Hq, D]`; k_cache, v_cache `[N, Hkv, D]` (last dim contiguous); starts, lens `[B]`
-    integer tensors. Returns out `[B, Hq, D]` and lse `[B, Hq]`, written into `out` and
+    """q `[B, Hq, D]`; k_cache, v_cache `[N, Hkv, D]` (last dim contiguous), in pages of
+    `block_size` slots; tables `[R, W]` (rows contiguous), rows and lens `[B]` integer
+    tensors. Returns out `[B, Hq, D]` and lse `[B, Hq]`, written into `out` and
     `lse` when given (any dtype, rows of stride out.stride(1) and lse.stride(1): the caller
     may pass views into one packed buffer). float32 runs its products in full float32 (no
     TF32). `tiles` = (keys per block, warps, pipeline stages) overrides the tuned ones."""
@@ -110,6 +114,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = hq // hkv
     if q.stride(2) != 1 or k_cache.stride(2) != 1 or v_cache.stride(2) != 1:
         raise ValueError("decode_attention needs the head dimension contiguous")
+    if tables.stride(1) != 1:
+        raise ValueError("decode_attention needs block-table rows contiguous")
     block, warps, stages = tiles or (BLOCK, WARPS, STAGES)
     part_out = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
@@ -118,10 +124,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if lse is None:
         lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
     _split_kernel[(b, hkv, splits)](
-        q, k_cache, v_cache, starts, lens, part_out, part_lse, scale,
+        q, k_cache, v_cache, tables, rows, lens, part_out, part_lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), splits,
+        v_cache.stride(0), v_cache.stride(1), tables.stride(0), splits,
         GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block,
+        PAGE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
         num_stages=stages,
     )

@@ -62,7 +62,7 @@ def test_family_matches_transformers(ckpt_root, family, world):
                 assert out.token_ids == ref, f"{family} P={world}, prompt of {n} tokens"
                 assert out.finish_reason == "length"
             assert llm.engine.scheduler.kv_used() == [0] * world
-            assert llm.engine.scheduler.kv.reserved() == [0] * world
+            assert llm.engine.scheduler.blocks.reserved() == [0] * world
         workers = list(llm.engine.cluster.procs)
     # every other rank left by itself at shutdown (a rank that had to be killed shows -9)
     assert [p.exitcode for p in workers] == [0] * (world - 1)

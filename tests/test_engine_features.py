@@ -112,7 +112,7 @@ def test_abort_frees_kv(llm):
     out = engine.abort("a")
     assert out.finished and out.finish_reason == "abort"
     engine.abort("b")
-    assert engine.scheduler.kv_used() == [0, 0] and engine.scheduler.kv.reserved() == [0, 0]
+    assert engine.scheduler.kv_used() == [0, 0] and engine.scheduler.blocks.reserved() == [0, 0]
     assert not engine.has_work()
     assert engine.abort("a") is None  # already gone
 

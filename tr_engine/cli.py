@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued requests before new ones get 503 (default: 256)")
     g.add_argument("--seed", type=int, metavar="N",
                    help="seed of requests that give none (default: 0)")
+    g.add_argument("--block-size", type=int, metavar="N",
+                   help="tokens per KV block, a power of two up to 256; the prefix cache "
+                   "reuses whole blocks (default: 16)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   help="reuse the KV of prompt prefixes already on the ranks (default: on)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="launch decode steps kernel by kernel instead of replaying device "
                    "graphs recorded at start-up (CUDA)")

@@ -11,9 +11,9 @@ from .attention import choose
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import RequestTooLong
-from .kv_accounting import prompt_share
+from .kv_blocks import chunk_blocks
 from .outputs import CompletionOutput, RequestOutput
-from .plan import PrefillPlan, StepPlan
+from .plan import PrefillPlan, StepPlan, TableOp
 from .sampler import Sampler
 from .sampling_params import InvalidParameter, SamplingParams
 from .scheduler import Scheduler
@@ -56,8 +56,9 @@ class LLMEngine:
         self.model_name = config.served_model_name or (config.model or "SmolLM2-135M-Instruct")
         self.eos_ids = set(mc.eos_token_ids)
         self.scheduler = Scheduler(
-            self.config.world_size, runner.capacity, self.max_model_len, config.prefill_chunk,
-            config.max_num_seqs, config.max_waiting, self._choose_strategy,
+            self.config.world_size, runner.num_pages, runner.block_size, self.max_model_len,
+            config.prefill_chunk, config.max_num_seqs, config.max_waiting,
+            self._choose_strategy, config.enable_prefix_caching,
         )
         self.sampler = Sampler(runner.device, config.seed)
         self._ids = itertools.count()
@@ -247,17 +248,23 @@ class LLMEngine:
         n = len(prompt_ids)
         if not 0 < n <= self.max_model_len:
             raise RequestTooLong(f"prompt_logits takes 1 to {self.max_model_len} tokens; got {n}")
-        counts = prompt_share(n, self.world, n)
-        starts = self.scheduler.kv.reserve(counts)
-        if starts is None:
+        blocks, row = self.scheduler.blocks, self.scheduler.scratch_row
+        ranks = [r for _, r in chunk_blocks(0, n, self.world, blocks.block_size)]
+        need = [ranks.count(r) for r in range(self.world)]
+        if not blocks.can_reserve(need, []):
             raise RequestTooLong(f"the KV cache cannot hold {n} tokens right now")
+        blocks.reserve(need)
+        taken = [(r, blocks.take(r)) for r in ranks]
         try:
-            plan = PrefillPlan(seq_id=-1, tokens=list(prompt_ids), start=0, kv_start=starts,
-                               kv_len=[0] * self.world, sample=False,
+            tables = [TableOp(r, row, 0, [p for rr, p in taken if rr == r])
+                      for r in range(self.world)]
+            plan = PrefillPlan(seq_id=-1, row=row, tokens=list(prompt_ids), start=0,
+                               prefix_len=[0] * self.world, sample=False,
                                strategy=self._choose_strategy(n, 0), all_logits=True)
-            return self.cluster.run(StepPlan("prefill", prefill=plan))
+            return self.cluster.run(StepPlan("prefill", prefill=plan, tables=tables))
         finally:
-            self.scheduler.kv.release(starts, counts)
+            for r, page in taken:
+                blocks.unpin(r, page)
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

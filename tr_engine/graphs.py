@@ -5,7 +5,7 @@ Python the host, not the device, sets the pace. So at start-up the runner record
 decode forward once per batch size bucket (1, 2, 4, ... up to max_num_seqs) and each step
 copies its inputs into the recorded buffers and replays the graph with one launch. The
 forward is graph-safe by construction: `DecodeContext` takes every per-step value (ids,
-positions, slab starts, key counts, store slots) from one device tensor, and the decode
+positions, block-table rows, key counts, store slots) from one device tensor, and the decode
 attention kernel reads them there. A batch runs in the smallest bucket that holds it; the
 padding rows attend to nothing and store their K/V in the pool's spare slot.
 

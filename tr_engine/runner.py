@@ -19,7 +19,7 @@ from .backends import Backend, Communicator
 from .config import EngineConfig
 from .context import ForwardContext, forward_context
 from .graphs import DecodeGraphs
-from .kv_cache import KVCache
+from .kv_cache import BlockTables, KVCache
 from .loader import load_model
 from .plan import DecodePlan, PrefillPlan, StepPlan
 
@@ -30,28 +30,38 @@ class PrefillContext(ForwardContext):
     def __init__(self, runner: ModelRunner, plan: PrefillPlan, n_valid: int) -> None:
         self.runner, self.plan, self.n_valid = runner, plan, n_valid
         self.token_chunk = runner.config.token_chunk
+        cached = plan.prefix_len[runner.rank]
+        tables = runner.tables
+        # the same slots in every layer: worked out once per forward
+        self.prefix = None if cached == 0 else _on(tables.slots(plan.row, 0, cached),
+                                                   runner.device)
+        self.store = _on(tables.slots(plan.row, cached, n_valid), runner.device)
 
     def attention(self, layer, q, k, v, scale):
-        r, p, cache = self.runner.rank, self.plan, self.runner.kv
+        cache = self.runner.kv
         prefix = {}
-        if p.start > 0:  # later chunks attend the cached part of the prompt (every rank alike)
-            prefix["k_prefix"], prefix["v_prefix"] = cache.view(layer, p.kv_start[r], p.kv_len[r])
-        strategy = get_strategy(p.strategy)
+        if self.prefix is not None:  # the cached prefix of this rank (order does not matter)
+            prefix["k_prefix"], prefix["v_prefix"] = cache.gather(layer, self.prefix)
+        strategy = get_strategy(self.plan.strategy)
         out, _ = strategy(q, k, v, self.runner.group, causal=True, scale=scale, **prefix)
-        cache.store(layer, p.kv_start[r] + p.kv_len[r], k[: self.n_valid], v[: self.n_valid])
+        cache.store(layer, self.store, k[: self.n_valid], v[: self.n_valid])
         return out
+
+
+def _on(slots, device):
+    return slots if isinstance(slots, slice) else slots.to(device)
 
 
 class DecodeContext(ForwardContext):
     """One new token per sequence, the same on every rank. Everything this rank needs is in
-    device tensors `[B]`: where each sequence's slab starts, how many of its keys this rank
+    device tensors `[B]`: each sequence's block-table row, how many of its keys this rank
     attends (the new one included on its owner), and the slot the new K/V goes to (a spare
     slot on the ranks that do not keep it). No host value steers the kernels, so a graph
     captured once replays every step."""
 
-    def __init__(self, runner: ModelRunner, starts: torch.Tensor, lens: torch.Tensor,
+    def __init__(self, runner: ModelRunner, rows: torch.Tensor, lens: torch.Tensor,
                  slots: torch.Tensor) -> None:
-        self.runner, self.starts, self.lens, self.slots = runner, starts, lens, slots
+        self.runner, self.rows, self.lens, self.slots = runner, rows, lens, slots
 
     def attention(self, layer, q, k, v, scale):
         # q [B, Hq, D], k/v [B, Hkv, D]
@@ -59,14 +69,16 @@ class DecodeContext(ForwardContext):
         k_cache, v_cache = runner.kv.layer(layer)
         k_cache.index_copy_(0, self.slots, k)
         v_cache.index_copy_(0, self.slots, v)
+        tables = runner.tables
+        args = (q, k_cache, v_cache, tables.device, self.rows, self.lens, tables.block_size,
+                scale)
         attend = runner.backend.decode_attention
         if runner.world == 1:
-            return attend(q, k_cache, v_cache, self.starts, self.lens, scale)[0]
+            return attend(*args)[0]
         # out and lse go straight into the one float32 buffer the ranks all-gather
         b, h, d = q.shape
         packed = torch.empty((b, h, d + 1), dtype=torch.float32, device=q.device)
-        attend(q, k_cache, v_cache, self.starts, self.lens, scale, packed[..., :d],
-               packed[..., d])
+        attend(*args, packed[..., :d], packed[..., d])
         return gather_merge(packed, q.dtype, runner.group)[0]
 
 
@@ -88,10 +100,16 @@ class ModelRunner:
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
-        self.capacity = self._plan_memory()
+        self.block_size = config.block_size
+        self.num_pages = self._plan_memory() // self.block_size
+        self.capacity = self.num_pages * self.block_size
         mc = self.model_config
-        self.kv = KVCache(mc.num_layers, self.capacity, mc.num_kv_heads, mc.head_dim,
-                          self.dtype, self.device)
+        self.kv = KVCache(mc.num_layers, self.num_pages, self.block_size, mc.num_kv_heads,
+                          mc.head_dim, self.dtype, self.device)
+        # a row per running sequence and one for prompt_logits
+        self.tables = BlockTables(config.max_num_seqs + 1,
+                                  -(-self.max_model_len // self.block_size) + 1,
+                                  self.block_size, self.device)
         self.rates = self._calibrate()
         self.graphs = None
         if not config.enforce_eager and backend.graph_safe_decode(self.dtype, mc.head_dim):
@@ -104,7 +122,9 @@ class ModelRunner:
         mc, cfg = self.model_config, self.config
         per_token = KVCache.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim,
                                             self.dtype)
-        useful = -(-self.max_model_len * cfg.max_num_seqs // self.world) + 2 * self.world
+        # a sequence's share of the pool, plus the blocks an uneven last chunk may add
+        useful = (-(-self.max_model_len * cfg.max_num_seqs // self.world)
+                  + 3 * cfg.block_size * cfg.max_num_seqs)
         if cfg.kv_cache_tokens is not None:
             capacity = cfg.kv_cache_tokens
         else:
@@ -117,9 +137,10 @@ class ModelRunner:
         if self.world > 1:
             dist.all_reduce(cap, op=dist.ReduceOp.MIN, group=self.group)
         capacity = int(cap.item())
-        if capacity < 2:
+        if capacity < 2 * cfg.block_size:
             raise RuntimeError(
-                f"no memory left for the KV cache ({capacity} tokens per rank); lower "
+                f"no memory left for the KV cache ({capacity} tokens per rank, less than two "
+                f"blocks of {cfg.block_size}); lower "
                 "prefill_chunk/token_chunk, use more ranks, or set kv_cache_tokens"
             )
         log.info("rank %d: KV cache %d tokens per rank (%.2f GiB), %d in all", self.rank,
@@ -130,7 +151,8 @@ class ModelRunner:
         """An upper estimate of prefill activations for one chunk on one rank."""
         mc, cfg = self.model_config, self.config
         e = torch.empty((), dtype=self.dtype).element_size()
-        n = layout.padded_len(min(cfg.prefill_chunk, self.max_model_len), self.world) // self.world
+        n = layout.padded_len(min(cfg.prefill_chunk, self.max_model_len), self.world,
+                              cfg.block_size) // self.world
         c = min(cfg.token_chunk, n)
         hidden = 3 * n * mc.hidden_size * e
         qkv = n * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * e
@@ -172,16 +194,20 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """Run one step; returns float32 logits on rank 0 (None elsewhere)."""
+        for op in plan.tables:
+            if op.rank == self.rank:
+                self.tables.apply(op)
         if plan.kind == "prefill":
             return self.prefill(plan.prefill)
         return self.decode(plan.decode)
 
     def prefill(self, p: PrefillPlan) -> torch.Tensor | None:
-        total, world, r = len(p.tokens), self.world, self.rank
-        ids = layout.shard(torch.tensor(p.tokens, dtype=torch.long), world, r).to(self.device)
-        positions = layout.positions(total, world, r) + p.start
+        total, world, r, b = len(p.tokens), self.world, self.rank, self.block_size
+        ids = layout.shard(torch.tensor(p.tokens, dtype=torch.long), world, r, align=b)
+        ids = ids.to(self.device)
+        positions = layout.positions(total, world, r, b) + p.start
         positions = positions.clamp(max=p.start + total - 1).to(self.device)  # pads: any
-        with forward_context(PrefillContext(self, p, layout.local_len(total, world, r))):
+        with forward_context(PrefillContext(self, p, layout.local_len(total, world, r, b))):
             hidden = self.model(ids, positions)  # [2L, hidden]
         if p.all_logits:
             shards = self.comm.all_gather(hidden)
@@ -189,7 +215,7 @@ class ModelRunner:
             return self.model.compute_logits(full) if r == 0 else None
         if not p.sample:
             return None
-        owner, index = layout.owner(total, world, total - 1)
+        owner, index = layout.owner(total, world, total - 1, b)
         last = hidden[index : index + 1].contiguous() if r == owner else hidden[:1].clone()
         self.comm.broadcast(last, src=owner)
         return self.model.compute_logits(last) if r == 0 else None
@@ -202,18 +228,17 @@ class ModelRunner:
         return self.decode_forward(meta.to(self.device))
 
     def _decode_meta(self, p: DecodePlan) -> torch.Tensor:
-        """`[5, B]` int64 on the host: token ids, positions, this rank's slab starts, keys
-        to attend, and the slots the new K/V go to."""
-        r = self.rank
-        starts = [s[r] for s in p.kv_start]
+        """`[5, B]` int64 on the host: token ids, positions, block-table rows, keys to
+        attend on this rank, and the slots the new K/V go to."""
+        r, b, host = self.rank, self.block_size, self.tables.host
         lens = [n[r] + (o == r) for n, o in zip(p.kv_len, p.owner)]
-        slots = [s[r] + n[r] if o == r else self.kv.spare
-                 for s, n, o in zip(p.kv_start, p.kv_len, p.owner)]
-        return torch.tensor([p.tokens, p.positions, starts, lens, slots], dtype=torch.long)
+        slots = [host[row][n[r] // b] * b + n[r] % b if o == r else self.kv.spare
+                 for row, n, o in zip(p.rows, p.kv_len, p.owner)]
+        return torch.tensor([p.tokens, p.positions, p.rows, lens, slots], dtype=torch.long)
 
     def decode_forward(self, meta: torch.Tensor) -> torch.Tensor | None:
         """The decode forward for `meta` (as `_decode_meta` lays it out, on the device)."""
-        ids, positions, starts, lens, slots = meta
-        with forward_context(DecodeContext(self, starts, lens, slots)):
+        ids, positions, rows, lens, slots = meta
+        with forward_context(DecodeContext(self, rows, lens, slots)):
             hidden = self.model(ids, positions)  # [B, hidden], the same on every rank
         return self.model.compute_logits(hidden) if self.rank == 0 else None

@@ -1,13 +1,18 @@
 """The scheduler: which work runs next. Pure Python; it emits plain StepPlans.
 
 Policy:
-- Admission is first come, first served: the head of the queue is admitted when its KV slab
-  (prompt plus max_tokens, see kv_accounting) fits on every rank and fewer than max_num_seqs
-  are running; nobody overtakes it.
-- A prompt is prefilled in chunks of at most `prefill_chunk` tokens, one sequence per step.
-  While other requests are decoding, prefill chunks and decode steps alternate, so streams
-  keep flowing during a long prefill (continuous batching: requests join and leave the
-  decode batch between steps).
+- Admission is first come, first served: the head of the queue is admitted when the KV
+  pages it will ever need (see kv_blocks: its prompt past the cached prefix, plus
+  max_tokens) fit on every rank and fewer than max_num_seqs are running; nobody overtakes
+  it. Cached pages that no request uses count as free: they are evicted when needed.
+- Prefix caching: a prompt whose leading blocks are cached reuses their KV and prefills
+  only the rest (a partial prefill over the cached prefix). The cache is looked up again
+  when a sequence's prefill starts, so a request admitted while another one was prefilling
+  the same document reuses that KV instead of storing it twice.
+- A prompt is prefilled in chunks of at most `prefill_chunk` tokens (a multiple of 2P
+  blocks, so chunks stay block-aligned), one sequence per step. While other requests are
+  decoding, prefill chunks and decode steps alternate, so streams keep flowing during a long
+  prefill (continuous batching: requests join and leave the decode batch between steps).
 - Every decoding sequence takes part in every decode step.
 """
 
@@ -16,9 +21,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from .attention import layout
 from .errors import QueueFull, RequestTooLong
-from .kv_accounting import KVAccounting, decode_owner, prompt_share, reservation
-from .plan import DecodePlan, PrefillPlan, StepPlan
+from .kv_blocks import BlockManager, block_keys, chunk_blocks, plan_ranks
+from .plan import DecodePlan, PrefillPlan, StepPlan, TableOp
 from .sequence import Sequence, Status
 
 
@@ -26,26 +32,41 @@ class Scheduler:
     def __init__(
         self,
         world: int,
-        kv_capacity: int,
+        num_pages: int,
+        block_size: int,
         max_model_len: int,
         prefill_chunk: int,
         max_num_seqs: int,
         max_waiting: int,
         choose_strategy: Callable[[int, int], str],
+        enable_prefix_caching: bool = True,
     ) -> None:
-        self.world = world
-        self.kv = KVAccounting(world, kv_capacity)
+        self.world, self.block_size = world, block_size
+        self.blocks = BlockManager(world, num_pages, block_size, enable_prefix_caching)
         self.max_model_len = max_model_len
-        self.prefill_chunk = prefill_chunk
+        step = 2 * world * block_size
+        self.prefill_chunk = max(step, prefill_chunk // step * step)
         self.max_num_seqs = max_num_seqs
         self.max_waiting = max_waiting
         self.choose_strategy = choose_strategy  # (new tokens, cached tokens) -> strategy
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.scratch_row = max_num_seqs  # for prompt_logits
         self._last_kind = "decode"
 
     # ---- admission -------------------------------------------------------------------
+    def _pages(self, cached_ranks: list[int], prompt_len: int, max_tokens: int) -> list[int]:
+        """New pages per rank a sequence takes after its cached blocks, over its life (the
+        last generated token is never fed back, so its KV is never stored)."""
+        need = [0] * self.world
+        total = prompt_len + max_tokens - 1
+        for r in plan_ranks(cached_ranks, prompt_len, total, self.prefill_chunk, self.world,
+                            self.block_size):
+            need[r] += 1
+        return need
+
     def check(self, prompt_len: int, max_tokens: int) -> None:
         """Refuse, before any work, a request that could never run."""
         if prompt_len < 1:
@@ -56,38 +77,86 @@ class Scheduler:
                 f"this model's maximum context length is {self.max_model_len} tokens, but the "
                 f"request needs {total} ({prompt_len} in the prompt + {max_tokens} max_tokens)"
             )
-        need = reservation(prompt_len, max_tokens, self.world, self.prefill_chunk)
-        if not self.kv.fits_alone(need):
-            capacity = self.kv.capacity * self.world
+        need = self._pages([], prompt_len, max_tokens)
+        if max(need) > self.blocks.num_pages:
+            b = self.block_size
+            capacity = self.blocks.num_pages * b * self.world
             per_rank = ""
             if self.world > 1:
-                per_rank = f" ({self.kv.capacity} on each of {self.world} ranks)"
+                per_rank = f" ({self.blocks.num_pages * b} on each of {self.world} ranks)"
             raise RequestTooLong(
                 f"the KV cache holds {capacity} tokens{per_rank}, but the request needs "
-                f"{total} ({prompt_len} in the prompt + {max_tokens} max_tokens; {max(need)} "
-                f"on one rank)"
+                f"{total} ({prompt_len} in the prompt + {max_tokens} max_tokens; "
+                f"{max(need) * b} on one rank)"
             )
 
     def add(self, seq: Sequence) -> None:
         self.check(seq.prompt_len, seq.params.max_tokens)
         if len(self.waiting) >= self.max_waiting:
             raise QueueFull(f"the queue is full ({self.max_waiting} requests waiting)")
-        seq.kv_need = reservation(
-            seq.prompt_len, seq.params.max_tokens, self.world, self.prefill_chunk
-        )
+        if self.blocks.enable_caching:
+            # at least the last prompt token is computed: its logits give the first token
+            seq.keys = block_keys(seq.prompt_ids, self.block_size,
+                                  (seq.prompt_len - 1) // self.block_size)
         seq.kv_len = [0] * self.world
+        seq.table = [[] for _ in range(self.world)]
         self.waiting.append(seq)
 
     def _admit(self) -> None:
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_num_seqs:
             seq = self.waiting[0]
-            starts = self.kv.reserve(seq.kv_need)
-            if starts is None:
+            hits = self.blocks.lookup(seq.keys)
+            need = self._pages([r for r, _ in hits], seq.prompt_len, seq.params.max_tokens)
+            if not self.blocks.can_reserve(need, hits):
                 return
             self.waiting.popleft()
-            seq.kv_start = starts
+            for r, page in hits:
+                self.blocks.pin(r, page)
+            self.blocks.reserve(need)
+            seq.reserved = need
+            self._set_cached(seq, hits)
+            seq.row = self.free_rows.pop()
             seq.status = Status.PREFILLING
             self.prefilling.append(seq)
+
+    def _set_cached(self, seq: Sequence, hits: list[tuple[int, int]]) -> None:
+        seq.blocks = list(hits)
+        seq.table = [[] for _ in range(self.world)]
+        for r, page in hits:
+            seq.table[r].append(page)
+        seq.kv_len = [len(t) * self.block_size for t in seq.table]
+        seq.prefilled = seq.num_cached = len(hits) * self.block_size
+        seq.registered = len(hits)
+
+    def _relookup(self, seq: Sequence) -> None:
+        """Just before a sequence's prefill starts: blocks cached since its admission (by a
+        request on the same document that prefilled first) are used instead of computed."""
+        hits = self.blocks.lookup(seq.keys)
+        if len(hits) <= len(seq.blocks):
+            return
+        extra = hits[len(seq.blocks) :]  # the first ones are seq's, pinned: still cached
+        self.blocks.unreserve(seq.reserved)
+        need = self._pages([r for r, _ in hits], seq.prompt_len, seq.params.max_tokens)
+        if not self.blocks.can_reserve(need, extra):
+            self.blocks.reserve(seq.reserved)
+            return
+        for r, page in extra:
+            self.blocks.pin(r, page)
+        self.blocks.reserve(need)
+        seq.reserved = need
+        self._set_cached(seq, hits)
+
+    def _take(self, seq: Sequence, rank: int, ops: dict[int, TableOp]) -> None:
+        """A new block of `seq` on `rank`: a page from its reservation, and the table op
+        that tells the rank."""
+        page = self.blocks.take(rank)
+        seq.reserved[rank] -= 1
+        op = ops.get(rank)
+        if op is None:
+            op = ops[rank] = TableOp(rank, seq.row, len(seq.table[rank]), [])
+        op.pages.append(page)
+        seq.table[rank].append(page)
+        seq.blocks.append((rank, page))
 
     # ---- steps -----------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
@@ -96,33 +165,55 @@ class Scheduler:
         prefill_turn = self.prefilling and (not self.decoding or self._last_kind == "decode")
         if prefill_turn:
             self._last_kind = "prefill"
-            return StepPlan("prefill", prefill=self._prefill_plan(self.prefilling[0]))
+            ops: dict[int, TableOp] = {}
+            plan = self._prefill_plan(self.prefilling[0], ops)
+            return StepPlan("prefill", prefill=plan, tables=list(ops.values()))
         if self.decoding:
             self._last_kind = "decode"
-            return StepPlan("decode", decode=self._decode_plan(self.decoding))
+            ops = {}
+            plan = self._decode_plan(self.decoding, ops)
+            return StepPlan("decode", decode=plan, tables=list(ops.values()))
         return None
 
-    def _prefill_plan(self, seq: Sequence) -> PrefillPlan:
+    def _prefill_plan(self, seq: Sequence, ops: dict[int, TableOp]) -> PrefillPlan:
+        if not seq.started:
+            self._relookup(seq)
+            seq.started = True
+            self.blocks.queries += seq.prompt_len
+            self.blocks.hits += seq.num_cached
+            # the rank's table for this row starts over: the cached blocks, then new ones
+            for r in range(self.world):
+                ops[r] = TableOp(r, seq.row, 0, list(seq.table[r]))
         a = seq.prefilled
         b = min(seq.prompt_len, a + self.prefill_chunk)
+        prefix_len = list(seq.kv_len)
+        for _, rank in chunk_blocks(a, b - a, self.world, self.block_size):
+            self._take(seq, rank, ops)
         return PrefillPlan(
             seq_id=seq.seq_id,
+            row=seq.row,
             tokens=seq.prompt_ids[a:b],
             start=a,
-            kv_start=list(seq.kv_start),
-            kv_len=list(seq.kv_len),
+            prefix_len=prefix_len,
             sample=b == seq.prompt_len,
             strategy=self.choose_strategy(b - a, a),
         )
 
-    def _decode_plan(self, seqs: list[Sequence]) -> DecodePlan:
+    def _decode_plan(self, seqs: list[Sequence], ops: dict[int, TableOp]) -> DecodePlan:
+        owners = []
+        for s in seqs:
+            pos = s.num_tokens - 1  # the token fed now
+            if pos // self.block_size == len(s.blocks):  # it opens a new block
+                counts = [len(t) for t in s.table]
+                self._take(s, counts.index(min(counts)), ops)
+            owners.append(s.blocks[pos // self.block_size][0])
         return DecodePlan(
             seq_ids=[s.seq_id for s in seqs],
+            rows=[s.row for s in seqs],
             tokens=[s.output_ids[-1] for s in seqs],
             positions=[s.num_tokens - 1 for s in seqs],
-            kv_start=[list(s.kv_start) for s in seqs],
             kv_len=[list(s.kv_len) for s in seqs],
-            owner=[decode_owner(s.prompt_len, s.fed, self.world) for s in seqs],
+            owner=owners,
         )
 
     def update(self, plan: StepPlan, sampled: list[int]) -> list[Sequence]:
@@ -134,9 +225,11 @@ class Scheduler:
             seq = by_id.get(p.seq_id)
             if seq is None:  # aborted while the step ran
                 return []
-            share = prompt_share(len(p.tokens), self.world, len(p.tokens))
-            seq.kv_len = [a + b for a, b in zip(seq.kv_len, share)]
-            seq.prefilled += len(p.tokens)
+            n = len(p.tokens)
+            for r in range(self.world):
+                seq.kv_len[r] += layout.local_len(n, self.world, r, self.block_size)
+            seq.prefilled += n
+            self._register(seq, seq.prefilled)
             if not p.sample:
                 return []
             self.prefilling.remove(seq)
@@ -151,19 +244,44 @@ class Scheduler:
                 continue
             seq.kv_len[owner] += 1
             seq.fed += 1
+            self._register(seq, seq.prompt_len + seq.fed)
             seq.output_ids.append(token)
             touched.append(seq)
         return touched
 
+    def _register(self, seq: Sequence, stored: int) -> None:
+        """Put the blocks of `seq` that are now full (`stored` positions have KV) into the
+        prefix cache."""
+        if not self.blocks.enable_caching:
+            return
+        full = stored // self.block_size
+        if full <= seq.registered:
+            return
+        b = self.block_size
+        tokens = seq.prompt_ids + seq.output_ids
+        if len(seq.keys) < full:
+            parent = seq.keys[-1] if seq.keys else b""
+            start = len(seq.keys) * b
+            seq.keys += block_keys(tokens[start : full * b], b, parent=parent)
+        for j in range(seq.registered, full):
+            rank, page = seq.blocks[j]
+            self.blocks.register(seq.keys[j], rank, page)
+        seq.registered = full
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence (stop, length or abort) and free its KV."""
+        """End a sequence (stop, length or abort) and free its KV: its pages go back, and
+        those that hold cached blocks stay cached until their room is needed."""
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.WAITING:
             self.waiting.remove(seq)
         else:
             (self.prefilling if seq.status is Status.PREFILLING else self.decoding).remove(seq)
-            self.kv.release(seq.kv_start, seq.kv_need)
+            for r, page in seq.blocks:
+                self.blocks.unpin(r, page)
+            self.blocks.unreserve(seq.reserved)
+            seq.reserved = [0] * self.world
+            self.free_rows.append(seq.row)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
@@ -172,6 +290,10 @@ class Scheduler:
             if s.request_id == request_id:
                 return s
         return None
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached block that no running request uses; returns how many."""
+        return self.blocks.reset()
 
     # ---- numbers for metrics -----------------------------------------------------------
     @property
@@ -183,12 +305,9 @@ class Scheduler:
         return len(self.waiting)
 
     def kv_used(self) -> list[int]:
-        """Tokens cached per rank (filled slots, not reservations)."""
-        used = [0] * self.world
-        for s in (*self.prefilling, *self.decoding):
-            for r, n in enumerate(s.kv_len):
-                used[r] += n
-        return used
+        """Token slots per rank in pages that running requests hold (idle cached pages,
+        which the next request may take, are not counted)."""
+        return [n * self.block_size for n in self.blocks.pages_in_use()]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)

@@ -29,9 +29,18 @@ class Sequence:
     status: Status = Status.WAITING
     prefilled: int = 0  # prompt tokens whose KV is cached
     fed: int = 0  # generated tokens fed back through decode (their KV is cached)
-    kv_need: list[int] = field(default_factory=list)  # slab size per rank
-    kv_start: list[int] | None = None  # slab start per rank, once admitted
-    kv_len: list[int] = field(default_factory=list)  # filled slots per rank
+    kv_len: list[int] = field(default_factory=list)  # keys stored per rank
+    # KV blocks (see kv_blocks): (rank, page) of each logical block in position order, the
+    # pages of each rank in that order (its block table, row `row` on that rank), pages
+    # still reserved per rank, and the prefix-cache keys of the full blocks
+    row: int = -1
+    blocks: list[tuple[int, int]] = field(default_factory=list)
+    table: list[list[int]] = field(default_factory=list)
+    reserved: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+    registered: int = 0  # leading blocks that are in the prefix cache
+    num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
+    started: bool = False  # its prefill has begun
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival=time.time()))

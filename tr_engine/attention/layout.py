@@ -1,7 +1,8 @@
 """The zigzag sequence layout.
 
-A sequence of T tokens over P ranks is padded to a multiple of 2P and cut into 2P chunks
-of L tokens; rank r holds chunk r followed by chunk 2P-1-r. Every rank then has the same
+A sequence of T tokens over P ranks is padded to a multiple of 2P (of 2P·align when the
+chunks must be whole KV blocks of `align` tokens) and cut into 2P chunks of L tokens;
+rank r holds chunk r followed by chunk 2P-1-r. Every rank then has the same
 share of causal work (an early chunk needs little, a late one much). Pad tokens sit at
 the global end, so no real token attends to one under a causal mask, and on every rank
 the real tokens are a prefix of its local shard.
@@ -12,38 +13,39 @@ from __future__ import annotations
 import torch
 
 
-def padded_len(total: int, world_size: int) -> int:
-    """The smallest multiple of 2P that holds `total` tokens (at least 2P)."""
-    step = 2 * world_size
+def padded_len(total: int, world_size: int, align: int = 1) -> int:
+    """The smallest multiple of 2P·align that holds `total` tokens (at least 2P·align)."""
+    step = 2 * world_size * align
     return max(step, -(-total // step) * step)
 
 
-def chunk_len(total: int, world_size: int) -> int:
-    return padded_len(total, world_size) // (2 * world_size)
+def chunk_len(total: int, world_size: int, align: int = 1) -> int:
+    return padded_len(total, world_size, align) // (2 * world_size)
 
 
-def positions(total: int, world_size: int, rank: int) -> torch.Tensor:
+def positions(total: int, world_size: int, rank: int, align: int = 1) -> torch.Tensor:
     """Global positions held by `rank`, in local order (pads included). `[2L]` int64."""
-    n = chunk_len(total, world_size)
+    n = chunk_len(total, world_size, align)
     first = torch.arange(rank * n, (rank + 1) * n)
     second_start = (2 * world_size - 1 - rank) * n
     return torch.cat([first, torch.arange(second_start, second_start + n)])
 
 
-def local_len(total: int, world_size: int, rank: int) -> int:
+def local_len(total: int, world_size: int, rank: int, align: int = 1) -> int:
     """How many real (non-pad) tokens `rank` holds; they come first in its shard."""
-    return int((positions(total, world_size, rank) < total).sum())
+    return int((positions(total, world_size, rank, align) < total).sum())
 
 
-def shard(x: torch.Tensor, world_size: int, rank: int, dim: int = 0, pad_value=0) -> torch.Tensor:
+def shard(x: torch.Tensor, world_size: int, rank: int, dim: int = 0, pad_value=0,
+          align: int = 1) -> torch.Tensor:
     """Rank `rank`'s zigzag shard of `x` along `dim`, padded with `pad_value`."""
     total = x.shape[dim]
-    pad = padded_len(total, world_size) - total
+    pad = padded_len(total, world_size, align) - total
     if pad:
         shape = list(x.shape)
         shape[dim] = pad
         x = torch.cat([x, x.new_full(shape, pad_value)], dim=dim)
-    idx = positions(total, world_size, rank).to(x.device)
+    idx = positions(total, world_size, rank, align).to(x.device)
     return x.index_select(dim, idx)
 
 
@@ -54,13 +56,13 @@ def unshard(shards: list[torch.Tensor], total: int, dim: int = 0) -> torch.Tenso
     firsts = [s.narrow(dim, 0, n) for s in shards]
     seconds = [s.narrow(dim, n, n) for s in shards]
     full = torch.cat(firsts + seconds[::-1], dim=dim)
-    assert full.shape[dim] == padded_len(total, world_size)
+    assert full.shape[dim] >= total
     return full.narrow(dim, 0, total)
 
 
-def owner(total: int, world_size: int, position: int) -> tuple[int, int]:
+def owner(total: int, world_size: int, position: int, align: int = 1) -> tuple[int, int]:
     """(rank, local index) of global `position`."""
-    n = chunk_len(total, world_size)
+    n = chunk_len(total, world_size, align)
     c = position // n
     if c < world_size:
         return c, position - c * n

@@ -1,0 +1,219 @@
+"""KV blocks: where every sequence's KV lives, and the prefix cache. Plain Python, rank 0.
+
+Each rank's pool is cut into pages of `block_size` token slots. A sequence's KV is a list
+of *logical blocks*, positions [j·B, (j+1)·B), each held whole by one page on one rank: the
+prefill layout is aligned so that every zigzag piece is a whole number of blocks (see
+`chunk_blocks`), and decode fills a block on one rank before it opens the next one. On
+each rank a sequence's pages, in position order, form its block table; only the last
+block of the whole sequence can be partly filled, so a rank's keys are the first
+`kv_len[r]` slots of its table.
+
+The prefix cache: a block that is full gets a key chained from its parent's key and its own
+tokens (a 128-bit BLAKE2 digest), so a key stands for the *whole token prefix* up to the
+block's end: a hit holds exactly the KV a fresh prefill would compute there. Pages are
+reference counted; a cached page no sequence uses stays cached (idle) until a page is
+needed, then the least recently used goes. Idle pages count as free for admission, so the
+cache never refuses or delays a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .attention import layout
+
+
+def block_keys(tokens: list[int], block_size: int, n_blocks: int | None = None,
+               parent: bytes = b"") -> list[bytes]:
+    """Keys of the first `n_blocks` full blocks of `tokens` (all full blocks by default)."""
+    full = len(tokens) // block_size
+    n = full if n_blocks is None else min(n_blocks, full)
+    raw = np.asarray(tokens[: n * block_size], dtype=np.int64).tobytes()
+    step = 8 * block_size
+    keys, key = [], parent
+    for j in range(n):
+        key = hashlib.blake2b(key + raw[j * step : (j + 1) * step], digest_size=16).digest()
+        keys.append(key)
+    return keys
+
+
+def chunk_blocks(start: int, n: int, world: int, block_size: int) -> list[tuple[int, int]]:
+    """(logical block index, rank) of every block that a prefill chunk of n real tokens at
+    `start` (a multiple of block_size) writes, in position order. The chunk is padded to a
+    multiple of 2P·B, so each of its 2P zigzag pieces is a whole number of blocks; blocks
+    past the last real token are never written."""
+    padded = layout.padded_len(n, world, block_size)
+    piece = padded // (2 * world)
+    out = []
+    for i in range(2 * world):
+        rank = i if i < world else 2 * world - 1 - i
+        for off in range(i * piece, (i + 1) * piece, block_size):
+            if off >= n:
+                return out
+            out.append(((start + off) // block_size, rank))
+    return out
+
+
+def plan_ranks(cached_ranks: list[int], prompt_len: int, total: int, chunk: int, world: int,
+               block_size: int) -> list[int]:
+    """The rank of every logical block a sequence will write after its cached blocks
+    (whose ranks are `cached_ranks`), up to `total` KV positions: prefill chunks of `chunk`
+    tokens by the zigzag layout, then decode blocks, each on the rank holding the fewest of
+    the sequence's blocks (ties: the lowest rank). A pure function, so admission reserves
+    exactly the pages the sequence will take on each rank."""
+    counts = [0] * world
+    for r in cached_ranks:
+        counts[r] += 1
+    ranks = []
+    a = len(cached_ranks) * block_size
+    while a < prompt_len:
+        n = min(chunk, prompt_len - a)
+        for _, r in chunk_blocks(a, n, world, block_size):
+            ranks.append(r)
+            counts[r] += 1
+        a += n
+    first_decode = -(-prompt_len // block_size) * block_size
+    for _ in range(first_decode, total, block_size):
+        r = counts.index(min(counts))
+        ranks.append(r)
+        counts[r] += 1
+    return ranks
+
+
+class RankPages:
+    """One rank's pages: free ones, reference counts, and the cached ones no one uses."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        self.free: deque[int] = deque(range(num_pages))
+        self.ref = [0] * num_pages
+        self.key: dict[int, bytes] = {}  # page -> its block's key, for cached pages
+        self.idle: OrderedDict[int, None] = OrderedDict()  # cached, unused; LRU first
+        self.reserved = 0  # pages promised to admitted sequences and not yet taken
+
+    def available(self) -> int:
+        return len(self.free) + len(self.idle) - self.reserved
+
+    def in_use(self) -> int:
+        return self.num_pages - len(self.free) - len(self.idle)
+
+
+@dataclass
+class Evicted:
+    rank: int
+    page: int
+    key: bytes
+
+
+class BlockManager:
+    """Pages on every rank and the prefix cache over them."""
+
+    def __init__(self, world: int, num_pages: int, block_size: int,
+                 enable_caching: bool = True) -> None:
+        self.world, self.block_size, self.num_pages = world, block_size, num_pages
+        self.enable_caching = enable_caching
+        self.ranks = [RankPages(num_pages) for _ in range(world)]
+        self.cache: dict[bytes, tuple[int, int]] = {}  # key -> (rank, page)
+        self.queries = 0  # prompt tokens looked up (tokens)
+        self.hits = 0  # prompt tokens found
+
+    # ---- the cache -----------------------------------------------------------------------
+    def lookup(self, keys: list[bytes]) -> list[tuple[int, int]]:
+        """(rank, page) of the longest run of `keys` that is cached, from the first."""
+        found = []
+        if self.enable_caching:
+            for key in keys:
+                hit = self.cache.get(key)
+                if hit is None:
+                    break
+                found.append(hit)
+        return found
+
+    def register(self, key: bytes, rank: int, page: int) -> None:
+        """A full block: cache it under `key` unless another page already holds that key
+        (then this page stays private and is freed with its sequence)."""
+        if not self.enable_caching or key in self.cache:
+            return
+        self.cache[key] = (rank, page)
+        self.ranks[rank].key[page] = key
+
+    def reset(self) -> int:
+        """Drop every cached block no sequence uses; returns how many."""
+        n = 0
+        for r, pages in enumerate(self.ranks):
+            while pages.idle:
+                page, _ = pages.idle.popitem(last=False)
+                self._forget(r, page)
+                pages.free.append(page)
+                n += 1
+        return n
+
+    def _forget(self, rank: int, page: int) -> None:
+        key = self.ranks[rank].key.pop(page, None)
+        if key is not None and self.cache.get(key) == (rank, page):
+            del self.cache[key]
+
+    # ---- pages ---------------------------------------------------------------------------
+    def can_reserve(self, need: list[int], pins: list[tuple[int, int]]) -> bool:
+        """Whether `need[r]` new pages on every rank fit once `pins` (cached pages the
+        sequence will use) are taken out of the idle ones."""
+        extra = [0] * self.world
+        for r, page in pins:
+            extra[r] += page in self.ranks[r].idle
+        return all(n + e <= p.available() for n, e, p in zip(need, extra, self.ranks))
+
+    def reserve(self, need: list[int]) -> None:
+        for n, pages in zip(need, self.ranks):
+            pages.reserved += n
+
+    def unreserve(self, need: list[int]) -> None:
+        for n, pages in zip(need, self.ranks):
+            pages.reserved -= n
+            assert pages.reserved >= 0
+
+    def pin(self, rank: int, page: int) -> None:
+        pages = self.ranks[rank]
+        pages.idle.pop(page, None)
+        pages.ref[page] += 1
+
+    def unpin(self, rank: int, page: int) -> None:
+        pages = self.ranks[rank]
+        pages.ref[page] -= 1
+        assert pages.ref[page] >= 0
+        if pages.ref[page] == 0:
+            if page in pages.key:
+                pages.idle[page] = None  # most recently used end
+            else:
+                pages.free.append(page)
+
+    def take(self, rank: int) -> int:
+        """A reserved page on `rank`, pinned: a free one, else the least recently used idle
+        one (its cache entry goes)."""
+        pages = self.ranks[rank]
+        assert pages.reserved > 0, "take() without a reservation"
+        pages.reserved -= 1
+        if pages.free:
+            page = pages.free.popleft()
+        else:
+            page, _ = pages.idle.popitem(last=False)
+            self._forget(rank, page)
+        pages.ref[page] = 1
+        return page
+
+    # ---- numbers -------------------------------------------------------------------------
+    def pages_in_use(self) -> list[int]:
+        return [p.in_use() for p in self.ranks]
+
+    def pages_cached(self) -> list[int]:
+        """Cached pages per rank, used or idle."""
+        return [len(p.key) for p in self.ranks]
+
+    def pages_idle(self) -> list[int]:
+        return [len(p.idle) for p in self.ranks]
+
+    def reserved(self) -> list[int]:
+        return [p.reserved for p in self.ranks]
