@@ -3,7 +3,8 @@ cache.
 
 Sequence b reads its first lens[b] keys through its block table: key i lies in slot
 `tables[rows[b], i // PAGE] * PAGE + i % PAGE`. Tables, rows and lens are read on the
-device, so a CUDA graph captured once serves every step whatever the lengths. Split-K ("flash decoding"): the keys of a sequence are cut into `splits` ranges,
+device, so a CUDA graph captured once serves every step whatever the lengths.
+Split-K ("flash decoding"): the keys of a sequence are cut into `splits` ranges,
 one program per (sequence, KV head, range) so a single long sequence still fills the GPU;
 each program handles all the query heads that share its KV head (grouped-query attention)
 as the rows of one small matrix product. A second kernel merges the ranges with the same

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 from collections.abc import Awaitable
 
 from fastapi import FastAPI, Request
@@ -34,6 +35,8 @@ from .protocol import (
 from .serving import Serving
 from .settings import ServerSettings
 
+log = logging.getLogger("tr_engine.server")
+
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 503)}
 
 
@@ -61,6 +64,14 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
         if not engine.healthy:
             return JSONResponse(error_body(503, "The engine is not running.", None,
                                            "engine_dead"), status_code=503)
+        return Response(status_code=200)
+
+    @app.post("/reset_prefix_cache", responses=_ERRORS)
+    async def reset_prefix_cache() -> Response:
+        """Drop every cached KV block that no running request uses."""
+        serving.check_ready()
+        n = await engine.reset_prefix_cache()
+        log.info("prefix cache reset: %d blocks dropped", n)
         return Response(status_code=200)
 
     @app.get("/version")
@@ -160,7 +171,8 @@ class APIKeyMiddleware:
 
     @staticmethod
     def protected(path: str) -> bool:
-        return path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+        return path == "/v1" or path.startswith("/v1/") or path in (
+            "/tokenize", "/detokenize", "/reset_prefix_cache")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.protected(scope["path"]):

@@ -59,6 +59,11 @@ class EngineCollector:
                        stats.prompt_tokens_total)
         yield _counter("tr_engine:generation_tokens", "Tokens generated.",
                        stats.generation_tokens_total)
+        yield _counter("tr_engine:prefix_cache_queries",
+                       "Prompt tokens looked up in the prefix cache.",
+                       stats.prefix_cache_queries)
+        yield _counter("tr_engine:prefix_cache_hits",
+                       "Prompt tokens whose KV the prefix cache held.", stats.prefix_cache_hits)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -28,6 +28,7 @@ from .protocol import (
     ChatTokenLogprob,
     ChatTopLogprob,
     CompletionLogprobs,
+    PromptTokensDetails,
     UsageInfo,
     _Sampling,
 )
@@ -197,7 +198,9 @@ class Serving:
         prompt = len(out.prompt_token_ids)
         completion = len(out.outputs[0].token_ids)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                         total_tokens=prompt + completion)
+                         total_tokens=prompt + completion,
+                         prompt_tokens_details=PromptTokensDetails(
+                             cached_tokens=out.num_cached_tokens))
 
     # ---- logprobs -------------------------------------------------------------------------
 

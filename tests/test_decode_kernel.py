@@ -2,8 +2,9 @@
 in Triton's interpreter on the CPU elsewhere; and the portable decode attention every
 backend inherits.
 
-The kernels read slab starts and key counts from tensors, so the cases mix empty slabs,
-one-key slabs, slabs at the end of the cache and more key ranges than keys.
+The kernels read block tables, rows and key counts from tensors, so the cases mix empty
+sequences, one-key sequences, pages scattered over the cache, pages smaller and larger than
+a tile of keys, and more key ranges than keys.
 """
 
 from __future__ import annotations
@@ -35,17 +36,35 @@ def on_device(*xs):
     return [x.to(DEVICE) for x in xs]
 
 
-def reference(q, k_cache, v_cache, starts, lens, scale):
+PAGE = 16
+LENS = [1, 0, 300, 1, 150]  # keys per sequence; the cache holds 25 pages of 16 (400 slots)
+
+
+def paged(seed: int, page: int = PAGE):
+    """Block tables for LENS over a cache of 400 slots: each sequence's pages drawn at
+    random (so tiles cross pages that are far apart), in rows of a larger table."""
+    g = torch.Generator().manual_seed(seed)
+    tables = torch.zeros((7, 400 // page), dtype=torch.int32)
+    rows = torch.tensor([5, 0, 2, 6, 3])
+    for row, n in zip(rows.tolist(), LENS):
+        tables[row] = torch.randperm(400 // page, generator=g).to(torch.int32)
+    return tables, rows, torch.tensor(LENS)
+
+
+def slots_of(tables, rows, lens, page):
+    for row, n in zip(rows.tolist(), lens.tolist()):
+        idx = torch.arange(n)
+        yield tables[row].long()[idx // page] * page + idx % page
+
+
+def reference(q, k_cache, v_cache, tables, rows, lens, scale, page=PAGE):
     outs, lses = [], []
-    for b, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
-        out, lse = attention64(q[b : b + 1], k_cache[s : s + n], v_cache[s : s + n],
-                               causal=False, scale=scale)
+    for b, slots in enumerate(slots_of(tables, rows, lens, page)):
+        out, lse = attention64(q[b : b + 1], k_cache[slots], v_cache[slots], causal=False,
+                               scale=scale)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
-
-
-SLABS = ([0, 10, 100, 399, 250], [1, 0, 300, 1, 150])  # (starts, lens); the cache holds 400
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -56,11 +75,11 @@ def test_decode_kernel_matches_float64(kernels, dtype, hq, hkv, d, splits):
     k_cache = torch.randn(400, hkv, d, generator=g).to(dtype)
     v_cache = torch.randn(400, hkv, d, generator=g).to(dtype)
     q = torch.randn(5, hq, d, generator=g).to(dtype)
-    starts, lens = torch.tensor(SLABS[0]), torch.tensor(SLABS[1])
-    out, lse = kernels.decode_attention(*on_device(q, k_cache, v_cache, starts, lens),
-                                        d**-0.5, splits)
+    tables, rows, lens = paged(splits)
+    out, lse = kernels.decode_attention(*on_device(q, k_cache, v_cache, tables, rows, lens),
+                                        PAGE, d**-0.5, splits)
     out, lse = out.cpu(), lse.cpu()
-    ref_out, ref_lse = reference(q, k_cache, v_cache, starts, lens, d**-0.5)
+    ref_out, ref_lse = reference(q, k_cache, v_cache, tables, rows, lens, d**-0.5)
     err = (out.double() - ref_out).abs()
     record_error(f"decode kernel {dtype}".replace("torch.", ""), err.max().item(),
                  err.mean().item())
@@ -71,18 +90,32 @@ def test_decode_kernel_matches_float64(kernels, dtype, hq, hkv, d, splits):
     assert (lse[~empty].double() - ref_lse[~empty]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("page", [1, 8, 64])
+def test_decode_kernel_page_sizes(kernels, page):
+    """Pages smaller and larger than the kernel's tile of keys."""
+    g = torch.Generator().manual_seed(page)
+    k_cache = torch.randn(400, 2, 64, generator=g)
+    v_cache = torch.randn(400, 2, 64, generator=g)
+    q = torch.randn(5, 4, 64, generator=g)
+    tables, rows, lens = paged(page, page)
+    out, _ = kernels.decode_attention(*on_device(q, k_cache, v_cache, tables, rows, lens),
+                                      page, 0.125, 3)
+    ref_out, _ = reference(q, k_cache, v_cache, tables, rows, lens, 0.125, page)
+    assert (out.cpu().double() - ref_out).abs().max() < 2e-6
+
+
 def test_decode_kernel_writes_into_a_packed_buffer(kernels):
     """Out and lse can land in one [B, H, D + 1] float32 buffer (what decode all-gathers)."""
     g = torch.Generator().manual_seed(7)
     k_cache = torch.randn(400, 2, 64, generator=g)
     v_cache = torch.randn(400, 2, 64, generator=g)
     q = torch.randn(5, 8, 64, generator=g)
-    starts, lens = torch.tensor(SLABS[0]), torch.tensor(SLABS[1])
+    tables, rows, lens = paged(7)
     packed = torch.full((5, 8, 65), 123.0, device=DEVICE)
-    kernels.decode_attention(*on_device(q, k_cache, v_cache, starts, lens), 0.125, 4,
-                             out=packed[..., :64], lse=packed[..., 64])
+    kernels.decode_attention(*on_device(q, k_cache, v_cache, tables, rows, lens), PAGE, 0.125,
+                             4, out=packed[..., :64], lse=packed[..., 64])
     packed = packed.cpu()
-    ref_out, ref_lse = reference(q, k_cache, v_cache, starts, lens, 0.125)
+    ref_out, ref_lse = reference(q, k_cache, v_cache, tables, rows, lens, 0.125)
     assert (packed[..., :64].double() - ref_out).abs().max() < 2e-6
     lse = packed[..., 64]
     assert torch.isneginf(lse[1]).all()
@@ -113,8 +146,9 @@ def test_portable_decode_attention_matches_float64():
     k_cache = torch.randn(400, 3, 64, generator=g)
     v_cache = torch.randn(400, 3, 64, generator=g)
     q = torch.randn(5, 9, 64, generator=g)
-    starts, lens = torch.tensor(SLABS[0]), torch.tensor(SLABS[1])
-    out, lse = get_backend("cpu").decode_attention(q, k_cache, v_cache, starts, lens, 0.125)
-    ref_out, ref_lse = reference(q, k_cache, v_cache, starts, lens, 0.125)
+    tables, rows, lens = paged(11)
+    out, lse = get_backend("cpu").decode_attention(q, k_cache, v_cache, tables, rows, lens,
+                                                   PAGE, 0.125)
+    ref_out, ref_lse = reference(q, k_cache, v_cache, tables, rows, lens, 0.125)
     assert (out.double() - ref_out).abs().max() < 2e-6
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()

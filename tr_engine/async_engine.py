@@ -34,6 +34,8 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     prefill_tokens_per_s: float  # of the most recent prefill step
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of them, tokens whose KV was reused
 
 
 class AsyncEngine:
@@ -115,6 +117,10 @@ class AsyncEngine:
                 out = self.engine.abort(args)
                 if out is not None:
                     self._deliver(args, out)
+            elif kind == "reset_prefix_cache":
+                loop, future = args
+                n = self.engine.reset_prefix_cache()
+                loop.call_soon_threadsafe(future.set_result, n)
             self._stats = self._snapshot()
 
     def _deliver(self, request_id: str, item) -> None:
@@ -147,6 +153,7 @@ class AsyncEngine:
             kv_capacity_tokens=e.kv_capacity, prompt_tokens_total=e.prompt_tokens_total,
             generation_tokens_total=e.generation_tokens_total,
             prefill_tokens_per_s=e.last_prefill_tokens_per_s,
+            prefix_cache_queries=s.blocks.queries, prefix_cache_hits=s.blocks.hits,
         )
 
     # ---- the server's side ---------------------------------------------------------------
@@ -200,6 +207,17 @@ class AsyncEngine:
                 self.abort(request_id)
             with self._lock:
                 self._streams.pop(request_id, None)
+
+    async def reset_prefix_cache(self) -> int:
+        """Drop every cached KV block no running request uses (between engine steps);
+        returns how many blocks went."""
+        if self._dead is not None:
+            raise self._dead
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("reset_prefix_cache", (loop, future)))
+        self._wake.set()
+        return await future
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -135,6 +135,10 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached KV block that no running request uses; returns how many."""
+        return self.scheduler.reset_prefix_cache()
+
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
@@ -231,7 +235,7 @@ class LLMEngine:
             seq.metrics.finished = time.time()
             self._forget(seq)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, [completion],
-                             seq.finished, seq.metrics)
+                             seq.finished, seq.metrics, seq.num_cached)
 
     def _forget(self, seq: Sequence) -> None:
         self._seqs.pop(seq.seq_id, None)

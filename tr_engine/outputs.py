@@ -49,6 +49,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     # vLLM-style convenience for single-sequence requests
     @property

@@ -51,7 +51,6 @@ def shard(x: torch.Tensor, world_size: int, rank: int, dim: int = 0, pad_value=0
 
 def unshard(shards: list[torch.Tensor], total: int, dim: int = 0) -> torch.Tensor:
     """Inverse of `shard`: put every rank's shard back in order and drop the padding."""
-    world_size = len(shards)
     n = shards[0].shape[dim] // 2
     firsts = [s.narrow(dim, 0, n) for s in shards]
     seconds = [s.narrow(dim, n, n) for s in shards]
