@@ -1,11 +1,13 @@
-"""Decode attention on one GPU: one query row per sequence against long KV slabs.
+"""Decode attention on one GPU: one query row per sequence against a long paged KV cache.
 
     python benchmarks/decode_kernels.py [--out docs/PERFORMANCE.md]
 
-The engine's decode kernel (backends/cuda_decode.py, Triton, split-K, slab starts and
-lengths read on the device so it can be recorded in a graph) against float64 first, then
-timed against the stock cuDNN and flash kernels called on the same slab (which need the
-length on the host). 32 query / 8 KV heads, D 128, bf16; GB/s counts K and V read once.
+The engine's decode kernel (backends/cuda_decode.py, Triton, split-K, block tables and
+lengths read on the device so it can be recorded in a graph; pages of 16 tokens, each
+sequence's pages scattered over the pool at random) against float64 first, then timed
+against the stock cuDNN and flash kernels called on a contiguous slab of as many keys
+(which need the length on the host). 32 query / 8 KV heads, D 128, bf16; GB/s counts K
+and V read once.
 Every time is GPU time: 16 calls recorded in a CUDA graph, replayed, divided by 16 (as
 decode runs it; launched from Python, two small kernels would be timed by the host). A
 sweep over tile shapes (keys per block, warps, stages) and key ranges per SM picks the
@@ -28,18 +30,34 @@ from reference import attention64  # noqa: E402
 from tr_engine.backends.cuda import _cudnn, _flash
 
 D, HQ, HKV = 128, 32, 8
+PAGE = 16
 SMS = 0
 
 
+def paged_tables(lens: list[int], pages: int, seed: int = 0):
+    """Block tables giving each sequence its own pages, drawn at random from the pool."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(pages, generator=g)
+    need = [-(-n // PAGE) for n in lens]
+    tables = torch.zeros((len(lens), max(need) + 1), dtype=torch.int32)
+    at = 0
+    for b, m in enumerate(need):
+        tables[b, :m] = order[at : at + m]
+        at += m
+    return tables.cuda(), torch.arange(len(lens), device="cuda")
+
+
 def slabs(batch: int, n: int):
-    """A cache of `batch` slabs of n keys with gaps between them, and q for each."""
-    cap = batch * (n + 1000)
+    """A paged cache holding `batch` sequences of n keys (and spare room), q for each, and
+    contiguous slab starts for the stock kernels."""
+    cap = batch * (n + 1024)
     k = torch.randn(cap, HKV, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(cap, HKV, D, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
-    starts = torch.arange(batch, device="cuda") * (n + 1000) + 500
+    tables, rows = paged_tables([n] * batch, cap // PAGE)
     lens = torch.full((batch,), n, device="cuda")
-    return q, k, v, starts, lens
+    starts = [b * (n + 1024) for b in range(batch)]
+    return q, k, v, (tables, rows, lens), starts
 
 
 def check() -> list[str]:
@@ -49,22 +67,26 @@ def check() -> list[str]:
         k = torch.randn(20000, HKV, D, device="cuda", generator=g).to(dtype)
         v = torch.randn(20000, HKV, D, device="cuda", generator=g).to(dtype)
         q = torch.randn(4, HQ, D, device="cuda", generator=g).to(dtype)
-        starts = torch.tensor([0, 5000, 19999, 100], device="cuda")
-        lens = torch.tensor([5000, 0, 1, 17000], device="cuda")
+        sizes = [5000, 0, 1, 14000]
+        tables, rows = paged_tables(sizes, 20000 // PAGE, seed=1)
+        lens = torch.tensor(sizes, device="cuda")
         splits = cuda_decode.decode_splits(4, HKV, SMS)
-        out, lse = cuda_decode.decode_attention(q, k, v, starts, lens, D**-0.5, splits)
+        out, lse = cuda_decode.decode_attention(q, k, v, tables, rows, lens, PAGE, D**-0.5,
+                                                splits)
         worst = 0.0
-        for b, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+        for b, n in enumerate(sizes):
             if n == 0:
                 assert (out[b] == 0).all() and torch.isneginf(lse[b]).all()
                 continue
-            ref, ref_lse = attention64(q[b : b + 1], k[s : s + n], v[s : s + n], causal=False,
+            idx = torch.arange(n, device="cuda")
+            slots = tables[b].long()[idx // PAGE] * PAGE + idx % PAGE
+            ref, ref_lse = attention64(q[b : b + 1], k[slots], v[slots], causal=False,
                                        scale=D**-0.5)
             worst = max(worst, (out[b].double() - ref[0]).abs().max().item())
             assert (lse[b].double() - ref_lse[0]).abs().max() < 1e-3
         assert worst < tol, f"{dtype}: {worst:.2e}"
         lines.append(f"{str(dtype)[6:]}: max abs error against float64 {worst:.1e} "
-                     f"(slabs of 5000, 0, 1, 17000 keys)")
+                     f"(sequences of 5000, 0, 1, 14000 keys in scattered pages)")
     return lines
 
 
@@ -83,14 +105,14 @@ def gbps(batch: int, n: int, ms: float) -> float:
 
 
 def sweep(batch: int, n: int) -> tuple[tuple[int, ...], list[str]]:
-    q, k, v, starts, lens = slabs(batch, n)
+    q, k, v, paged, _ = slabs(batch, n)
     best, lines = None, []
     for waves in (2, 4, 8):
         splits = cuda_decode.decode_splits(batch, HKV, SMS, waves)
         for tiles in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
             try:
                 ms = graph_ms(lambda t=tiles, s=splits: cuda_decode.decode_attention(
-                    q, k, v, starts, lens, D**-0.5, s, tiles=t))
+                    q, k, v, *paged, PAGE, D**-0.5, s, tiles=t))
             except Exception as e:  # e.g. out of shared memory for this tile
                 lines.append(f"  tiles {tiles} waves {waves}: refused ({type(e).__name__})")
                 continue
@@ -102,13 +124,12 @@ def sweep(batch: int, n: int) -> tuple[tuple[int, ...], list[str]]:
 
 
 def compare(batch: int, n: int, variants: dict[str, tuple[int, ...]]) -> list[str]:
-    q, k, v, starts, lens = slabs(batch, n)
+    q, k, v, paged, s0 = slabs(batch, n)
     rows = []
     for label, tiles in variants.items():
         splits = cuda_decode.decode_splits(batch, HKV, SMS, tiles[3])
         rows.append((f"ours, {label}", graph_ms(lambda t=tiles, s=splits: (
-            cuda_decode.decode_attention(q, k, v, starts, lens, D**-0.5, s, tiles=t[:3])))))
-    s0 = starts.tolist()
+            cuda_decode.decode_attention(q, k, v, *paged, PAGE, D**-0.5, s, tiles=t[:3])))))
     for name, fn in (("cudnn", _cudnn), ("flash", _flash)):
         def run(fn=fn):
             for b in range(batch):

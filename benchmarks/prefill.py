@@ -131,12 +131,14 @@ def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
     decode_steps = args.decode_steps
     longest = max(seqs)
     chunk = min(args.prefill_chunk or longest, longest)
-    per_rank = -(-longest // world) + -(-longest // chunk) * 2 * world + decode_steps + 64
+    per_rank = (-(-longest // world) + -(-longest // chunk) * 2 * world + decode_steps + 64
+                + 4 * 16)  # blocks of 16: an uneven last chunk
     config = EngineConfig(model=str(path), device="cuda", world_size=world, dtype="bfloat16",
                           max_model_len=longest + decode_steps + 8, prefill_chunk=chunk,
                           token_chunk=8192, max_num_seqs=1,
                           kv_cache_tokens=None if args.plan_memory else per_rank,
-                          attention_strategy=args.strategy)
+                          attention_strategy=args.strategy,
+                          enable_prefix_caching=False)  # the warm-up serves the same prompt
     try:
         engine = LLMEngine(config)
     except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -187,14 +189,14 @@ def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
 
 def replay_ms(engine, s: int) -> float | None:
     """GPU time of one decode step alone (one rank): the batch-of-one graph replayed against
-    the first s slots of the pool, where the request just served left its KV (freed, not
+    the pages of block-table row 0, where the request just served left its KV (freed, not
     cleared). The step time above also holds the host's share: scheduling, sampling,
     detokenizing."""
     runner = engine.cluster.runner
     graphs = runner.graphs
     if graphs is None:
         return None
-    meta = torch.tensor([[1], [s], [0], [s], [runner.kv.spare]], dtype=torch.long)
+    meta = torch.tensor([[1], [s], [0], [s], [runner.kv.spare]], dtype=torch.long)  # row 0
     graph = graphs.get(1)
     return time_ms(lambda: graphs.replay(graph, meta), warmup=2, reps=10, sync_ranks=False)
 
@@ -202,15 +204,15 @@ def replay_ms(engine, s: int) -> float | None:
 def bare_step_ms(engine, s: int) -> float:
     """Wall time of a decode step without the scheduler, sampler and detokenizer: the plan
     sent to every rank and every rank's graph replayed (KV of the request just served, in
-    the first slots of each rank's pool), until rank 0 holds the logits."""
+    row 0 of each rank's block table), until rank 0 holds the logits."""
     from tr_engine.attention import layout
     from tr_engine.plan import DecodePlan, StepPlan
 
     world = engine.world
-    shard = [layout.local_len(s, world, r) for r in range(world)]
+    shard = [layout.local_len(s, world, r, 16) for r in range(world)]
     plan = StepPlan("decode", decode=DecodePlan(
-        seq_ids=[0], tokens=[1], positions=[s], kv_start=[[0] * world],
-        kv_len=[shard], owner=[-1]))  # owner -1: nobody keeps it
+        seq_ids=[0], rows=[0], tokens=[1], positions=[s], kv_len=[shard],
+        owner=[-1]))  # owner -1: nobody keeps it
     times = []
     for _ in range(12):
         torch.cuda.synchronize()

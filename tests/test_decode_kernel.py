@@ -46,7 +46,7 @@ def paged(seed: int, page: int = PAGE):
     g = torch.Generator().manual_seed(seed)
     tables = torch.zeros((7, 400 // page), dtype=torch.int32)
     rows = torch.tensor([5, 0, 2, 6, 3])
-    for row, n in zip(rows.tolist(), LENS):
+    for row in rows.tolist():
         tables[row] = torch.randperm(400 // page, generator=g).to(torch.int32)
     return tables, rows, torch.tensor(LENS)
 

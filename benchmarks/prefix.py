@@ -1,0 +1,150 @@
+"""Prefix caching on GPUs: a follow-up's time to first token over a cached prefix.
+
+    python benchmarks/prefix.py --world 2 --prefixes 32768,131072,524288,1048576 \
+        --out docs/PERFORMANCE.md
+
+Llama-3.1-8B shape, random bf16 weights (the checkpoint of benchmarks/prefill.py). One engine
+serves, for each prefix length C: a document of C random tokens (its TTFT is the uncached
+cost, the whole prefill), then follow-ups of the document plus --new fresh tokens, whose KV
+of the document comes from the prefix cache, once per strategy: auto (the cost model's
+choice), tokenring and ring. For prefixes up to --uncached-max the same follow-up prompt is
+also served with the cache emptied first (reset_prefix_cache), the uncached TTFT of exactly
+that prompt. Then decode: the median step of the last follow-up, against the bound of
+weights plus this rank's KV shard read once per token at the measured copy bandwidth.
+TTFT is wall time from submitting the request to its first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import copy_gbps, machine, today, write_section
+from prefill import KV_BYTES_PER_TOKEN, VOCAB, WEIGHT_BYTES, write_checkpoint
+
+
+def serve(engine, ids: list[int], decode_steps: int = 0) -> tuple[float, list[float], int]:
+    """(TTFT, decode step times, cached tokens) of one request served alone."""
+    from tr_engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=decode_steps + 1, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    engine.add_request(f"r{t0}", ids, params)
+    ttft, steps, cached = None, [], 0
+    while engine.has_work():
+        t = time.perf_counter()
+        outs = engine.step()
+        if outs and ttft is None:
+            ttft = time.perf_counter() - t0
+            cached = outs[0].num_cached_tokens
+        elif outs:
+            steps.append(time.perf_counter() - t)
+    return ttft, steps, cached
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--prefixes", default="32768,131072,524288,1048576")
+    ap.add_argument("--new", type=int, default=1024)
+    ap.add_argument("--uncached-max", type=int, default=131072)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--prefill-chunk", type=int, default=262144)
+    ap.add_argument("--ckpt", default="/tmp/llama31-8b-random")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from tr_engine.config import EngineConfig
+    from tr_engine.engine import LLMEngine
+
+    torch.cuda.set_device(0)
+    copy = copy_gbps()
+    prefixes = [int(x) for x in args.prefixes.split(",")]
+    longest = max(prefixes) + 4 * args.new + args.decode_steps + 64
+    write_checkpoint(Path(args.ckpt), longest)
+    world = args.world
+    # the document, its follow-ups and their own blocks, with room to spare
+    per_rank = -(-(max(prefixes) + 8 * args.new) // world) + 8192
+    engine = LLMEngine(EngineConfig(
+        model=args.ckpt, device="cuda", world_size=world, dtype="bfloat16",
+        max_model_len=longest, prefill_chunk=args.prefill_chunk, max_num_seqs=1,
+        kv_cache_tokens=per_rank))
+    auto = engine.scheduler.choose_strategy
+    g = torch.Generator().manual_seed(0)
+
+    def fresh(n: int) -> list[int]:
+        return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+    serve(engine, fresh(2048))  # warm-up: kernels for the shapes of a short prompt
+    rows = []
+    for c in prefixes:
+        engine.reset_prefix_cache()
+        doc = fresh(c)
+        cold, _, _ = serve(engine, doc)
+        row = {"prefix": c, "doc_ttft": cold}
+        for name in ("auto", "tokenring", "ring"):
+            engine.scheduler.choose_strategy = auto if name == "auto" else (
+                lambda new, cached, s=name: s)
+            times = []
+            for _ in range(3):
+                ttft, _, cached = serve(engine, doc + fresh(args.new))
+                assert cached == c, f"{cached} of {c} tokens came from the cache"
+                times.append(ttft)
+            row[name] = statistics.median(times)
+        engine.scheduler.choose_strategy = auto
+        row["auto_chose"] = auto(args.new, c)
+        follow = doc + fresh(args.new)
+        if c <= args.uncached_max:
+            engine.reset_prefix_cache()
+            row["uncached"], _, cached = serve(engine, follow)
+            assert cached == 0
+        ttft, steps, _ = serve(engine, follow, args.decode_steps)
+        row["decode_ms"] = statistics.median(steps[2:]) * 1e3
+        shard = -(-(c + args.new) // world)
+        row["bound_ms"] = (WEIGHT_BYTES + shard * KV_BYTES_PER_TOKEN) / (copy * 1e9) * 1e3
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    engine.shutdown()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
+    text = report(rows, args, copy)
+    print(text)
+    if args.out:
+        write_section(args.out, "prefix-cache", text)
+
+
+def report(rows, args, copy) -> str:
+    lines = [f"## Prefix caching: follow-ups on a cached prefix — {today()}", "",
+             f"Machine: {machine()}; device copy {copy:.0f} GB/s.", "",
+             "Command: `python benchmarks/prefix.py " + " ".join(sys.argv[1:]) + "`", "",
+             f"Llama-3.1-8B shape, random bf16 weights, {args.world} GPUs, through the engine. "
+             f"A follow-up is the cached document plus {args.new} new tokens; its TTFT is the "
+             "median of 3. Uncached: the document alone, and (up to "
+             f"{args.uncached_max // 1024}K) the same follow-up prompt with the cache emptied.",
+             "",
+             "| cached prefix | document TTFT, uncached (s) | follow-up uncached (s) | "
+             "follow-up, auto (s) | auto chose | tokenring (s) | ring (s) | auto / best | "
+             "decode (ms/token) | bound (ms) | decode / bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        best = min(r["tokenring"], r["ring"])
+        unc = f"{r['uncached']:.2f}" if "uncached" in r else "—"
+        lines.append(
+            f"| {r['prefix'] // 1024}K | {r['doc_ttft']:.2f} | {unc} | {r['auto']:.3f} | "
+            f"{r['auto_chose']} | {r['tokenring']:.3f} | {r['ring']:.3f} | "
+            f"{r['auto'] / best:.2f} | {r['decode_ms']:.2f} | {r['bound_ms']:.2f} | "
+            f"{r['decode_ms'] / r['bound_ms']:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
