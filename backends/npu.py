@@ -102,8 +102,17 @@ def init_env(environ=None) -> dict[str, str]:
     return applied
 
 
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line (the launcher prints exactly two), cut to `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def import_torch_npu():
-    """Import torch_npu, or raise BackendUnavailable with what is missing and how to fix it."""
+    """Import torch_npu, or raise BackendUnavailable with what failed and how to fix it.
+
+    Any exception counts: torch_npu's own start-up checks raise RuntimeError, e.g. "Two
+    accelerators cannot be used at the same time" next to a CUDA build of torch."""
     try:
         import torch_npu  # noqa: F401
     except ImportError as e:
@@ -114,16 +123,27 @@ def import_torch_npu():
                 "(torch-npu matching your torch), or use --device cuda/cpu.",
             ) from e
         raise BackendUnavailable(
-            f"torch_npu is installed but cannot load: {e}",
+            f"torch_npu is installed but cannot load: {_one_line(e)}",
             "Source the Ascend toolkit first (`source /usr/local/Ascend/ascend-toolkit/set_env.sh`)"
             " and check that the CANN and torch-npu versions match.",
         ) from e
     except OSError as e:
         raise BackendUnavailable(
-            f"torch_npu is installed but cannot load the Ascend libraries: {e}",
+            f"torch_npu is installed but cannot load the Ascend libraries: {_one_line(e)}",
             "Source the Ascend toolkit first "
             "(`source /usr/local/Ascend/ascend-toolkit/set_env.sh`).",
         ) from e
+    except Exception as e:
+        what = f"importing torch_npu failed with {type(e).__name__}: {_one_line(e)}"
+        if "Two accelerators" in str(e):
+            fix = ("torch_npu needs the CPU build of torch: `pip install --index-url "
+                   "https://download.pytorch.org/whl/cpu torch==<the version torch-npu pairs "
+                   "with>` (docs/deploy-ascend.md lists the pairs), or use --device cuda.")
+        else:
+            fix = ("Check that CANN, torch and torch-npu form one row of the table in "
+                   "docs/deploy-ascend.md, and source "
+                   "/usr/local/Ascend/ascend-toolkit/set_env.sh.")
+        raise BackendUnavailable(what, fix) from e
     import torch_npu
 
     return torch_npu
