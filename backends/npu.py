@@ -67,6 +67,11 @@ _ENV_BOUNDS = {
     "P2P_HCCL_BUFFSIZE": (0, None),
 }
 
+# The Ascend/pytorch COMPATIBILITY.md rows the project supports (the `npu` extras of
+# pyproject.toml, the Dockerfile's default, docs/deploy-ascend.md): torch-npu -> (torch, CANN).
+# tests/torch_npu_schemas.py holds the op schemas of the first, read from its wheel.
+COMPATIBLE = {"2.10.0.post4": ("2.10.0", "9.1.0"), "2.9.0.post2": ("2.9.0", "9.0.0")}
+
 # Limits from the torch_npu documentation of the two attention kernels.
 FIA_MAX_HEAD_DIM, FIA_HEAD_DIM_ALIGN, FIA_MAX_GROUP = 512, 16, 64
 FIA_MAX_DECODE_KEYS = 262144  # keys per call when Q_S == 1
