@@ -72,13 +72,23 @@ _ENV_BOUNDS = {
 # tests/torch_npu_schemas.py holds the op schemas of the first, read from its wheel.
 COMPATIBLE = {"2.10.0.post4": ("2.10.0", "9.1.0"), "2.9.0.post2": ("2.9.0", "9.0.0")}
 
-# Limits from the torch_npu documentation of the two attention kernels.
+# Limits from the torch_npu documentation of the attention kernels (torch_npu 2.10.0.post4's
+# `_op_plugin_docs.py`); `kernels_for` checks them before a kernel runs.
 FIA_MAX_HEAD_DIM, FIA_HEAD_DIM_ALIGN, FIA_MAX_GROUP = 512, 16, 64
+FIA_MAX_ND = 65535  # Q_S > 1, layout BSND: N * D must be less than this
+FIA_MAX_SEQ = 20971520  # Q_S > 1: S of query and key at most 20M
 FIA_MAX_DECODE_KEYS = 262144  # keys per call when Q_S == 1
 FA_MAX_HEAD_DIM = 768
+FA_MAX_SEQ = 1 << 20  # S of query and key in 1..1M
+# npu_fusion_attention is documented for the Atlas A2 training series (SoC names Ascend910B*)
+# and Ascend 950DT only, and without graph capture (this backend records no graphs).
+FA_PRODUCTS = ("Ascend910B", "Ascend950DT")
 MAX_HEADS = 256
 MASK_SIZE = 2048  # side of the compressed causal mask for sparse_mode 2/3/4
-_EMPTY = -1e30  # stands for lse = -inf inside the fused merge (its formula needs finite max)
+RING_GAP = 200.0  # exp(-RING_GAP) is 0 in float32: how far below the other an empty side sits
+# Names of the kernels in logs and in disable_kernel.
+KERNELS = {"fused_infer": "npu_fused_infer_attention_score", "fusion": "npu_fusion_attention"}
+RING_UPDATE = "npu_ring_attention_update"
 
 
 def init_env(environ=None) -> dict[str, str]:
@@ -170,18 +180,31 @@ def lse_from_stats(softmax_max: torch.Tensor, softmax_sum: torch.Tensor) -> torc
     return (softmax_max[0, :, :, 0] + torch.log(softmax_sum[0, :, :, 0])).transpose(0, 1)
 
 
-def stats_from_lse(lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lse `[S, N]` -> (max, sum) `[1, N, S, 8]` for npu_ring_attention_update.
+def ring_stats(lse_a: torch.Tensor, lse_b: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two partial results' lse `[S, N]` -> (max_a, max_b, sum) `[1, N, S, 8]` for
+    npu_ring_attention_update, inside its documented input range: 8 equal values, max and
+    sum positive.
 
-    max = lse and sum = 1 describe the same partial result exactly, because the op only
-    uses sum * exp(max) = exp(lse). -inf (no key seen) becomes a very negative finite
-    max so the op never computes -inf - -inf.
+    The op weighs a side by sum * exp(max - max(max_a, max_b)), so only the difference of
+    the two maxima matters: each row is shifted so that its smaller lse becomes 1, with
+    sum = 1. A side that saw no key (lse -inf) sits RING_GAP below the other, where its
+    weight is exactly 0 in float32; a row empty on both sides gets 1 and 1 (both outs are 0).
+    The merged lse is then max(lse_a, lse_b) + log(new sum): see `_fused_merge_`.
     """
-    lse = lse.float()
-    m = torch.where(torch.isneginf(lse), torch.full_like(lse, _EMPTY), lse)  # [S, N]
-    s, n = m.shape
-    m8 = m.t().reshape(1, n, s, 1).expand(1, n, s, 8).contiguous()  # [1, N, S, 8]
-    return m8, torch.ones_like(m8)
+    a, b = lse_a.float(), lse_b.float()
+    empty_a, empty_b = torch.isneginf(a), torch.isneginf(b)
+    one_empty = empty_a | empty_b
+    low = torch.minimum(a, b)
+    max_a = torch.where(one_empty, 1 + RING_GAP * empty_b.float(), a - low + 1)  # [S, N]
+    max_b = torch.where(one_empty, 1 + RING_GAP * empty_a.float(), b - low + 1)
+    s, n = a.shape
+
+    def eight(x):  # [S, N] -> [1, N, S, 8]
+        return x.t().reshape(1, n, s, 1).expand(1, n, s, 8).contiguous()
+
+    max_a, max_b = eight(max_a), eight(max_b)
+    return max_a, max_b, torch.ones_like(max_a)
 
 
 class NpuBackend(Backend):
@@ -200,8 +223,17 @@ class NpuBackend(Backend):
                 "Check `npu-smi info`, the /dev/davinci* device mounts and "
                 "ASCEND_RT_VISIBLE_DEVICES, or use --device cuda/cpu.",
             )
-        self._ring_update = getattr(self.torch_npu, "npu_ring_attention_update", None)
+        self._ring_update = getattr(self.torch_npu, RING_UPDATE, None)
         self._masks: dict[torch.device, torch.Tensor] = {}
+        self._disabled: set[str] = set()  # kernels the self-check found wrong on this card
+        self._product: str | None = None
+
+    @property
+    def product(self) -> str:
+        """The SoC name of the current card (e.g. "Ascend910B3"); asked after set_device."""
+        if self._product is None:
+            self._product = str(self.npu.get_device_name(self.npu.current_device()))
+        return self._product
 
     @classmethod
     def is_available(cls) -> bool:
@@ -235,20 +267,29 @@ class NpuBackend(Backend):
 
     # Attention.
     def kernels_for(self, q: torch.Tensor, k: torch.Tensor) -> list[str]:
-        """Kernels whose documented limits admit this block, in order of preference."""
-        d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+        """Kernels whose documented limits admit this block, in order of preference, less
+        those the self-check disabled; "math" (the float32 kernel) last."""
+        (tq, hq, d), (tk, hkv) = q.shape, k.shape[:2]
         names = []
-        if hq <= MAX_HEADS:
-            if (
-                q.dtype in (torch.float16, torch.bfloat16)
-                and d <= FIA_MAX_HEAD_DIM
-                and d % FIA_HEAD_DIM_ALIGN == 0
-                and hq // hkv <= FIA_MAX_GROUP
-            ):
-                names.append("fused_infer")
-            if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d <= FA_MAX_HEAD_DIM:
-                names.append("fusion")
-        return [*names, "math"]
+        if (
+            q.dtype in (torch.float16, torch.bfloat16)
+            and d <= FIA_MAX_HEAD_DIM
+            and d % FIA_HEAD_DIM_ALIGN == 0
+            and hq <= MAX_HEADS
+            and hq // hkv <= FIA_MAX_GROUP
+            # one query row: any key count (sliced in _fused_infer); more: N * D and S bounds
+            and (tq == 1 or (hq * d < FIA_MAX_ND and max(tq, tk) <= FIA_MAX_SEQ))
+        ):
+            names.append("fused_infer")
+        if (
+            self.product.startswith(FA_PRODUCTS)
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and d <= FA_MAX_HEAD_DIM
+            and hq <= MAX_HEADS
+            and max(tq, tk) <= FA_MAX_SEQ
+        ):
+            names.append("fusion")
+        return [*(n for n in names if n not in self._disabled), "math"]
 
     def _attention(self, q, k, v, causal, scale):
         shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal, q.shape[0] == 1)
@@ -312,13 +353,36 @@ class NpuBackend(Backend):
     def _fused_merge_(self, out, lse, out_b, lse_b) -> None:
         """npu_ring_attention_update in its SBH layout: out `[S, B, N*D]`, stats `[B, N, S, 8]`."""
         rows, h, d = out.shape
-        prev_max, prev_sum = stats_from_lse(lse)
-        cur_max, cur_sum = stats_from_lse(lse_b)
-        new_out, new_max, new_sum = self._ring_update(
-            out.reshape(rows, 1, h * d), prev_max, prev_sum,
-            out_b.float().reshape(rows, 1, h * d), cur_max, cur_sum,
+        prev_max, cur_max, ones = ring_stats(lse, lse_b)
+        new_out, _, new_sum = self._ring_update(
+            out.reshape(rows, 1, h * d), prev_max, ones,
+            out_b.float().reshape(rows, 1, h * d), cur_max, ones,
             input_layout="SBH",
         )
-        new_lse = lse_from_stats(new_max, new_sum)
+        # new_sum is the sum over both sides relative to the larger one, whose lse is known
+        # exactly; a row empty on both sides stays -inf (the maximum of -inf and -inf).
+        new_lse = torch.maximum(lse, lse_b.float()) + torch.log(new_sum[0, :, :, 0].t())
         out.copy_(new_out.view(rows, h, d))
-        lse.copy_(torch.where(new_lse < _EMPTY / 2, torch.full_like(new_lse, -torch.inf), new_lse))
+        lse.copy_(new_lse)
+
+    # Kernel self-check (Backend.self_check): the kernels this card's limits will use.
+    def self_check_kernels(self):
+        attention = {KERNELS["fused_infer"]: self._fused_infer}
+        if self.product.startswith(FA_PRODUCTS):
+            attention[KERNELS["fusion"]] = self._fusion
+        merges = {RING_UPDATE: self._fused_merge_} if self._ring_update is not None else {}
+        return attention, merges
+
+    def self_check_admits(self, kernel, q, k, causal):
+        return any(KERNELS[n] == kernel for n in self.kernels_for(q, k) if n != "math")
+
+    def disable_kernel(self, kernel: str) -> str:
+        if kernel == RING_UPDATE:
+            self._ring_update = None
+            return "the portable merge"
+        short = next(n for n, full in KERNELS.items() if full == kernel)
+        self._disabled.add(short)
+        if (short == "fused_infer" and "fusion" not in self._disabled
+                and self.product.startswith(FA_PRODUCTS)):
+            return f"{KERNELS['fusion']} where its limits admit a block, else the float32 math"
+        return "the float32 math kernel"
