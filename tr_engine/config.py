@@ -27,6 +27,8 @@ class EngineConfig:
     max_num_seqs: sequences decoded together in one step; max_waiting: queue bound.
     enforce_eager: run decode steps kernel by kernel instead of replaying them from device
       graphs recorded at start-up (graphs are used where the backend records them: CUDA).
+    skip_kernel_self_check: trust the backend's fused kernels without the start-up check
+      against the portable math (Backend.self_check), which disables any that disagree.
     """
 
     model: str | None = None
@@ -44,6 +46,7 @@ class EngineConfig:
     served_model_name: str | None = None
     seed: int = 0
     enforce_eager: bool = False
+    skip_kernel_self_check: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
