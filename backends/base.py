@@ -242,7 +242,11 @@ class Backend(ABC):
     def self_check(self, device: torch.device) -> list[KernelCheck]:
         """Check every kernel of `self_check_kernels` on `device`; disable those that raise
         or disagree with the portable math, logging the kernel, the error and the fallback.
-        Returns one KernelCheck per kernel; deterministic (seeded), so all ranks agree."""
+        Returns one KernelCheck per kernel; deterministic (seeded), so all ranks agree. Runs
+        once per device: later calls (another engine in the process) return the results."""
+        done = self.__dict__.setdefault("_self_checked", {})  # per device, once a process
+        if str(device) in done:
+            return done[str(device)]
         attention, merges = self.self_check_kernels()
         if not attention and not merges:
             return []
@@ -264,6 +268,7 @@ class Backend(ABC):
         log.info("kernel self-check on %s: %d of %d kernels passed (%s), %d cases, in %.2f s",
                  device, len(passed), len(results), ", ".join(r.kernel for r in passed) or "none",
                  sum(r.cases for r in results), time.perf_counter() - t)
+        done[str(device)] = results
         return results
 
     def _check_one(self, name: str, cases: list[tuple[str, Callable[[], str]]]) -> KernelCheck:
