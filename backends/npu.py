@@ -1,31 +1,40 @@
 """NPU backend (Huawei Ascend): HCCL for communication, torch_npu fused attention kernels.
 
 torch_npu is imported only when this backend is chosen. Every torch_npu call below is
-written against its documentation (listed with versions in docs/deploy-ascend.md); none has
-run on an Ascend card yet. tests/test_npu_backend.py checks our use of the API against a
-CPU stand-in written from the same documentation, which says nothing about the hardware.
+written against its documentation (listed with versions in docs/deploy-ascend.md) and
+binds to the op schemas of the pinned wheels (tests/torch_npu_schemas.py); none has run on
+an Ascend card yet. tests/test_npu_backend.py checks our use of the API against a CPU
+stand-in written from the same documentation, which says nothing about the hardware. On a
+card, the start-up self-check (Backend.self_check) runs each fused kernel below against the
+portable math first and disables for the process any that raises or disagrees.
 
 Block attention, tensors kept in the engine's token-major layout and handed to the kernels
 as BSND views with B = 1 (q `[1, Tq, Hq, D]`, k/v `[1, Tk, Hkv, D]`, no copy):
 - `npu_fused_infer_attention_score(..., softmax_lse_flag=True)`, the inference kernel
   (graph-capturable), is the main path: float16/bfloat16, head dim a multiple of 16 up to
   512, at most 256 query heads and 64 query heads per key/value head (GQA through
-  `num_key_value_heads`). Its LSE comes back as `[B, N, S, 1]`. A one-row query (decode)
-  takes the kernel's incremental branch, which allows at most 262144 keys; longer shards
-  are attended in slices and merged.
-- `npu_fusion_attention` covers the rest (float32, other head dims up to 768). It returns
-  softmax max and sum as `[B, N, S, 8]` (eight equal values); lse = max + log(sum).
-- Anything neither documents falls back to the float32 math kernel of the CPU backend.
-Causal blocks reaching the kernel are square (the base class splits the others), and use
-`sparse_mode=3` (bottom-right causal) with the compressed 2048 x 2048 mask the
-documentation asks for: upper triangle True = masked out.
+  `num_key_value_heads`); with more than one query row N * D below 65535 and S at most 20M.
+  Its LSE comes back as `[B, N, S, 1]`. A one-row query (decode) takes the kernel's
+  incremental branch, which allows at most 262144 keys; longer shards are attended in
+  slices and merged.
+- `npu_fusion_attention` covers the rest (float32, other head dims up to 768, N * D too
+  large), only on the products its documentation names (Atlas A2 training series, Ascend
+  950DT; never recorded in a graph). It returns softmax max and sum as `[B, N, S, 8]`
+  (eight equal values); lse = max + log(sum).
+- Anything neither admits falls back to the float32 math kernel of the CPU backend.
+`kernels_for` checks these limits before a kernel runs. Causal blocks reaching the kernel
+are square (the base class splits the others), and use `sparse_mode=3` (bottom-right
+causal) with the compressed 2048 x 2048 mask the documentation asks for: upper triangle
+True = masked out.
 
 The paged form (`block_table`) is not used: the KV cache keeps each sequence's shard
 contiguous on its rank, so decode passes the shard itself.
 
 Merge: `npu_ring_attention_update` (release line 26.1.0 on: torch_npu 2.7.1.post8, 2.9.0.post6,
-2.10.0.post4, 2.11.0 and later) where present, fed max = lse and sum = 1, which is exact;
-else, or if the installed CANN refuses it, the portable merge.
+2.10.0.post4, 2.11.0 and later) where present. CANN documents its softmax max and sum as 8
+identical positive values, so `ring_stats` shifts each row's pair of lse values to a
+positive range the op weighs exactly as the lse themselves (see there). Absent, refused by
+the installed CANN, or failed in the self-check: the portable merge.
 
 Environment (applied by `init_env`, only where the user has not set a value; it must run
 before the HCCL communicators exist, so `NpuBackend()` calls it first thing):
@@ -47,6 +56,7 @@ isends in both directions have been reported to hang on NPUs.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -54,6 +64,8 @@ import torch
 from .base import Backend
 from .cpu import math_attention
 from .errors import BackendUnavailable
+
+log = logging.getLogger("tr_engine")
 
 ENV_DEFAULTS = {
     "HCCL_CONNECT_TIMEOUT": "600",
@@ -217,6 +229,13 @@ class NpuBackend(Backend):
         init_env()
         self.torch_npu = import_torch_npu()
         self.npu = self.torch_npu.npu  # = torch.npu once torch_npu is imported
+        version = str(getattr(self.torch_npu, "__version__", "unknown"))
+        row = COMPATIBLE.get(version)
+        if row is None or torch.__version__.split("+")[0] != row[0]:
+            log.warning("torch-npu %s with torch %s is not one of the pairs this engine is "
+                        "checked against (%s): docs/deploy-ascend.md", version,
+                        torch.__version__, ", ".join(f"torch-npu {n} + torch {t} (CANN {c})"
+                                                     for n, (t, c) in COMPATIBLE.items()))
         if not self.npu.is_available():
             raise BackendUnavailable(
                 "torch_npu loaded but sees no NPU.",

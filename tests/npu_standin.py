@@ -10,17 +10,23 @@ the code runs on an Ascend card. Where the documentation leaves a case open (a q
 that sees no key, the LSE of an empty key set), the stand-in raises rather than guess, so
 the backend cannot come to rely on it.
 
-Sources (Ascend/op-plugin unless noted):
+Signatures: exactly the schemas of the pinned torch_npu 2.10.0.post4 wheel
+(tests/torch_npu_schemas.py, held to them by tests/test_npu_schemas.py).
+
+Sources of the behaviour (Ascend/op-plugin unless noted):
 - npu_fused_infer_attention_score: docs/zh/custom_APIs/torch_npu/
-  torch_npu-npu_fused_infer_attention_score.md; signature identical in
-  op_plugin/config/op_plugin_functions.yaml from release 7.0.0 to 26.1.0.
-- npu_fusion_attention: docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md;
-  signature of release 7.1.0 (torch_npu 2.6.0), the oldest the project supports; later
-  releases only add keywords at the end, which the backend must not use.
-- npu_ring_attention_update: codegen/templates/_op_plugin_docs.py and the input checks of
-  op_plugin/ops/opapi/RingAttentionUpdateKernelNpuOpApi.cpp (26.1.0 and later).
+  torch_npu-npu_fused_infer_attention_score.md and the same text in torch_npu
+  2.10.0.post4's `_op_plugin_docs.py` (N * D < 65535 for BSH/BSND when Q_S > 1).
+- npu_fusion_attention: docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md and
+  `_op_plugin_docs.py` (training only, no aclgraph, Atlas A2 training series; CANN's
+  aclnnFlashAttentionScore adds Ascend 950DT). The keywords 2.10.0.post4 added at the end
+  (softmax_layout, sink, dropout_mask, seed, offset) are accepted but not modelled.
+- npu_ring_attention_update: codegen/templates/_op_plugin_docs.py, the input checks of
+  op_plugin/ops/opapi/RingAttentionUpdateKernelNpuOpApi.cpp (26.1.0 and later), and CANN's
+  aclnnRingAttentionUpdate: softmax max and sum are 8 identical values and must be positive.
 - torch_npu.npu.*: Ascend/pytorch docs/zh/api/native_api/pytorch_2-11-0/torch-cuda.md
-  (torch.cuda functions under the name torch_npu.npu.*).
+  (torch.cuda functions under the name torch_npu.npu.*); get_device_name returns the SoC
+  name (Ascend910B* on Atlas A2, Ascend910_93* on A3, as torch_npu's own checks read it).
 """
 
 from __future__ import annotations
@@ -360,13 +366,14 @@ _host = {"device_name": "Ascend910B3"}  # the SoC name of the cards of the last 
 
 def build(ring_update: bool = True, device_count: int = 8,
           mem_info: tuple[int, int] = (60 << 30, 64 << 30),
-          device_name: str = "Ascend910B3") -> types.ModuleType:
+          device_name: str = "Ascend910B3", version: str = "0.0.0+cpu-standin"
+          ) -> types.ModuleType:
     """A fresh `torch_npu` module object; `ring_update=False` models releases before 26.1.0.
     `device_name` is the cards' SoC name: Ascend910B* is Atlas A2, Ascend910_93* Atlas A3."""
     _host["device_name"] = device_name
     module = types.ModuleType("torch_npu")
     module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
-    module.__version__ = "0.0.0+cpu-standin"
+    module.__version__ = version
     module.npu = _npu_module(device_count, mem_info)
     module.npu_fused_infer_attention_score = npu_fused_infer_attention_score
     module.npu_fusion_attention = npu_fusion_attention

@@ -9,6 +9,7 @@ computes in float32 on the CPU from the documentation's description of each op.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 
 import npu_standin
@@ -319,6 +320,20 @@ def test_no_visible_card_is_reported():
     with npu_standin.install(device_count=0), pytest.raises(BackendUnavailable) as e:
         NpuBackend()
     assert "sees no NPU" in e.value.what and "ASCEND_RT_VISIBLE_DEVICES" in e.value.fix
+
+
+def test_a_pair_outside_the_pinned_ones_is_logged(monkeypatch, caplog):
+    for version, torch_version, warned in (("2.10.0.post4", "2.10.0+cpu", False),
+                                           ("2.9.0.post2", "2.9.0", False),
+                                           ("2.14.0", "2.14.0", True),
+                                           ("2.10.0.post4", "2.14.0+cu130", True)):
+        monkeypatch.setattr(torch, "__version__", torch_version)
+        caplog.clear()
+        with npu_standin.install(version=version), caplog.at_level(logging.WARNING):
+            NpuBackend()
+        assert ("not one of the pairs" in caplog.text) == warned, (version, torch_version)
+        if warned:
+            assert f"torch-npu {version} with torch {torch_version}" in caplog.text
 
 
 def test_hccl_environment_defaults_and_bounds():
