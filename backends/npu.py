@@ -146,8 +146,10 @@ def import_torch_npu():
         if "torch_npu" in str(e) and "No module named" in str(e):
             raise BackendUnavailable(
                 "torch_npu is not installed, so the NPU backend cannot start.",
-                "Install the Ascend CANN toolkit, then `pip install 'tr_engine[npu]'` "
-                "(torch-npu matching your torch), or use --device cuda/cpu.",
+                "Install the Ascend CANN toolkit, then `pip install --extra-index-url "
+                "https://download.pytorch.org/whl/cpu 'tr_engine[npu]'` (torch 2.10.0 + "
+                "torch-npu 2.10.0.post4; docs/deploy-ascend.md has the other row), or use "
+                "--device cuda/cpu.",
             ) from e
         raise BackendUnavailable(
             f"torch_npu is installed but cannot load: {_one_line(e)}",
