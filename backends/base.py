@@ -258,10 +258,9 @@ class Backend(ABC):
                      if self.self_check_admits(name, *_case_qk(*case[1:]))]
             if cases:
                 results.append(self._check_one(name, cases))
-        for name, fn in merges.items():
-            cases = [(f"a merge of {str(dtype)[6:]} partials",
-                      functools.partial(_check_merge, fn, device, dtype))
-                     for dtype in (torch.float32, torch.bfloat16)]
+        for name, fn in merges.items():  # one case: a Triton merge compiles per dtype
+            cases = [("a merge of bfloat16 partials",
+                      functools.partial(_check_merge, fn, device, torch.bfloat16))]
             results.append(self._check_one(name, cases))
         self.synchronize()
         passed = [r for r in results if r.ok]
@@ -329,7 +328,7 @@ def _check_merge(fn, device, dtype) -> str:
     from tr_engine.attention.merge import merge_
 
     g = torch.Generator().manual_seed(5)
-    rows, h, d = 24, 4, 128
+    rows, h, d = 64, 4, 128
     out = _randn((rows, h, d), g, torch.float32, device)
     lse = _randn((rows, h), g, torch.float32, device) * 8
     out_b = _randn((rows, h, d), g, dtype, device)

@@ -391,6 +391,8 @@ class NpuBackend(Backend):
         attention = {KERNELS["fused_infer"]: self._fused_infer}
         if self.product.startswith(FA_PRODUCTS):
             attention[KERNELS["fusion"]] = self._fusion
+        attention = {full: fn for full, fn in attention.items()
+                     if all(KERNELS[n] != full for n in self._disabled)}
         merges = {RING_UPDATE: self._fused_merge_} if self._ring_update is not None else {}
         return attention, merges
 
