@@ -424,3 +424,47 @@ def test_standin_leaves_no_trace():
         import torch_npu  # noqa: F401
     with pytest.raises(BackendUnavailable, match="not installed"):
         NpuBackend()
+
+
+# Each documented limit, just past it: (label, kernel, q/k/v shapes (Tq, Tk, Hq, Hkv, D),
+# dtype, stand-in error, limits lowered on both sides to keep the tensors small).
+LIMITS = [
+    ("FIA head dim > 512", FIA, (4, 4, 2, 2, 528), torch.bfloat16, "head dim 528", {}),
+    ("FIA head dim not a multiple of 16", FIA, (4, 4, 2, 2, 72), torch.bfloat16,
+     "not a multiple of 16", {}),
+    ("FIA > 64 query heads per KV head", FIA, (4, 4, 130, 2, 16), torch.bfloat16,
+     "more than 64 query heads", {}),
+    ("FIA > 256 heads", FIA, (4, 4, 264, 264, 16), torch.bfloat16, "more than 256 heads", {}),
+    ("FIA N * D >= 65535", FIA, (4, 4, 128, 16, 512), torch.bfloat16, "N \\* D = 65536", {}),
+    ("FIA S > 20M", FIA, (4, 40, 2, 2, 16), torch.bfloat16, "sequence too long",
+     {"FIA_MAX_SEQ": 32}),
+    ("FIA float32", FIA, (4, 4, 2, 2, 16), torch.float32, "float16 and bfloat16 only", {}),
+    ("FA head dim > 768", FA, (4, 4, 2, 2, 784), torch.float32, "head dim 784", {}),
+    ("FA > 256 heads", FA, (4, 4, 264, 264, 16), torch.float32, "at most 256", {}),
+    ("FA S > 1M", FA, (4, 40, 2, 2, 16), torch.float32, "S must be in", {"FA_MAX_SEQ": 32}),
+]
+
+
+@pytest.mark.parametrize("label,kernel,shape,dtype,error,lowered", LIMITS,
+                         ids=[c[0] for c in LIMITS])
+def test_every_documented_limit_is_refused_and_avoided(npu, monkeypatch, label, kernel,
+                                                       shape, dtype, error, lowered):
+    module, backend = npu
+    for name, value in lowered.items():
+        monkeypatch.setattr(npu_mod, name, value)
+        monkeypatch.setattr(npu_standin, name, value)
+    tq, tk, hq, hkv, d = shape
+    q, k, v = qkv(tq, tk, hq, hkv, d, dtype, 1)
+    with pytest.raises(RuntimeError, match=error):
+        if kernel == FIA:
+            module.npu_fused_infer_attention_score(
+                npu_mod.bsnd(q), npu_mod.bsnd(k), npu_mod.bsnd(v), num_heads=hq,
+                num_key_value_heads=hkv, scale=d**-0.5, input_layout="BSND",
+                softmax_lse_flag=True)
+        else:
+            module.npu_fusion_attention(npu_mod.bsnd(q), npu_mod.bsnd(k), npu_mod.bsnd(v), hq,
+                                        "BSND", scale=d**-0.5)
+    module.calls.clear()
+    out, lse = backend.attention(q, k, v, False)
+    compare("npu limits avoided", out, lse, *attention64(q, k, v, causal=False), dtype)
+    assert module.calls[kernel] == 0, label  # the backend never offered it the block
