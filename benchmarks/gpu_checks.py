@@ -82,7 +82,8 @@ def check_kernels() -> bool:
     engine_log.setLevel(logging.WARNING)
     for r in results:
         print(f"kernel self-check: {r.kernel}: {'passed' if r.ok else 'FAILED'} "
-              f"({r.cases} cases){'' if r.ok else ': ' + r.error}", flush=True)
+              f"({r.cases} case{'s' * (r.cases != 1)}){'' if r.ok else ': ' + r.error}",
+              flush=True)
     print(f"kernel self-check on {torch.cuda.get_device_name(0)}: {cost:.2f} s", flush=True)
     return bool(results) and all(r.ok for r in results)
 
