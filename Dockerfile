@@ -4,17 +4,19 @@
 #   docker build --build-arg CHIP=a3 -t tr-engine:npu-a3 .   # Atlas A3
 #
 # Base: the official CANN image (Ascend/cann-container-image: Ubuntu 22.04, Python 3.11,
-# CANN toolkit, ops and NNAL). torch, torch-npu and CANN must be a matching set; this one is
-# taken from Ascend/pytorch COMPATIBILITY.md (torch-npu 2.10.0.post4 = torch 2.10.0 on
-# CANN 9.1.0). Another row of that table works the same way, e.g.
-#   --build-arg CANN_VERSION=9.0.0 --build-arg TORCH_VERSION=2.9.0 \
-#   --build-arg TORCH_NPU_VERSION=2.9.0.post2
-ARG CANN_VERSION=9.1.0
+# CANN toolkit, ops and NNAL). torch, torch-npu and CANN must be one row of Ascend/pytorch
+# COMPATIBILITY.md. The default is the newest row whose CANN has a released image tag:
+# torch 2.10.0 / torch-npu 2.10.0.post4 need CANN 9.1.0, which is published only as
+# 9.1.0-beta.1 and 9.1.0-beta.3 so far, so the default is torch-npu 2.9.0.post2 = torch 2.9.0
+# on CANN 9.0.0. The row the project's schemas are pinned to, on the 9.1.0 beta image:
+#   --build-arg CANN_VERSION=9.1.0-beta.3 --build-arg TORCH_VERSION=2.10.0 \
+#   --build-arg TORCH_NPU_VERSION=2.10.0.post4
+ARG CANN_VERSION=9.0.0
 ARG CHIP=910b
 FROM quay.io/ascend/cann:${CANN_VERSION}-${CHIP}-ubuntu22.04-py3.11
 
-ARG TORCH_VERSION=2.10.0
-ARG TORCH_NPU_VERSION=2.10.0.post4
+ARG TORCH_VERSION=2.9.0
+ARG TORCH_NPU_VERSION=2.9.0.post2
 # The card device nodes belong to the driver's HwHiAiUser group: give its host GID here
 # (`getent group HwHiAiUser`) so the non-root user below may open them.
 ARG ASCEND_GID=1000

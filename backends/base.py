@@ -9,10 +9,46 @@ returns the log-sum-exp of each query row, so partial results can be merged exac
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("tr_engine")
+
+# The kernel self-check's cases: (label, dtype, Tq, Tk, Hq, Hkv, D, causal), the blocks the
+# engine sends (square causal prefill, TokenRing's 2L x L and L x 2L blocks, a decode row),
+# with GQA and MHA, head dims 64 and 128. Causal blocks are square, as kernels get them.
+SELF_CHECK_CASES = (
+    ("prefill causal GQA", torch.bfloat16, 128, 128, 8, 2, 128, True),
+    ("prefill 2L x L GQA", torch.bfloat16, 128, 64, 8, 2, 128, False),
+    ("prefill L x 2L MHA", torch.bfloat16, 64, 128, 4, 4, 64, False),
+    ("decode row GQA", torch.bfloat16, 1, 200, 8, 2, 128, False),
+    ("prefill causal float16", torch.float16, 48, 48, 4, 2, 64, True),
+    ("decode row float32", torch.float32, 1, 96, 4, 2, 64, False),
+)
+# Agreement asked of a fused kernel against the float32 math on the same inputs: bfloat16
+# tolerance (out is rounded to 8 mantissa bits, |out| < 3 here). The merge works in float32
+# on float32 inputs, so it must agree far more closely.
+SELF_CHECK_TOL = 2e-2
+SELF_CHECK_MERGE_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class KernelCheck:
+    """The self-check of one fused kernel: `cases` run; if not `ok`, `error` says what
+    disagreed or what it raised, and `fallback` what the backend uses instead."""
+
+    kernel: str
+    ok: bool
+    cases: int
+    error: str = ""
+    fallback: str = ""
 
 
 class Backend(ABC):
@@ -193,9 +229,138 @@ class Backend(ABC):
 
         merge_(out, lse, out_b, lse_b)
 
+    # Kernel self-check: the fused kernels a backend plans to use, each run once at start-up on
+    # small random inputs against the portable math. Their documentation can be wrong or
+    # silent about a case (the LSE's values, an input range), and a wrong result raises
+    # nothing, so a kernel is trusted only after it agreed on this card.
+    def self_check_kernels(self) -> tuple[dict[str, Callable], dict[str, Callable]]:
+        """The fused kernels to check, by name: attention kernels `fn(q, k, v, causal, scale)
+        -> (out, lse)` (called only with blocks `self_check_admits` accepts) and in-place
+        merges `fn(out, lse, out_b, lse_b)`. None here: the portable code is the reference."""
+        return {}, {}
+
+    def self_check_admits(self, kernel: str, q: torch.Tensor, k: torch.Tensor,
+                          causal: bool) -> bool:
+        """True when attention `kernel` would be given this block (its limits admit it)."""
+        return True
+
+    def disable_kernel(self, kernel: str) -> str:
+        """Stop using `kernel` in this process; returns what is used instead."""
+        raise NotImplementedError(f"{self.name} has no kernel {kernel!r}")
+
+    def self_check(self, device: torch.device) -> list[KernelCheck]:
+        """Check every kernel of `self_check_kernels` on `device`; disable those that raise
+        or disagree with the portable math, logging the kernel, the error and the fallback.
+        Returns one KernelCheck per kernel; deterministic (seeded), so all ranks agree. Runs
+        once per device: later calls (another engine in the process) return the results."""
+        done = self.__dict__.setdefault("_self_checked", {})  # per device, once a process
+        if str(device) in done:
+            return done[str(device)]
+        attention, merges = self.self_check_kernels()
+        if not attention and not merges:
+            return []
+        t = time.perf_counter()
+        results = []
+        for name, fn in attention.items():
+            cases = [(case[0], functools.partial(_check_attention, fn, device, *case[1:]))
+                     for case in SELF_CHECK_CASES
+                     if self.self_check_admits(name, *_case_qk(*case[1:]))]
+            if cases:
+                results.append(self._check_one(name, cases))
+        for name, fn in merges.items():  # one case: a Triton merge compiles per dtype
+            cases = [("a merge of bfloat16 partials",
+                      functools.partial(_check_merge, fn, device, torch.bfloat16))]
+            results.append(self._check_one(name, cases))
+        self.synchronize()
+        passed = [r for r in results if r.ok]
+        log.info("kernel self-check on %s: %d of %d kernels passed (%s), %d cases, in %.2f s",
+                 device, len(passed), len(results), ", ".join(r.kernel for r in passed) or "none",
+                 sum(r.cases for r in results), time.perf_counter() - t)
+        done[str(device)] = results
+        return results
+
+    def _check_one(self, name: str, cases: list[tuple[str, Callable[[], str]]]) -> KernelCheck:
+        for n, (label, run) in enumerate(cases, 1):
+            try:
+                error = run()
+            except Exception as e:  # a kernel that raises on a documented input is unusable
+                error = f"raised {type(e).__name__}: {_one_line(e)}"
+            if error:
+                fallback = self.disable_kernel(name)
+                log.warning("kernel self-check: %s failed on %s: %s; disabled for this "
+                            "process, falling back to %s", name, label, error, fallback)
+                return KernelCheck(name, False, n, f"{label}: {error}", fallback)
+        return KernelCheck(name, True, len(cases))
+
 
 def empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The result of attending to nothing: out 0, lse -inf."""
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     return out, lse
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _case_qk(dtype, tq, tk, hq, hkv, d, causal):
+    """Shape-only stand-ins for a case's q and k (what `self_check_admits` looks at)."""
+    q = torch.empty((tq, hq, d), dtype=dtype, device="meta")
+    k = torch.empty((tk, hkv, d), dtype=dtype, device="meta")
+    return q, k, causal
+
+
+def _randn(shape, g, dtype, device) -> torch.Tensor:
+    return torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+
+
+def _check_attention(fn, device, dtype, tq, tk, hq, hkv, d, causal) -> str:
+    """'' if fn agrees with the float32 math on a seeded random block, else what differed."""
+    from .cpu import math_attention
+
+    g = torch.Generator().manual_seed(tq * 7919 + tk * 131 + hq * 17 + d)
+    q = _randn((tq, hq, d), g, dtype, device)
+    k = _randn((tk, hkv, d), g, dtype, device)
+    v = _randn((tk, hkv, d), g, dtype, device)
+    scale = 1.0 / math.sqrt(d)
+    out, lse = fn(q, k, v, causal, scale)
+    want_out, want_lse = math_attention(q, k, v, causal, scale)
+    return (_differs("out", out, want_out, SELF_CHECK_TOL)
+            or _differs("lse", lse, want_lse, SELF_CHECK_TOL))
+
+
+def _check_merge(fn, device, dtype) -> str:
+    """'' if the in-place merge fn agrees with the portable merge on seeded random partial
+    results: lse of both signs, rows empty (-inf) on either side and on both."""
+    from tr_engine.attention.merge import merge_
+
+    g = torch.Generator().manual_seed(5)
+    rows, h, d = 64, 4, 128
+    out = _randn((rows, h, d), g, torch.float32, device)
+    lse = _randn((rows, h), g, torch.float32, device) * 8
+    out_b = _randn((rows, h, d), g, dtype, device)
+    lse_b = _randn((rows, h), g, torch.float32, device) * 8
+    empty = float("-inf")
+    out[0], lse[0] = 0, empty
+    out_b[1], lse_b[1] = 0, empty
+    out[2], lse[2], out_b[2], lse_b[2] = 0, empty, 0, empty
+    want_out, want_lse = out.clone(), lse.clone()
+    merge_(want_out, want_lse, out_b, lse_b)
+    fn(out, lse, out_b, lse_b)
+    return (_differs("out", out, want_out, SELF_CHECK_MERGE_TOL)
+            or _differs("lse", lse, want_lse, SELF_CHECK_MERGE_TOL))
+
+
+def _differs(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> str:
+    if tuple(got.shape) != tuple(want.shape):
+        return f"{what} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    got, want = got.float(), want.float()
+    empty = torch.isneginf(want)
+    if not torch.equal(torch.isneginf(got), empty):
+        return f"{what} is -inf in other rows than the portable math's"
+    err = (got[~empty] - want[~empty]).abs().max().item() if (~empty).any() else 0.0
+    if not err <= tol:  # also catches nan
+        return f"{what} differs from the portable math by {err:.3g} (tolerance {tol:g})"
+    return ""

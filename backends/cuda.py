@@ -130,3 +130,25 @@ class CudaBackend(Backend):
         if q.dtype == torch.float32:
             kernels = [kv for kv in kernels if kv[0] == "math"]
         return self._first_accepting(kernels, shape_class, q, k, v, causal, scale)
+
+    # Kernel self-check (Backend.self_check): the attention kernels and the Triton merge.
+    _NAMES = {"cudnn": "cuDNN attention", "flash": "flash attention"}
+
+    def self_check_kernels(self):
+        attention = {self._NAMES[name]: fn for name, fn in self._BIG if name in self._NAMES}
+        merges = {"Triton merge": self._fused_merge} if self._fused_merge is not None else {}
+        return attention, merges
+
+    def self_check_admits(self, kernel, q, k, causal):
+        return q.dtype != torch.float32  # float32 goes to the math kernel
+
+    def disable_kernel(self, kernel: str) -> str:
+        if kernel == "Triton merge":
+            self._fused_merge = None
+            return "the portable merge"
+        name = next(n for n, full in self._NAMES.items() if full == kernel)
+        # the preference lists lose it, for this instance only (class attributes stay)
+        self._BIG = tuple(kv for kv in self._BIG if kv[0] != name)
+        self._SMALL = tuple(kv for kv in self._SMALL if kv[0] != name)
+        rest = [self._NAMES.get(n, "the float32 math kernel") for n, _ in self._BIG]
+        return ", then ".join(rest)

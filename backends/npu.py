@@ -1,31 +1,40 @@
 """NPU backend (Huawei Ascend): HCCL for communication, torch_npu fused attention kernels.
 
 torch_npu is imported only when this backend is chosen. Every torch_npu call below is
-written against its documentation (listed with versions in docs/deploy-ascend.md); none has
-run on an Ascend card yet. tests/test_npu_backend.py checks our use of the API against a
-CPU stand-in written from the same documentation, which says nothing about the hardware.
+written against its documentation (listed with versions in docs/deploy-ascend.md) and
+binds to the op schemas of the pinned wheels (tests/torch_npu_schemas.py); none has run on
+an Ascend card yet. tests/test_npu_backend.py checks our use of the API against a CPU
+stand-in written from the same documentation, which says nothing about the hardware. On a
+card, the start-up self-check (Backend.self_check) runs each fused kernel below against the
+portable math first and disables for the process any that raises or disagrees.
 
 Block attention, tensors kept in the engine's token-major layout and handed to the kernels
 as BSND views with B = 1 (q `[1, Tq, Hq, D]`, k/v `[1, Tk, Hkv, D]`, no copy):
 - `npu_fused_infer_attention_score(..., softmax_lse_flag=True)`, the inference kernel
   (graph-capturable), is the main path: float16/bfloat16, head dim a multiple of 16 up to
   512, at most 256 query heads and 64 query heads per key/value head (GQA through
-  `num_key_value_heads`). Its LSE comes back as `[B, N, S, 1]`. A one-row query (decode)
-  takes the kernel's incremental branch, which allows at most 262144 keys; longer shards
-  are attended in slices and merged.
-- `npu_fusion_attention` covers the rest (float32, other head dims up to 768). It returns
-  softmax max and sum as `[B, N, S, 8]` (eight equal values); lse = max + log(sum).
-- Anything neither documents falls back to the float32 math kernel of the CPU backend.
-Causal blocks reaching the kernel are square (the base class splits the others), and use
-`sparse_mode=3` (bottom-right causal) with the compressed 2048 x 2048 mask the
-documentation asks for: upper triangle True = masked out.
+  `num_key_value_heads`); with more than one query row N * D below 65535 and S at most 20M.
+  Its LSE comes back as `[B, N, S, 1]`. A one-row query (decode) takes the kernel's
+  incremental branch, which allows at most 262144 keys; longer shards are attended in
+  slices and merged.
+- `npu_fusion_attention` covers the rest (float32, other head dims up to 768, N * D too
+  large), only on the products its documentation names (Atlas A2 training series, Ascend
+  950DT; never recorded in a graph). It returns softmax max and sum as `[B, N, S, 8]`
+  (eight equal values); lse = max + log(sum).
+- Anything neither admits falls back to the float32 math kernel of the CPU backend.
+`kernels_for` checks these limits before a kernel runs. Causal blocks reaching the kernel
+are square (the base class splits the others), and use `sparse_mode=3` (bottom-right
+causal) with the compressed 2048 x 2048 mask the documentation asks for: upper triangle
+True = masked out.
 
 The paged form (`block_table`) is not used: the KV cache keeps each sequence's shard
 contiguous on its rank, so decode passes the shard itself.
 
 Merge: `npu_ring_attention_update` (release line 26.1.0 on: torch_npu 2.7.1.post8, 2.9.0.post6,
-2.10.0.post4, 2.11.0 and later) where present, fed max = lse and sum = 1, which is exact;
-else, or if the installed CANN refuses it, the portable merge.
+2.10.0.post4, 2.11.0 and later) where present. CANN documents its softmax max and sum as 8
+identical positive values, so `ring_stats` shifts each row's pair of lse values to a
+positive range the op weighs exactly as the lse themselves (see there). Absent, refused by
+the installed CANN, or failed in the self-check: the portable merge.
 
 Environment (applied by `init_env`, only where the user has not set a value; it must run
 before the HCCL communicators exist, so `NpuBackend()` calls it first thing):
@@ -47,6 +56,7 @@ isends in both directions have been reported to hang on NPUs.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -54,6 +64,8 @@ import torch
 from .base import Backend
 from .cpu import math_attention
 from .errors import BackendUnavailable
+
+log = logging.getLogger("tr_engine")
 
 ENV_DEFAULTS = {
     "HCCL_CONNECT_TIMEOUT": "600",
@@ -67,13 +79,28 @@ _ENV_BOUNDS = {
     "P2P_HCCL_BUFFSIZE": (0, None),
 }
 
-# Limits from the torch_npu documentation of the two attention kernels.
+# The Ascend/pytorch COMPATIBILITY.md rows the project supports (the `npu` extras of
+# pyproject.toml, the Dockerfile's default, docs/deploy-ascend.md): torch-npu -> (torch, CANN).
+# tests/torch_npu_schemas.py holds the op schemas of the first, read from its wheel.
+COMPATIBLE = {"2.10.0.post4": ("2.10.0", "9.1.0"), "2.9.0.post2": ("2.9.0", "9.0.0")}
+
+# Limits from the torch_npu documentation of the attention kernels (torch_npu 2.10.0.post4's
+# `_op_plugin_docs.py`); `kernels_for` checks them before a kernel runs.
 FIA_MAX_HEAD_DIM, FIA_HEAD_DIM_ALIGN, FIA_MAX_GROUP = 512, 16, 64
+FIA_MAX_ND = 65535  # Q_S > 1, layout BSND: N * D must be less than this
+FIA_MAX_SEQ = 20971520  # Q_S > 1: S of query and key at most 20M
 FIA_MAX_DECODE_KEYS = 262144  # keys per call when Q_S == 1
 FA_MAX_HEAD_DIM = 768
+FA_MAX_SEQ = 1 << 20  # S of query and key in 1..1M
+# npu_fusion_attention is documented for the Atlas A2 training series (SoC names Ascend910B*)
+# and Ascend 950DT only, and without graph capture (this backend records no graphs).
+FA_PRODUCTS = ("Ascend910B", "Ascend950DT")
 MAX_HEADS = 256
 MASK_SIZE = 2048  # side of the compressed causal mask for sparse_mode 2/3/4
-_EMPTY = -1e30  # stands for lse = -inf inside the fused merge (its formula needs finite max)
+RING_GAP = 200.0  # exp(-RING_GAP) is 0 in float32: how far below the other an empty side sits
+# Names of the kernels in logs and in disable_kernel.
+KERNELS = {"fused_infer": "npu_fused_infer_attention_score", "fusion": "npu_fusion_attention"}
+RING_UPDATE = "npu_ring_attention_update"
 
 
 def init_env(environ=None) -> dict[str, str]:
@@ -102,28 +129,50 @@ def init_env(environ=None) -> dict[str, str]:
     return applied
 
 
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line (the launcher prints exactly two), cut to `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def import_torch_npu():
-    """Import torch_npu, or raise BackendUnavailable with what is missing and how to fix it."""
+    """Import torch_npu, or raise BackendUnavailable with what failed and how to fix it.
+
+    Any exception counts: torch_npu's own start-up checks raise RuntimeError, e.g. "Two
+    accelerators cannot be used at the same time" next to a CUDA build of torch."""
     try:
         import torch_npu  # noqa: F401
     except ImportError as e:
         if "torch_npu" in str(e) and "No module named" in str(e):
             raise BackendUnavailable(
                 "torch_npu is not installed, so the NPU backend cannot start.",
-                "Install the Ascend CANN toolkit, then `pip install 'tr_engine[npu]'` "
-                "(torch-npu matching your torch), or use --device cuda/cpu.",
+                "Install the Ascend CANN toolkit, then `pip install --extra-index-url "
+                "https://download.pytorch.org/whl/cpu 'tr_engine[npu]'` (torch 2.10.0 + "
+                "torch-npu 2.10.0.post4; docs/deploy-ascend.md has the other row), or use "
+                "--device cuda/cpu.",
             ) from e
         raise BackendUnavailable(
-            f"torch_npu is installed but cannot load: {e}",
+            f"torch_npu is installed but cannot load: {_one_line(e)}",
             "Source the Ascend toolkit first (`source /usr/local/Ascend/ascend-toolkit/set_env.sh`)"
             " and check that the CANN and torch-npu versions match.",
         ) from e
     except OSError as e:
         raise BackendUnavailable(
-            f"torch_npu is installed but cannot load the Ascend libraries: {e}",
+            f"torch_npu is installed but cannot load the Ascend libraries: {_one_line(e)}",
             "Source the Ascend toolkit first "
             "(`source /usr/local/Ascend/ascend-toolkit/set_env.sh`).",
         ) from e
+    except Exception as e:
+        what = f"importing torch_npu failed with {type(e).__name__}: {_one_line(e)}"
+        if "Two accelerators" in str(e):
+            fix = ("torch_npu needs the CPU build of torch: `pip install --index-url "
+                   "https://download.pytorch.org/whl/cpu torch==<the version torch-npu pairs "
+                   "with>` (docs/deploy-ascend.md lists the pairs), or use --device cuda.")
+        else:
+            fix = ("Check that CANN, torch and torch-npu form one row of the table in "
+                   "docs/deploy-ascend.md, and source "
+                   "/usr/local/Ascend/ascend-toolkit/set_env.sh.")
+        raise BackendUnavailable(what, fix) from e
     import torch_npu
 
     return torch_npu
@@ -145,18 +194,31 @@ def lse_from_stats(softmax_max: torch.Tensor, softmax_sum: torch.Tensor) -> torc
     return (softmax_max[0, :, :, 0] + torch.log(softmax_sum[0, :, :, 0])).transpose(0, 1)
 
 
-def stats_from_lse(lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lse `[S, N]` -> (max, sum) `[1, N, S, 8]` for npu_ring_attention_update.
+def ring_stats(lse_a: torch.Tensor, lse_b: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two partial results' lse `[S, N]` -> (max_a, max_b, sum) `[1, N, S, 8]` for
+    npu_ring_attention_update, inside its documented input range: 8 equal values, max and
+    sum positive.
 
-    max = lse and sum = 1 describe the same partial result exactly, because the op only
-    uses sum * exp(max) = exp(lse). -inf (no key seen) becomes a very negative finite
-    max so the op never computes -inf - -inf.
+    The op weighs a side by sum * exp(max - max(max_a, max_b)), so only the difference of
+    the two maxima matters: each row is shifted so that its smaller lse becomes 1, with
+    sum = 1. A side that saw no key (lse -inf) sits RING_GAP below the other, where its
+    weight is exactly 0 in float32; a row empty on both sides gets 1 and 1 (both outs are 0).
+    The merged lse is then max(lse_a, lse_b) + log(new sum): see `_fused_merge_`.
     """
-    lse = lse.float()
-    m = torch.where(torch.isneginf(lse), torch.full_like(lse, _EMPTY), lse)  # [S, N]
-    s, n = m.shape
-    m8 = m.t().reshape(1, n, s, 1).expand(1, n, s, 8).contiguous()  # [1, N, S, 8]
-    return m8, torch.ones_like(m8)
+    a, b = lse_a.float(), lse_b.float()
+    empty_a, empty_b = torch.isneginf(a), torch.isneginf(b)
+    one_empty = empty_a | empty_b
+    low = torch.minimum(a, b)
+    max_a = torch.where(one_empty, 1 + RING_GAP * empty_b.float(), a - low + 1)  # [S, N]
+    max_b = torch.where(one_empty, 1 + RING_GAP * empty_a.float(), b - low + 1)
+    s, n = a.shape
+
+    def eight(x):  # [S, N] -> [1, N, S, 8]
+        return x.t().reshape(1, n, s, 1).expand(1, n, s, 8).contiguous()
+
+    max_a, max_b = eight(max_a), eight(max_b)
+    return max_a, max_b, torch.ones_like(max_a)
 
 
 class NpuBackend(Backend):
@@ -169,14 +231,30 @@ class NpuBackend(Backend):
         init_env()
         self.torch_npu = import_torch_npu()
         self.npu = self.torch_npu.npu  # = torch.npu once torch_npu is imported
+        version = str(getattr(self.torch_npu, "__version__", "unknown"))
+        row = COMPATIBLE.get(version)
+        if row is None or torch.__version__.split("+")[0] != row[0]:
+            log.warning("torch-npu %s with torch %s is not one of the pairs this engine is "
+                        "checked against (%s): docs/deploy-ascend.md", version,
+                        torch.__version__, ", ".join(f"torch-npu {n} + torch {t} (CANN {c})"
+                                                     for n, (t, c) in COMPATIBLE.items()))
         if not self.npu.is_available():
             raise BackendUnavailable(
                 "torch_npu loaded but sees no NPU.",
                 "Check `npu-smi info`, the /dev/davinci* device mounts and "
                 "ASCEND_RT_VISIBLE_DEVICES, or use --device cuda/cpu.",
             )
-        self._ring_update = getattr(self.torch_npu, "npu_ring_attention_update", None)
+        self._ring_update = getattr(self.torch_npu, RING_UPDATE, None)
         self._masks: dict[torch.device, torch.Tensor] = {}
+        self._disabled: set[str] = set()  # kernels the self-check found wrong on this card
+        self._product: str | None = None
+
+    @property
+    def product(self) -> str:
+        """The SoC name of the current card (e.g. "Ascend910B3"); asked after set_device."""
+        if self._product is None:
+            self._product = str(self.npu.get_device_name(self.npu.current_device()))
+        return self._product
 
     @classmethod
     def is_available(cls) -> bool:
@@ -210,20 +288,29 @@ class NpuBackend(Backend):
 
     # Attention.
     def kernels_for(self, q: torch.Tensor, k: torch.Tensor) -> list[str]:
-        """Kernels whose documented limits admit this block, in order of preference."""
-        d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+        """Kernels whose documented limits admit this block, in order of preference, less
+        those the self-check disabled; "math" (the float32 kernel) last."""
+        (tq, hq, d), (tk, hkv) = q.shape, k.shape[:2]
         names = []
-        if hq <= MAX_HEADS:
-            if (
-                q.dtype in (torch.float16, torch.bfloat16)
-                and d <= FIA_MAX_HEAD_DIM
-                and d % FIA_HEAD_DIM_ALIGN == 0
-                and hq // hkv <= FIA_MAX_GROUP
-            ):
-                names.append("fused_infer")
-            if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d <= FA_MAX_HEAD_DIM:
-                names.append("fusion")
-        return [*names, "math"]
+        if (
+            q.dtype in (torch.float16, torch.bfloat16)
+            and d <= FIA_MAX_HEAD_DIM
+            and d % FIA_HEAD_DIM_ALIGN == 0
+            and hq <= MAX_HEADS
+            and hq // hkv <= FIA_MAX_GROUP
+            # one query row: any key count (sliced in _fused_infer); more: N * D and S bounds
+            and (tq == 1 or (hq * d < FIA_MAX_ND and max(tq, tk) <= FIA_MAX_SEQ))
+        ):
+            names.append("fused_infer")
+        if (
+            self.product.startswith(FA_PRODUCTS)
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and d <= FA_MAX_HEAD_DIM
+            and hq <= MAX_HEADS
+            and max(tq, tk) <= FA_MAX_SEQ
+        ):
+            names.append("fusion")
+        return [*(n for n in names if n not in self._disabled), "math"]
 
     def _attention(self, q, k, v, causal, scale):
         shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal, q.shape[0] == 1)
@@ -287,13 +374,38 @@ class NpuBackend(Backend):
     def _fused_merge_(self, out, lse, out_b, lse_b) -> None:
         """npu_ring_attention_update in its SBH layout: out `[S, B, N*D]`, stats `[B, N, S, 8]`."""
         rows, h, d = out.shape
-        prev_max, prev_sum = stats_from_lse(lse)
-        cur_max, cur_sum = stats_from_lse(lse_b)
-        new_out, new_max, new_sum = self._ring_update(
-            out.reshape(rows, 1, h * d), prev_max, prev_sum,
-            out_b.float().reshape(rows, 1, h * d), cur_max, cur_sum,
+        prev_max, cur_max, ones = ring_stats(lse, lse_b)
+        new_out, _, new_sum = self._ring_update(
+            out.reshape(rows, 1, h * d), prev_max, ones,
+            out_b.float().reshape(rows, 1, h * d), cur_max, ones,
             input_layout="SBH",
         )
-        new_lse = lse_from_stats(new_max, new_sum)
+        # new_sum is the sum over both sides relative to the larger one, whose lse is known
+        # exactly; a row empty on both sides stays -inf (the maximum of -inf and -inf).
+        new_lse = torch.maximum(lse, lse_b.float()) + torch.log(new_sum[0, :, :, 0].t())
         out.copy_(new_out.view(rows, h, d))
-        lse.copy_(torch.where(new_lse < _EMPTY / 2, torch.full_like(new_lse, -torch.inf), new_lse))
+        lse.copy_(new_lse)
+
+    # Kernel self-check (Backend.self_check): the kernels this card's limits will use.
+    def self_check_kernels(self):
+        attention = {KERNELS["fused_infer"]: self._fused_infer}
+        if self.product.startswith(FA_PRODUCTS):
+            attention[KERNELS["fusion"]] = self._fusion
+        attention = {full: fn for full, fn in attention.items()
+                     if all(KERNELS[n] != full for n in self._disabled)}
+        merges = {RING_UPDATE: self._fused_merge_} if self._ring_update is not None else {}
+        return attention, merges
+
+    def self_check_admits(self, kernel, q, k, causal):
+        return any(KERNELS[n] == kernel for n in self.kernels_for(q, k) if n != "math")
+
+    def disable_kernel(self, kernel: str) -> str:
+        if kernel == RING_UPDATE:
+            self._ring_update = None
+            return "the portable merge"
+        short = next(n for n, full in KERNELS.items() if full == kernel)
+        self._disabled.add(short)
+        if (short == "fused_infer" and "fusion" not in self._disabled
+                and self.product.startswith(FA_PRODUCTS)):
+            return f"{KERNELS['fusion']} where its limits admit a block, else the float32 math"
+        return "the float32 math kernel"

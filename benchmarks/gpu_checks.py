@@ -7,8 +7,10 @@ checkpoints on CUDA, where decode steps replay from recorded graphs and use the 
 decode kernel. float32, five prompts of 1-40 tokens decoded together as one batch (the
 40-token one prefilled in three chunks), 32 new tokens each, against transformers on the
 CPU. With several ranks the same engine also runs with --enforce-eager: graphs and eager
-launches must give the same tokens, and every rank must exit by itself at shutdown. Prints
-one line per case and exits 1 on a mismatch or a rank that had to be killed.
+launches must give the same tokens, and every rank must exit by itself at shutdown. First
+the start-up kernel self-check runs on GPU 0 (cuDNN and flash attention, the Triton merge
+against the portable math), with its cost. Prints one line per case and exits 1 on a
+failed kernel, a mismatch or a rank that had to be killed.
 """
 
 from __future__ import annotations
@@ -62,6 +64,30 @@ def check_engine(path: str, ref: list[list[int]], label: str, world: int, eager:
     return all(same) and clean
 
 
+def check_kernels() -> bool:
+    """The start-up kernel self-check on GPU 0 (what every engine rank runs first): prints
+    each kernel's result and the engine's own log line, with its cost."""
+    import logging
+
+    from tr_engine.backends import get_backend
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    engine_log = logging.getLogger("tr_engine")
+    engine_log.setLevel(logging.INFO)  # for the check's own line; the engines below stay quiet
+    backend = get_backend("cuda")
+    device = backend.set_device(0)
+    t = time.perf_counter()
+    results = backend.self_check(device)
+    cost = time.perf_counter() - t
+    engine_log.setLevel(logging.WARNING)
+    for r in results:
+        print(f"kernel self-check: {r.kernel}: {'passed' if r.ok else 'FAILED'} "
+              f"({r.cases} case{'s' * (r.cases != 1)}){'' if r.ok else ': ' + r.error}",
+              flush=True)
+    print(f"kernel self-check on {torch.cuda.get_device_name(0)}: {cost:.2f} s", flush=True)
+    return bool(results) and all(r.ok for r in results)
+
+
 def main() -> int:
     from checkpoints import FAMILIES, make_checkpoint
 
@@ -76,7 +102,7 @@ def main() -> int:
                     help="decode batch limit (graphs are recorded for 1, 2, 4, ... up to it)")
     args = ap.parse_args()
     worlds = [int(w) for w in args.worlds.split(",")]
-    failures = 0
+    failures = 0 if check_kernels() else 1
     with tempfile.TemporaryDirectory() as root:
         for family in args.families.split(","):
             path = str(make_checkpoint(family, root))

@@ -10,17 +10,23 @@ the code runs on an Ascend card. Where the documentation leaves a case open (a q
 that sees no key, the LSE of an empty key set), the stand-in raises rather than guess, so
 the backend cannot come to rely on it.
 
-Sources (Ascend/op-plugin unless noted):
+Signatures: exactly the schemas of the pinned torch_npu 2.10.0.post4 wheel
+(tests/torch_npu_schemas.py, held to them by tests/test_npu_schemas.py).
+
+Sources of the behaviour (Ascend/op-plugin unless noted):
 - npu_fused_infer_attention_score: docs/zh/custom_APIs/torch_npu/
-  torch_npu-npu_fused_infer_attention_score.md; signature identical in
-  op_plugin/config/op_plugin_functions.yaml from release 7.0.0 to 26.1.0.
-- npu_fusion_attention: docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md;
-  signature of release 7.1.0 (torch_npu 2.6.0), the oldest the project supports; later
-  releases only add keywords at the end, which the backend must not use.
-- npu_ring_attention_update: codegen/templates/_op_plugin_docs.py and the input checks of
-  op_plugin/ops/opapi/RingAttentionUpdateKernelNpuOpApi.cpp (26.1.0 and later).
+  torch_npu-npu_fused_infer_attention_score.md and the same text in torch_npu
+  2.10.0.post4's `_op_plugin_docs.py` (N * D < 65535 for BSH/BSND when Q_S > 1).
+- npu_fusion_attention: docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md and
+  `_op_plugin_docs.py` (training only, no aclgraph, Atlas A2 training series; CANN's
+  aclnnFlashAttentionScore adds Ascend 950DT). The keywords 2.10.0.post4 added at the end
+  (softmax_layout, sink, dropout_mask, seed, offset) are accepted but not modelled.
+- npu_ring_attention_update: codegen/templates/_op_plugin_docs.py, the input checks of
+  op_plugin/ops/opapi/RingAttentionUpdateKernelNpuOpApi.cpp (26.1.0 and later), and CANN's
+  aclnnRingAttentionUpdate: softmax max and sum are 8 identical values and must be positive.
 - torch_npu.npu.*: Ascend/pytorch docs/zh/api/native_api/pytorch_2-11-0/torch-cuda.md
-  (torch.cuda functions under the name torch_npu.npu.*).
+  (torch.cuda functions under the name torch_npu.npu.*); get_device_name returns the SoC
+  name (Ascend910B* on Atlas A2, Ascend910_93* on A3, as torch_npu's own checks read it).
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ import torch
 INT_MAX = 2147483647
 FIA_MAX_DECODE_KEYS = 262144  # documented KV_S limit when Q_S == 1
 FIA_MAX_SEQ = 20971520  # documented S limit when Q_S > 1
+FIA_MAX_ND = 65535  # Q_S > 1, layouts BSH/BSND: N * D must be less
 FA_MAX_SEQ = 1 << 20
+FA_PRODUCTS = ("Ascend910B", "Ascend950DT")  # npu_fusion_attention's documented products
 MASK_SIZE = 2048
 HALF = (torch.float16, torch.bfloat16)
 
@@ -177,6 +185,9 @@ def npu_fused_infer_attention_score(
             allowed = ~atten_mask.bool().cpu().reshape(-1, skv)[:1]
     else:
         _check(d % 16 == 0, f"head dim {d} is not a multiple of 16")
+        if input_layout in ("BSH", "BSND"):
+            _check(num_heads * d < FIA_MAX_ND, f"N * D = {num_heads * d} is not below "
+                   f"{FIA_MAX_ND} (layout {input_layout}, Q_S > 1)")
         _check(sq <= FIA_MAX_SEQ and skv <= FIA_MAX_SEQ, "sequence too long")
         allowed = _allowed(sq, skv, sparse_mode, atten_mask, pre_tokens, next_tokens)
     if skv == 0:
@@ -193,11 +204,17 @@ def npu_fusion_attention(
     query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
     scale=1.0, keep_prob=1.0, pre_tockens=INT_MAX, next_tockens=INT_MAX, inner_precise=0,
     prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
-    gen_mask_parallel=True, sync=False,
+    gen_mask_parallel=True, sync=False, softmax_layout="", sink=None, dropout_mask=None,
+    seed=0, offset=0,
 ):
     """-> (attention_out, softmax_max [B, N, S1, 8], softmax_sum [B, N, S1, 8], softmax_out
-    (reserved, empty), seed, offset, numels)."""
+    (reserved, empty), seed, offset, numels). Only on the documented products."""
     calls["npu_fusion_attention"] += 1
+    _check(_host["device_name"].startswith(FA_PRODUCTS),
+           f"npu_fusion_attention is not documented for {_host['device_name']}")
+    if softmax_layout or sink is not None or dropout_mask is not None or seed or offset:
+        raise NotImplementedError("torch_npu stand-in: softmax_layout/sink/dropout_mask/"
+                                  "seed/offset not modelled")
     if pse is not None or padding_mask is not None or prefix is not None:
         raise NotImplementedError("torch_npu stand-in: pse/padding_mask/prefix not modelled")
     if actual_seq_qlen is not None or actual_seq_kvlen is not None or keep_prob != 1.0:
@@ -255,6 +272,10 @@ def npu_ring_attention_update(
     _check(all(t.shape == prev_softmax_max.shape for t in stats), "softmax shapes differ")
     _check(all(t.dtype == torch.float32 for t in stats), "softmax tensors must be float32")
     _check(prev_softmax_max.shape[-1] == 8, "softmax tensors need a last dimension of 8")
+    for t in stats:  # CANN (aclnnRingAttentionUpdate): "8 identical values, must be positive"
+        _check(bool((t == t[..., :1]).all()), "softmax max/sum must hold 8 identical values")
+        _check(bool(torch.isfinite(t).all() and (t > 0).all()),
+               "softmax max and sum must be positive")
     _check(prev_attn_out.dim() == 3, "attn_out must be 3-D")
     if input_layout == "TND":
         raise NotImplementedError("torch_npu stand-in: TND layout not modelled")
@@ -323,6 +344,13 @@ def _npu_module(device_count: int, mem_info: tuple[int, int]) -> types.ModuleTyp
         _check(s is None or isinstance(s, Stream), "stream() takes a torch_npu.npu.Stream")
         yield
 
+    def get_device_name(device=None):
+        index = npu.current if device is None else device
+        index = index if isinstance(index, int) else torch.device(index).index
+        _check(0 <= index < device_count, f"device {index} of {device_count}")
+        return _host["device_name"]
+
+    npu.get_device_name = get_device_name
     npu.is_available = lambda: device_count > 0
     npu.device_count = lambda: device_count
     npu.current_device = lambda: npu.current
@@ -333,14 +361,19 @@ def _npu_module(device_count: int, mem_info: tuple[int, int]) -> types.ModuleTyp
 
 
 calls: Counter = Counter()
+_host = {"device_name": "Ascend910B3"}  # the SoC name of the cards of the last build()
 
 
 def build(ring_update: bool = True, device_count: int = 8,
-          mem_info: tuple[int, int] = (60 << 30, 64 << 30)) -> types.ModuleType:
-    """A fresh `torch_npu` module object; `ring_update=False` models releases before 26.1.0."""
+          mem_info: tuple[int, int] = (60 << 30, 64 << 30),
+          device_name: str = "Ascend910B3", version: str = "0.0.0+cpu-standin"
+          ) -> types.ModuleType:
+    """A fresh `torch_npu` module object; `ring_update=False` models releases before 26.1.0.
+    `device_name` is the cards' SoC name: Ascend910B* is Atlas A2, Ascend910_93* Atlas A3."""
+    _host["device_name"] = device_name
     module = types.ModuleType("torch_npu")
     module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
-    module.__version__ = "0.0.0+cpu-standin"
+    module.__version__ = version
     module.npu = _npu_module(device_count, mem_info)
     module.npu_fused_infer_attention_score = npu_fused_infer_attention_score
     module.npu_fusion_attention = npu_fusion_attention

@@ -47,3 +47,43 @@ def test_image_contract(name, device):
         torch_npu = re.search(r"^ARG TORCH_NPU_VERSION=(\S+)$", text, re.M).group(1)
         assert torch_npu.split(".post")[0] == torch  # torch-npu X[.postN] pairs with torch X
         assert "/usr/local/Ascend/ascend-toolkit/set_env.sh" in text
+
+
+# The image tags published for CANN 9.x on 910B and A3 with Ubuntu 22.04 / Python 3.11: the
+# folder names under cann/ of github.com/Ascend/cann-container-image at commit c5a67b3
+# (2026-07-07), where each published tag has its build folder. No plain 9.1.0 yet.
+CANN_TAGS = {f"{version}-{chip}-ubuntu22.04-py3.11"
+             for version in ("9.0.0", "9.0.0-beta.1", "9.0.0-beta.2", "9.0.1", "9.1.0-beta.1",
+                             "9.1.0-beta.3")
+             for chip in ("910b", "a3")}
+
+
+def build_args(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+
+
+def test_npu_image_defaults_to_a_published_tag_and_a_compatible_row():
+    from tr_engine.backends.npu import COMPATIBLE
+
+    args = build_args((ROOT / "Dockerfile").read_text())
+    for chip in ("910b", "a3"):  # the default, and the other CHIP the docs name
+        assert f"{args['CANN_VERSION']}-{chip}-ubuntu22.04-py3.11" in CANN_TAGS
+    torch, cann = COMPATIBLE[args["TORCH_NPU_VERSION"]]
+    assert (args["TORCH_VERSION"], args["CANN_VERSION"]) == (torch, cann)
+
+
+def test_npu_extras_pin_compatible_pairs():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+
+    from tr_engine.backends.npu import COMPATIBLE
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    pinned = {}
+    for name, requirements in extras.items():
+        if name.startswith("npu"):
+            torch_npu, torch = sorted(requirements)  # "torch-npu==" sorts first
+            assert torch.startswith("torch==") and torch_npu.startswith("torch-npu==")
+            pinned[torch_npu.removeprefix("torch-npu==")] = torch.removeprefix("torch==")
+    assert pinned == {npu: torch for npu, (torch, _) in COMPATIBLE.items()}
+    assert extras["npu"] == ["torch==2.10.0", "torch-npu==2.10.0.post4"]

@@ -9,6 +9,7 @@ computes in float32 on the CPU from the documentation's description of each op.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 
 import npu_standin
@@ -99,6 +100,8 @@ def test_kernel_choice_follows_documented_limits(npu):
         (4, 2, 72, torch.bfloat16, FA),  # D not a multiple of 16
         (4, 2, 1024, torch.float16, None),  # beyond both: the math kernel
         (300, 300, 16, torch.bfloat16, None),  # more than 256 heads
+        (128, 16, 512, torch.bfloat16, FA),  # N * D = 65536, not below 65535 (Q_S > 1)
+        (127, 127, 512, torch.bfloat16, FIA),  # N * D = 65024
     ]
     for seed, (hq, hkv, d, dtype, kernel) in enumerate(cases):
         q, k, v = qkv(9, 9, hq, hkv, d, dtype, seed)
@@ -107,6 +110,33 @@ def test_kernel_choice_follows_documented_limits(npu):
         ref_out, ref_lse = attention64(q, k, v, causal=True)
         compare("npu kernel choice", out, lse, ref_out, ref_lse, dtype)
         assert dict(module.calls) == ({kernel: 1} if kernel else {}), (hq, hkv, d, dtype)
+    # One query row: the N * D limit does not apply (the documented decode limits do).
+    q, k, v = qkv(1, 9, 128, 16, 512, torch.bfloat16, 20)
+    module.calls.clear()
+    compare("npu kernel choice", *backend.attention(q, k, v, False),
+            *attention64(q, k, v, causal=False), torch.bfloat16)
+    assert dict(module.calls) == {FIA: 1}
+
+
+@pytest.mark.parametrize("product", ["Ascend910_9392", "Ascend310P3"])
+def test_fusion_attention_only_on_its_documented_products(product):
+    """On Atlas A3 (and anything but A2 training / 950DT) what only npu_fusion_attention
+    would take goes to the math kernel; the inference kernel is used as on A2."""
+    with npu_standin.install(device_name=product) as module:
+        backend = NpuBackend()
+        for seed, (dtype, d, kernel) in enumerate([(torch.float32, 64, None),
+                                                   (torch.bfloat16, 72, None),
+                                                   (torch.bfloat16, 64, FIA)]):
+            q, k, v = qkv(9, 9, 4, 2, d, dtype, seed)
+            module.calls.clear()
+            compare("npu kernel choice", *backend.attention(q, k, v, True),
+                    *attention64(q, k, v, causal=True), dtype)
+            assert dict(module.calls) == ({kernel: 1} if kernel else {})
+        q, k, v = (npu_mod.bsnd(t) for t in qkv(8, 8, 4, 2, 64, torch.float32, 3))
+        with pytest.raises(RuntimeError, match="not documented for " + product):
+            module.npu_fusion_attention(q, k, v, 4, "BSND")
+        names = backend.self_check_kernels()[0]
+        assert list(names) == [FIA]  # and the self-check leaves it out
 
 
 def test_decode_over_a_long_shard_goes_in_slices(npu, monkeypatch):
@@ -133,14 +163,28 @@ def test_layout_views_mask_and_statistics():
     mask = npu_mod.causal_mask(torch.device("cpu"))
     i, j = torch.meshgrid(torch.arange(2048), torch.arange(2048), indexing="ij")
     assert mask.dtype == torch.bool and torch.equal(mask, j > i)  # True = masked out
-    lse = torch.randn(6, 3)
-    lse[2, 1] = float("-inf")
-    smax, ssum = npu_mod.stats_from_lse(lse)
-    assert smax.shape == ssum.shape == (1, 3, 6, 8) and smax.is_contiguous()
-    assert torch.equal(smax[0, :, :, 5].t()[lse.isfinite()], lse[lse.isfinite()])
-    assert smax[0, 1, 2, 0] < -1e29 and torch.equal(ssum, torch.ones_like(ssum))
-    back = npu_mod.lse_from_stats(smax, ssum)
-    assert torch.equal(back[lse.isfinite()], lse[lse.isfinite()])
+
+
+def test_ring_stats_are_positive_and_keep_the_weights():
+    """npu_ring_attention_update takes max and sum as 8 equal positive values (CANN); the
+    transform keeps each side's weight exp(lse - logaddexp(lse_a, lse_b)) in float32."""
+    lse_a, lse_b = torch.randn(6, 3) * 20, torch.randn(6, 3) * 20  # both signs
+    lse_a[2, 1] = lse_b[3, 0] = float("-inf")
+    lse_a[4, 2] = lse_b[4, 2] = float("-inf")
+    max_a, max_b, ones = npu_mod.ring_stats(lse_a, lse_b)
+    for t in (max_a, max_b, ones):
+        assert t.shape == (1, 3, 6, 8) and t.is_contiguous() and t.dtype == torch.float32
+        assert (t > 0).all() and torch.equal(t, t[..., :1].expand_as(t))
+    assert torch.equal(ones, torch.ones_like(ones))
+    ma, mb = max_a[0, :, :, 0].t(), max_b[0, :, :, 0].t()  # [S, N]
+    top = torch.maximum(ma, mb)
+    ref = torch.logaddexp(lse_a.double(), lse_b.double())
+    for m, lse in ((ma, lse_a), (mb, lse_b)):
+        weight = torch.exp(m - top) / (torch.exp(ma - top) + torch.exp(mb - top))
+        want = torch.exp(lse.double() - ref).nan_to_num(0.5)  # both empty: any, outs are 0
+        assert (weight.double() - want).abs().max() < 1e-6
+        assert torch.equal(weight[torch.isneginf(lse) & torch.isfinite(ref)],
+                           torch.zeros(1))  # an empty side weighs exactly 0
 
 
 def test_standin_rejects_what_the_documentation_forbids(npu):
@@ -161,8 +205,25 @@ def test_standin_rejects_what_the_documentation_forbids(npu):
         fia(q, k, v, **{**kw, "num_heads": 8, "num_key_value_heads": 2})
     with pytest.raises(TypeError):  # the pre-6.0 keyword name
         fia(q, k, v, scale_value=0.1, **kw)
-    with pytest.raises(TypeError):  # keywords added after release 7.1.0
+    with pytest.raises(NotImplementedError):  # in 2.10.0.post4's schema, not in older ones
         module.npu_fusion_attention(q, k, v, 4, "BSND", softmax_layout="TND")
+    # N * D < 65535 with more than one query row in BSND (128 heads x 512 = 65536)
+    wide = [npu_mod.bsnd(t) for t in qkv(2, 2, 128, 16, 512, torch.bfloat16, 4)]
+    with pytest.raises(RuntimeError, match="N \\* D = 65536"):
+        fia(*wide, num_heads=128, num_key_value_heads=16, input_layout="BSND")
+    fia(*(t[:, :1] for t in wide), num_heads=128, num_key_value_heads=16,
+        input_layout="BSND")  # one row: allowed
+    # npu_ring_attention_update: max and sum 8 identical positive values
+    update = module.npu_ring_attention_update
+    out = torch.randn(4, 1, 2 * 16)
+    good = torch.rand(1, 2, 4, 1).add(0.5).expand(1, 2, 4, 8).contiguous()
+    update(out, good, good, out, good, good)
+    for bad in (good - 1, torch.zeros_like(good), good.clone().index_fill_(3, torch.tensor([5]),
+                                                                          2.0)):
+        with pytest.raises(RuntimeError, match="positive|8 identical"):
+            update(out, bad, good, out, good, good)
+        with pytest.raises(RuntimeError, match="positive|8 identical"):
+            update(out, good, good, out, good, bad)
     fa = module.npu_fusion_attention(q.float(), k.float(), v.float(), 4, "BSND")
     assert len(fa) == 7 and fa[1].shape == (1, 4, 8, 8) and torch.equal(fa[1][..., 0],
                                                                          fa[1][..., 7])
@@ -261,6 +322,20 @@ def test_no_visible_card_is_reported():
     assert "sees no NPU" in e.value.what and "ASCEND_RT_VISIBLE_DEVICES" in e.value.fix
 
 
+def test_a_pair_outside_the_pinned_ones_is_logged(monkeypatch, caplog):
+    for version, torch_version, warned in (("2.10.0.post4", "2.10.0+cpu", False),
+                                           ("2.9.0.post2", "2.9.0", False),
+                                           ("2.14.0", "2.14.0", True),
+                                           ("2.10.0.post4", "2.14.0+cu130", True)):
+        monkeypatch.setattr(torch, "__version__", torch_version)
+        caplog.clear()
+        with npu_standin.install(version=version), caplog.at_level(logging.WARNING):
+            NpuBackend()
+        assert ("not one of the pairs" in caplog.text) == warned, (version, torch_version)
+        if warned:
+            assert f"torch-npu {version} with torch {torch_version}" in caplog.text
+
+
 def test_hccl_environment_defaults_and_bounds():
     env = {"HCCL_BUFFSIZE": "300"}
     applied = npu_mod.init_env(env)
@@ -349,3 +424,47 @@ def test_standin_leaves_no_trace():
         import torch_npu  # noqa: F401
     with pytest.raises(BackendUnavailable, match="not installed"):
         NpuBackend()
+
+
+# Each documented limit, just past it: (label, kernel, q/k/v shapes (Tq, Tk, Hq, Hkv, D),
+# dtype, stand-in error, limits lowered on both sides to keep the tensors small).
+LIMITS = [
+    ("FIA head dim > 512", FIA, (4, 4, 2, 2, 528), torch.bfloat16, "head dim 528", {}),
+    ("FIA head dim not a multiple of 16", FIA, (4, 4, 2, 2, 72), torch.bfloat16,
+     "not a multiple of 16", {}),
+    ("FIA > 64 query heads per KV head", FIA, (4, 4, 130, 2, 16), torch.bfloat16,
+     "more than 64 query heads", {}),
+    ("FIA > 256 heads", FIA, (4, 4, 264, 264, 16), torch.bfloat16, "more than 256 heads", {}),
+    ("FIA N * D >= 65535", FIA, (4, 4, 128, 16, 512), torch.bfloat16, "N \\* D = 65536", {}),
+    ("FIA S > 20M", FIA, (4, 40, 2, 2, 16), torch.bfloat16, "sequence too long",
+     {"FIA_MAX_SEQ": 32}),
+    ("FIA float32", FIA, (4, 4, 2, 2, 16), torch.float32, "float16 and bfloat16 only", {}),
+    ("FA head dim > 768", FA, (4, 4, 2, 2, 784), torch.float32, "head dim 784", {}),
+    ("FA > 256 heads", FA, (4, 4, 264, 264, 16), torch.float32, "at most 256", {}),
+    ("FA S > 1M", FA, (4, 40, 2, 2, 16), torch.float32, "S must be in", {"FA_MAX_SEQ": 32}),
+]
+
+
+@pytest.mark.parametrize("label,kernel,shape,dtype,error,lowered", LIMITS,
+                         ids=[c[0] for c in LIMITS])
+def test_every_documented_limit_is_refused_and_avoided(npu, monkeypatch, label, kernel,
+                                                       shape, dtype, error, lowered):
+    module, backend = npu
+    for name, value in lowered.items():
+        monkeypatch.setattr(npu_mod, name, value)
+        monkeypatch.setattr(npu_standin, name, value)
+    tq, tk, hq, hkv, d = shape
+    q, k, v = qkv(tq, tk, hq, hkv, d, dtype, 1)
+    with pytest.raises(RuntimeError, match=error):
+        if kernel == FIA:
+            module.npu_fused_infer_attention_score(
+                npu_mod.bsnd(q), npu_mod.bsnd(k), npu_mod.bsnd(v), num_heads=hq,
+                num_key_value_heads=hkv, scale=d**-0.5, input_layout="BSND",
+                softmax_lse_flag=True)
+        else:
+            module.npu_fusion_attention(npu_mod.bsnd(q), npu_mod.bsnd(k), npu_mod.bsnd(v), hq,
+                                        "BSND", scale=d**-0.5)
+    module.calls.clear()
+    out, lse = backend.attention(q, k, v, False)
+    compare("npu limits avoided", out, lse, *attention64(q, k, v, causal=False), dtype)
+    assert module.calls[kernel] == 0, label  # the backend never offered it the block

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enforce-eager", action="store_true",
                    help="launch decode steps kernel by kernel instead of replaying device "
                    "graphs recorded at start-up (CUDA)")
+    g.add_argument("--skip-kernel-self-check", action="store_true",
+                   help="use the fused attention and merge kernels without first checking "
+                   "them against the portable math at start-up (the check disables any that "
+                   "disagree or raise; it takes under 2 s)")
 
     g = p.add_argument_group("HTTP server")
     g.add_argument("--host", help="address to listen on (default: 127.0.0.1)")

@@ -31,6 +31,8 @@ class EngineConfig:
       chunks are padded to a multiple of 2 x world_size blocks, so small blocks reuse more
       and pad less; 16 keeps the padding of a short prompt under 32 tokens per rank.
     enable_prefix_caching: reuse the KV of cached prompt prefixes (vLLM's name).
+    skip_kernel_self_check: trust the backend's fused kernels without the start-up check
+      against the portable math (Backend.self_check), which disables any that disagree.
     """
 
     model: str | None = None
@@ -50,6 +52,7 @@ class EngineConfig:
     enforce_eager: bool = False
     block_size: int = 16
     enable_prefix_caching: bool = True
+    skip_kernel_self_check: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

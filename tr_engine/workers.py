@@ -101,6 +101,8 @@ def _set_threads(local_world: int) -> None:
 def _make_runner(config, model_path, backend, rank, world, local_rank, group):
     from .runner import ModelRunner  # imports the model code only where it runs
 
+    if not config.skip_kernel_self_check:  # on this rank's card, before any kernel serves
+        backend.self_check(backend.set_device(local_rank))
     return ModelRunner(config, model_path, backend, rank, world, local_rank, group)
 
 
