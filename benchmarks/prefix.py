@@ -11,7 +11,10 @@ choice), tokenring and ring. For prefixes up to --uncached-max the same follow-u
 also served with the cache emptied first (reset_prefix_cache), the uncached TTFT of exactly
 that prompt. Then decode: the median step of the last follow-up, against the bound of
 weights plus this rank's KV shard read once per token at the measured copy bandwidth.
-TTFT is wall time from submitting the request to its first token.
+TTFT is wall time from submitting the request to its first token. With --http, a real
+`tr-serve` on the same GPUs is driven by the openai client instead: a document, then
+follow-ups of it (completions of token ids, max_tokens 1, so the request's time is its
+TTFT), reporting the usage's cached_tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,7 +65,10 @@ def main() -> None:
     ap.add_argument("--ckpt", default="/tmp/llama31-8b-random")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--http", action="store_true", help="through a tr-serve, over HTTP")
     args = ap.parse_args()
+    if args.http:
+        return http(args)
     from tr_engine.config import EngineConfig
     from tr_engine.engine import LLMEngine
 
@@ -142,6 +150,76 @@ def report(rows, args, copy) -> str:
             f"{r['auto'] / best:.2f} | {r['decode_ms']:.2f} | {r['bound_ms']:.2f} | "
             f"{r['decode_ms'] / r['bound_ms']:.2f}x |")
     return "\n".join(lines)
+
+
+def http(args) -> None:
+    """The follow-up through a real tr-serve and the openai client."""
+    import httpx
+    from openai import OpenAI
+
+    prefixes = [int(x) for x in args.prefixes.split(",")]
+    longest = max(prefixes) + 4 * args.new + 64
+    write_checkpoint(Path(args.ckpt), longest)
+    port = 8213
+    cmd = [sys.executable, "-c", "import sys; from tr_engine.cli import serve_main; "
+           "sys.exit(serve_main())", "--model", args.ckpt, "--device", "cuda",
+           "--world-size", str(args.world), "--dtype", "bfloat16", "--port", str(port),
+           "--max-model-len", str(longest), "--prefill-chunk", str(args.prefill_chunk),
+           "--max-num-seqs", "4",
+           "--kv-cache-tokens", str(-(-(max(prefixes) + 8 * args.new) // args.world) + 8192)]
+    server = subprocess.Popen(cmd, start_new_session=True)
+    g = torch.Generator().manual_seed(5)
+    lines = []
+    try:
+        t0 = time.perf_counter()
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"tr-serve exited with {server.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t0 > 400:
+                raise RuntimeError("tr-serve did not start in 400 s")
+            time.sleep(1)
+        print(f"tr-serve ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=900)
+        model = client.models.list().data[0].id
+
+        def ask(ids):
+            t = time.perf_counter()
+            r = client.completions.create(model=model, prompt=ids, max_tokens=1)
+            details = r.usage.prompt_tokens_details
+            return time.perf_counter() - t, details.cached_tokens if details else None
+
+        for c in prefixes:
+            doc = torch.randint(0, VOCAB, (c,), generator=g).tolist()
+            cold, _ = ask(doc)
+            follows = [ask(doc + torch.randint(0, VOCAB, (args.new,), generator=g).tolist())
+                       for _ in range(3)]
+            line = (f"| {c // 1024}K | {cold:.2f} | "
+                    f"{statistics.median(t for t, _ in follows):.3f} | "
+                    f"{', '.join(str(n) for _, n in follows)} |")
+            print(line, flush=True)
+            lines.append(line)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    text = "\n".join([
+        f"### Through HTTP — {today()}", "",
+        f"Machine: {machine()}. A `tr-serve` on {args.world} GPUs driven by the openai client: "
+        f"completions of token ids with max_tokens 1; a follow-up is the document plus "
+        f"{args.new} new tokens (median of 3).", "",
+        "Command: `python benchmarks/prefix.py " + " ".join(sys.argv[1:]) + "`", "",
+        "| cached prefix | document, uncached (s) | follow-up (s) | usage cached_tokens |",
+        "|---|---|---|---|", *lines])
+    print(text)
+    if args.out:
+        write_section(args.out, "prefix-cache-http", text)
 
 
 if __name__ == "__main__":
