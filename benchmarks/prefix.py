@@ -20,6 +20,7 @@ TTFT), reporting the usage's cached_tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -167,7 +168,8 @@ def http(args) -> None:
            "--max-model-len", str(longest), "--prefill-chunk", str(args.prefill_chunk),
            "--max-num-seqs", "4",
            "--kv-cache-tokens", str(-(-(max(prefixes) + 8 * args.new) // args.world) + 8192)]
-    server = subprocess.Popen(cmd, start_new_session=True)
+    # run from elsewhere: the source folder would shadow the installed package
+    server = subprocess.Popen(cmd, start_new_session=True, cwd="/tmp")
     g = torch.Generator().manual_seed(5)
     lines = []
     try:
@@ -193,18 +195,39 @@ def http(args) -> None:
             details = r.usage.prompt_tokens_details
             return time.perf_counter() - t, details.cached_tokens if details else None
 
+        def raw(ids):
+            """The same request as ready JSON over plain httpx: the server's share."""
+            body = json.dumps({"model": model, "prompt": ids, "max_tokens": 1})
+            t = time.perf_counter()
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=body,
+                           headers={"content-type": "application/json"}, timeout=900)
+            r.raise_for_status()
+            return time.perf_counter() - t
+
+        def building(ids):
+            """The openai client's own work on the request: sent to a closed port."""
+            idle = OpenAI(base_url="http://127.0.0.1:9/v1", api_key="none", max_retries=0)
+            t = time.perf_counter()
+            with contextlib.suppress(Exception):
+                idle.completions.create(model=model, prompt=ids, max_tokens=1)
+            return time.perf_counter() - t
+
         for c in prefixes:
-            doc = torch.randint(0, VOCAB, (c,), generator=g).tolist()
+            # byte ids: the server takes ids of the checkpoint's (byte-level) tokenizer
+            doc = torch.randint(0, 256, (c,), generator=g).tolist()
             cold, _ = ask(doc)
-            follows = [ask(doc + torch.randint(0, VOCAB, (args.new,), generator=g).tolist())
+            follows = [ask(doc + torch.randint(0, 256, (args.new,), generator=g).tolist())
                        for _ in range(3)]
+            extra = doc + torch.randint(0, 256, (args.new,), generator=g).tolist()
             line = (f"| {c // 1024}K | {cold:.2f} | "
                     f"{statistics.median(t for t, _ in follows):.3f} | "
-                    f"{', '.join(str(n) for _, n in follows)} |")
+                    f"{', '.join(str(n) for _, n in follows)} | {raw(extra):.3f} | "
+                    f"{building(extra):.3f} |")
             print(line, flush=True)
             lines.append(line)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:
@@ -215,8 +238,9 @@ def http(args) -> None:
         f"completions of token ids with max_tokens 1; a follow-up is the document plus "
         f"{args.new} new tokens (median of 3).", "",
         "Command: `python benchmarks/prefix.py " + " ".join(sys.argv[1:]) + "`", "",
-        "| cached prefix | document, uncached (s) | follow-up (s) | usage cached_tokens |",
-        "|---|---|---|---|", *lines])
+        "| cached prefix | document, uncached (s) | follow-up, openai client (s) | usage "
+        "cached_tokens | follow-up as ready JSON over httpx (s) | the client's own request "
+        "building (s) |", "|---|---|---|---|---|---|", *lines])
     print(text)
     if args.out:
         write_section(args.out, "prefix-cache-http", text)
