@@ -110,6 +110,24 @@ def test_prefix_that_ends_mid_chunk_and_mid_block(llm, hf):
     settled(llm)
 
 
+def test_prefix_on_one_rank_only(llm, hf):
+    """One cached block: it lies on one rank, and the others attend no prefix at all (every
+    rank must still run the prefix variant of the strategy's collectives)."""
+    scheduler = llm.engine.scheduler
+    auto = scheduler.choose_strategy
+    try:
+        for i, strategy in enumerate(("tokenring", "ring", "allgather_kv")):
+            scheduler.choose_strategy = lambda new, cached, s=strategy: s
+            doc = ids(BLOCK + 3, 20 + i)
+            run(llm, [doc])
+            prompt = doc + ids(20, 30 + i)
+            out = run(llm, [prompt])[0]
+            assert out.num_cached_tokens == BLOCK and exact(out, prompt, hf), strategy
+    finally:
+        scheduler.choose_strategy = auto
+    settled(llm)
+
+
 def test_two_requests_on_one_document_at_once(llm, hf):
     doc = ids(50, 4)
     a, b = doc + ids(5, 5), doc + ids(7, 6)

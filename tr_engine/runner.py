@@ -32,15 +32,16 @@ class PrefillContext(ForwardContext):
         self.token_chunk = runner.config.token_chunk
         cached = plan.prefix_len[runner.rank]
         tables = runner.tables
-        # the same slots in every layer: worked out once per forward
-        self.prefix = None if cached == 0 else _on(tables.slots(plan.row, 0, cached),
-                                                   runner.device)
+        # the same slots in every layer: worked out once per forward. Every rank passes a
+        # prefix (maybe empty) when any has one: the strategies' collectives depend on it.
+        self.prefix = None if sum(plan.prefix_len) == 0 else _on(
+            tables.slots(plan.row, 0, cached), runner.device)
         self.store = _on(tables.slots(plan.row, cached, n_valid), runner.device)
 
     def attention(self, layer, q, k, v, scale):
         cache = self.runner.kv
         prefix = {}
-        if self.prefix is not None:  # the cached prefix of this rank (order does not matter)
+        if self.prefix is not None:  # this rank's share of the prefix (order does not matter)
             prefix["k_prefix"], prefix["v_prefix"] = cache.gather(layer, self.prefix)
         strategy = get_strategy(self.plan.strategy)
         out, _ = strategy(q, k, v, self.runner.group, causal=True, scale=scale, **prefix)
