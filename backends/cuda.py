@@ -8,10 +8,14 @@ tensors, so nothing is copied on the way in. float32 inputs use the math path.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .base import Backend
 from .cpu import math_attention
+
+log = logging.getLogger("tr_engine")
 
 
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
@@ -43,11 +47,15 @@ class CudaBackend(Backend):
     device_type = "cuda"
     dist_backend = "nccl"
 
-    # cuDNN is the fastest on big blocks but builds an execution graph for every new shape;
-    # decode meets a new key length every step, so blocks of few queries go to flash first.
+    # cuDNN is the fastest on big blocks but builds an execution graph (~0.1 s) for every new
+    # shape; flash needs no build. Real traffic brings a new prompt length (and a new cached
+    # prefix length) almost every request, so blocks of up to SMALL_QUERY_BLOCK queries go to
+    # flash: there attention is a small share of a prefill, and a build would cost more than
+    # cuDNN saves. Bigger blocks come from long prompts, whose chunks the block-aligned layout
+    # pads to a bounded set of lengths (layout.padded_len); each new cuDNN shape is logged.
     _BIG = (("cudnn", _cudnn), ("flash", _flash), ("math", _math))
     _SMALL = (("flash", _flash), ("cudnn", _cudnn), ("math", _math))
-    SMALL_QUERY_BLOCK = 64
+    SMALL_QUERY_BLOCK = 8192
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,6 +70,7 @@ class CudaBackend(Backend):
             cuda_decode = None
         self._decode = cuda_decode
         self._sms: int | None = None
+        self.cudnn_shapes: set[tuple] = set()  # shapes cuDNN has built a graph for
 
     @classmethod
     def is_available(cls) -> bool:
@@ -129,6 +138,13 @@ class CudaBackend(Backend):
         kernels = self._SMALL if q.shape[0] <= self.SMALL_QUERY_BLOCK else self._BIG
         if q.dtype == torch.float32:
             kernels = [kv for kv in kernels if kv[0] == "math"]
+        elif kernels[0][0] == "cudnn":
+            shape = (q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2], causal, q.dtype)
+            if shape not in self.cudnn_shapes:
+                self.cudnn_shapes.add(shape)
+                log.info("cuDNN attention meets a new shape (queries %d, keys %d, heads %d/%d, "
+                         "dim %d, causal %s, %s): it builds an execution graph for it once "
+                         "(%d shapes so far)", *shape, len(self.cudnn_shapes))
         return self._first_accepting(kernels, shape_class, q, k, v, causal, scale)
 
     # Kernel self-check (Backend.self_check): the attention kernels and the Triton merge.

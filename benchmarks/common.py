@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -115,3 +119,43 @@ def write_section(path: str, name: str, body: str) -> None:
 
 def today() -> str:
     return datetime.date.today().isoformat()
+
+
+@contextlib.contextmanager
+def tr_serve(flags: list[str], port: int, pythonpath: str | None = None,
+             timeout_s: float = 400):
+    """A real tr-serve on this machine, in a process group of its own, ended by that group
+    when the block exits. Yields (base URL, seconds to a 200 from /health)."""
+    import httpx
+
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    cmd = [sys.executable, "-c", "import sys; from tr_engine.cli import serve_main; "
+           "sys.exit(serve_main())", "--port", str(port), *flags]
+    # run from elsewhere: the source folder would shadow the installed package
+    server = subprocess.Popen(cmd, start_new_session=True, cwd="/tmp", env=env)
+    try:
+        t0 = time.perf_counter()
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"tr-serve exited with {server.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t0 > timeout_s:
+                raise RuntimeError(f"tr-serve did not start in {timeout_s:.0f} s")
+            time.sleep(0.5)
+        ready = time.perf_counter() - t0
+        print(f"tr-serve ready in {ready:.1f} s", flush=True)
+        yield f"http://127.0.0.1:{port}", ready
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

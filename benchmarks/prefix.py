@@ -24,15 +24,13 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import copy_gbps, machine, today, write_section
+from common import copy_gbps, machine, today, tr_serve, write_section
 from prefill import KV_BYTES_PER_TOKEN, VOCAB, WEIGHT_BYTES, write_checkpoint
 
 
@@ -161,32 +159,14 @@ def http(args) -> None:
     prefixes = [int(x) for x in args.prefixes.split(",")]
     longest = max(prefixes) + 4 * args.new + 64
     write_checkpoint(Path(args.ckpt), longest)
-    port = 8213
-    cmd = [sys.executable, "-c", "import sys; from tr_engine.cli import serve_main; "
-           "sys.exit(serve_main())", "--model", args.ckpt, "--device", "cuda",
-           "--world-size", str(args.world), "--dtype", "bfloat16", "--port", str(port),
-           "--max-model-len", str(longest), "--prefill-chunk", str(args.prefill_chunk),
-           "--max-num-seqs", "4",
-           "--kv-cache-tokens", str(-(-(max(prefixes) + 8 * args.new) // args.world) + 8192)]
-    # run from elsewhere: the source folder would shadow the installed package
-    server = subprocess.Popen(cmd, start_new_session=True, cwd="/tmp")
+    flags = ["--model", args.ckpt, "--device", "cuda", "--world-size", str(args.world),
+             "--dtype", "bfloat16", "--max-model-len", str(longest),
+             "--prefill-chunk", str(args.prefill_chunk), "--max-num-seqs", "4",
+             "--kv-cache-tokens", str(-(-(max(prefixes) + 8 * args.new) // args.world) + 8192)]
     g = torch.Generator().manual_seed(5)
     lines = []
-    try:
-        t0 = time.perf_counter()
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"tr-serve exited with {server.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t0 > 400:
-                raise RuntimeError("tr-serve did not start in 400 s")
-            time.sleep(1)
-        print(f"tr-serve ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=900)
+    with tr_serve(flags, 8213) as (url, _):
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=900)
         model = client.models.list().data[0].id
 
         def ask(ids):
@@ -199,7 +179,7 @@ def http(args) -> None:
             """The same request as ready JSON over plain httpx: the server's share."""
             body = json.dumps({"model": model, "prompt": ids, "max_tokens": 1})
             t = time.perf_counter()
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=body,
+            r = httpx.post(f"{url}/v1/completions", content=body,
                            headers={"content-type": "application/json"}, timeout=900)
             r.raise_for_status()
             return time.perf_counter() - t
@@ -225,13 +205,6 @@ def http(args) -> None:
                     f"{building(extra):.3f} |")
             print(line, flush=True)
             lines.append(line)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
     text = "\n".join([
         f"### Through HTTP — {today()}", "",
         f"Machine: {machine()}. A `tr-serve` on {args.world} GPUs driven by the openai client: "

@@ -64,6 +64,10 @@ class EngineCollector:
                        stats.prefix_cache_queries)
         yield _counter("tr_engine:prefix_cache_hits",
                        "Prompt tokens whose KV the prefix cache held.", stats.prefix_cache_hits)
+        yield _counter("tr_engine:attention_shapes_built",
+                       "Attention kernel builds for shapes met the first time (cuDNN graphs on "
+                       "rank 0); a request that meets one waits for the build.",
+                       stats.attention_shapes_built)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

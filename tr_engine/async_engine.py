@@ -36,6 +36,7 @@ class EngineStats:
     prefill_tokens_per_s: float  # of the most recent prefill step
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, tokens whose KV was reused
+    attention_shapes_built: int = 0  # kernel builds for new shapes on rank 0 (cuDNN)
 
 
 class AsyncEngine:
@@ -154,6 +155,7 @@ class AsyncEngine:
             generation_tokens_total=e.generation_tokens_total,
             prefill_tokens_per_s=e.last_prefill_tokens_per_s,
             prefix_cache_queries=s.blocks.queries, prefix_cache_hits=s.blocks.hits,
+            attention_shapes_built=len(getattr(e.cluster.backend, "cudnn_shapes", ())),
         )
 
     # ---- the server's side ---------------------------------------------------------------

@@ -44,8 +44,12 @@ class Scheduler:
         self.world, self.block_size = world, block_size
         self.blocks = BlockManager(world, num_pages, block_size, enable_prefix_caching)
         self.max_model_len = max_model_len
+        # whole blocks in every zigzag piece, and no padding inside a long prompt
         step = 2 * world * block_size
-        self.prefill_chunk = max(step, prefill_chunk // step * step)
+        chunk = max(step, prefill_chunk // step * step)
+        while layout.padded_len(chunk, world, block_size) != chunk:
+            chunk -= step
+        self.prefill_chunk = chunk
         self.max_num_seqs = max_num_seqs
         self.max_waiting = max_waiting
         self.choose_strategy = choose_strategy  # (new tokens, cached tokens) -> strategy
