@@ -137,6 +137,27 @@ class Backend(ABC):
         out[tq - tk :], lse[tq - tk :] = self._attention(q[tq - tk :], k, v, True, scale)
         return out, lse
 
+    def attention_in_pieces(self, fixed, rest, q, k, v, scale: float, piece: int,
+                            rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-causal attention of q over many keys, in pieces whose shapes come from a small
+        fixed set: `fixed(q, k, v, scale)` sees q padded with zero rows to `rows` and exactly
+        `piece` keys at a time, `rest(...)` the unpadded q and the keys left over (fewer than
+        `piece`); the parts merge by their LSE in float32. Exact: padded query rows are
+        dropped, and key order does not matter without a mask. A kernel that builds a plan
+        per shape (cuDNN) then meets one shape per query bucket, whatever the key count."""
+        tq = q.shape[0]
+        q_pad = torch.cat([q, q.new_zeros((rows - tq, *q.shape[1:]))]) if rows > tq else q
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        whole = k.shape[0] // piece * piece
+        for a in range(0, whole, piece):
+            o, s = fixed(q_pad, k[a : a + piece], v[a : a + piece], scale)
+            self.merge_(out, lse, o[:tq], s[:tq])
+        if whole < k.shape[0]:
+            o, s = rest(q, k[whole:], v[whole:], scale)
+            self.merge_(out, lse, o, s)
+        return out.to(q.dtype), lse
+
     def _first_accepting(self, kernels, shape_class: tuple, q, k, v, causal, scale
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the first of `kernels` ((name, fn) pairs, in order of preference) that takes
@@ -209,6 +230,11 @@ class Backend(ABC):
 
         out, lse = merge_all(gathered[..., :-1], gathered[..., -1])
         return out.to(dtype), lse
+
+    def prepare_attention(self, hq: int, hkv: int, d: int, dtype: torch.dtype,  # noqa: B027
+                          device: torch.device) -> None:
+        """Build, at start-up, whatever per-shape state the attention kernels need for the
+        shapes the engine will meet (no-op where kernels need none)."""
 
     # Graphs: record a step's kernels once, replay them with one launch.
     def graph_safe_decode(self, dtype: torch.dtype, head_dim: int) -> bool:

@@ -56,6 +56,12 @@ class CudaBackend(Backend):
     _BIG = (("cudnn", _cudnn), ("flash", _flash), ("math", _math))
     _SMALL = (("flash", _flash), ("cudnn", _cudnn), ("math", _math))
     SMALL_QUERY_BLOCK = 8192
+    # A few new queries over a long cached prefix (a follow-up on a document) is the one
+    # small-query case where cuDNN's speed matters: there the keys go to cuDNN in pieces of
+    # KEY_PIECE, with the queries padded to a power of two (QUERY_BUCKETS), shapes built at
+    # start-up (prepare_attention); flash takes the keys left over.
+    KEY_PIECE = 16384
+    QUERY_BUCKETS = tuple(64 << i for i in range(8))  # 64 .. 8192
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,6 +77,7 @@ class CudaBackend(Backend):
         self._decode = cuda_decode
         self._sms: int | None = None
         self.cudnn_shapes: set[tuple] = set()  # shapes cuDNN has built a graph for
+        self._piece_rows: tuple[int, ...] = ()  # query buckets prepared for key pieces
 
     @classmethod
     def is_available(cls) -> bool:
@@ -132,7 +139,38 @@ class CudaBackend(Backend):
         else:
             super().merge_(out, lse, out_b, lse_b)
 
+    def prepare_attention(self, hq, hkv, d, dtype, device):
+        if dtype == torch.float32 or ("cudnn", dtype, d, hq // hkv, False,
+                                      self.SMALL_QUERY_BLOCK + 1) in self._refused:
+            return
+        k = torch.randn((self.KEY_PIECE, hkv, d), dtype=dtype, device=device)
+        for rows in self.QUERY_BUCKETS:
+            q = torch.randn((rows, hq, d), dtype=dtype, device=device)
+            try:
+                _cudnn(q, k, k, False, d**-0.5)
+            except RuntimeError as e:  # this build refuses the shape: no pieces then
+                log.info("cuDNN attention refused %d x %d keys (%s); prefix attention stays "
+                         "on flash", rows, self.KEY_PIECE, e)
+                self._piece_rows = ()
+                return
+            self.cudnn_shapes.add((rows, self.KEY_PIECE, hq, hkv, d, False, dtype))
+        self._piece_rows = self.QUERY_BUCKETS
+        torch.cuda.synchronize()
+
     def _attention(self, q, k, v, causal, scale):
+        tq = q.shape[0]
+        if (not causal and k.shape[0] >= self.KEY_PIECE and tq <= self.SMALL_QUERY_BLOCK
+                and q.dtype != torch.float32 and getattr(self, "_piece_rows", ())):
+            rows = next(r for r in self._piece_rows if r >= tq)
+            try:
+                return self.attention_in_pieces(
+                    lambda *a: _cudnn(*a[:3], False, a[3]),
+                    lambda *a: _flash(*a[:3], False, a[3]), q, k, v, scale, self.KEY_PIECE,
+                    rows)
+            except RuntimeError as e:  # refused after all: plain blocks from now on
+                log.warning("cuDNN attention in key pieces failed (%s); prefix attention "
+                            "goes to flash from now on", e)
+                self._piece_rows = ()
         shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal,
                        min(q.shape[0], self.SMALL_QUERY_BLOCK + 1))
         kernels = self._SMALL if q.shape[0] <= self.SMALL_QUERY_BLOCK else self._BIG

@@ -74,3 +74,49 @@ def test_npu_backend_reports_what_is_missing():
     with pytest.raises(BackendUnavailable) as e:
         get_backend("npu")
     assert "torch_npu" in e.value.what and e.value.fix
+
+
+@pytest.mark.parametrize(("tq", "tk", "piece", "rows"), [(5, 40, 16, 8), (8, 32, 16, 8),
+                                                        (3, 7, 16, 4), (1, 50, 8, 64)])
+def test_attention_in_key_pieces_is_exact(tq, tk, piece, rows):
+    """Queries padded to a bucket, keys in fixed pieces plus a remainder, merged by LSE:
+    the same as one non-causal block (what the CUDA backend runs with cuDNN and flash)."""
+    backend = get_backend("cpu")
+    g = torch.Generator().manual_seed(tq * tk)
+    q = torch.randn(tq, 6, 16, generator=g)
+    k, v = torch.randn(tk, 2, 16, generator=g), torch.randn(tk, 2, 16, generator=g)
+    calls = []
+
+    def fixed(q_, k_, v_, scale):
+        calls.append(("fixed", q_.shape[0], k_.shape[0]))
+        return backend.attention(q_, k_, v_, False, scale)
+
+    def rest(q_, k_, v_, scale):
+        calls.append(("rest", q_.shape[0], k_.shape[0]))
+        return backend.attention(q_, k_, v_, False, scale)
+
+    out, lse = backend.attention_in_pieces(fixed, rest, q, k, v, 0.25, piece, rows)
+    ref, ref_lse = attention64(q, k, v, causal=False, scale=0.25)
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert (lse.double() - ref_lse).abs().max() < 1e-5
+    assert {c for c in calls if c[0] == "fixed"} <= {("fixed", rows, piece)}
+    assert len(calls) == -(-tk // piece)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_prefix_attention_in_pieces():
+    """On a GPU: a follow-up's queries over a long prefix take the prepared cuDNN pieces and
+    match float64 within bfloat16 rounding."""
+    backend = get_backend("cuda")
+    backend.prepare_attention(32, 8, 128, torch.bfloat16, torch.device("cuda"))
+    assert backend._piece_rows
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1000, 32, 128, device="cuda", generator=g).bfloat16()
+    k = torch.randn(40000, 8, 128, device="cuda", generator=g).bfloat16()
+    v = torch.randn(40000, 8, 128, device="cuda", generator=g).bfloat16()
+    built = len(backend.cudnn_shapes)
+    out, lse = backend.attention(q, k, v, False, 128**-0.5)
+    assert len(backend.cudnn_shapes) == built  # nothing built on the request path
+    ref, ref_lse = attention64(q.cpu(), k.cpu(), v.cpu(), causal=False, scale=128**-0.5)
+    assert (out.cpu().double() - ref).abs().max() < 2e-2
+    assert (lse.cpu().double() - ref_lse).abs().max() < 1e-2

@@ -111,6 +111,8 @@ class ModelRunner:
         self.tables = BlockTables(config.max_num_seqs + 1,
                                   -(-self.max_model_len // self.block_size) + 1,
                                   self.block_size, self.device)
+        backend.prepare_attention(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype,
+                                  self.device)
         self.rates = self._calibrate()
         self.graphs = None
         if not config.enforce_eager and backend.graph_safe_decode(self.dtype, mc.head_dim):
