@@ -289,8 +289,9 @@ def test_completion_sse_stream_ends_with_done(server, client):
     full = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10,
                                      temperature=0)
     assert text == full.choices[0].text
-    assert usage == full.usage.model_dump(include={"prompt_tokens", "completion_tokens",
-                                                   "total_tokens"})
+    keys = {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert {k: usage[k] for k in keys} == full.usage.model_dump(include=keys)
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 0
     assert chunks[-2]["choices"][0]["finish_reason"] == full.choices[0].finish_reason
 
 
@@ -420,6 +421,44 @@ def test_metrics_follow_requests(server, client):
                                    'tr_engine:kv_cache_used_tokens{rank="1"}'}
     assert after["tr_engine:kv_cache_capacity_tokens"] == 1024
     assert after["tr_engine:prefill_tokens_per_second"] > 0
+
+
+def test_second_chat_turn_hits_the_prefix_cache(server, client):
+    """Turn 2 of a chat over a long system prompt reuses turn 1's KV: usage reports it in
+    chat and completions, streamed and not, /metrics counts it, and /reset_prefix_cache
+    empties the cache."""
+    system = {"role": "system", "content": "You are a librarian. " + "The catalogue lists "
+              "books by author, title and year. " * 6}
+    turn1 = [system, {"role": "user", "content": "Which year?"}]
+    first_prompt = _tokenize(server, messages=turn1)
+    one = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=3,
+                                         temperature=0)
+    before = scrape(server)
+    turn2 = [*turn1, {"role": "assistant", "content": one.choices[0].message.content},
+             {"role": "user", "content": "And the author?"}]
+    two = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=3,
+                                         temperature=0)
+    whole = len(first_prompt) // 16 * 16  # whole blocks of turn 1's prompt
+    assert two.usage.prompt_tokens_details.cached_tokens >= whole >= 64
+    after = scrape(server)
+    hits = after["tr_engine:prefix_cache_hits_total"] - before["tr_engine:prefix_cache_hits_total"]
+    assert hits == two.usage.prompt_tokens_details.cached_tokens
+    assert after["tr_engine:prefix_cache_queries_total"] \
+        - before["tr_engine:prefix_cache_queries_total"] == two.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=turn2, max_tokens=3, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= whole
+    ids = _tokenize(server, messages=turn2)
+    same = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0)
+    assert same.usage.prompt_tokens_details.cached_tokens >= whole
+    r = httpx.post(server.base + "/reset_prefix_cache", headers=server.headers(), timeout=30)
+    assert r.status_code == 200
+    assert httpx.post(server.base + "/reset_prefix_cache", timeout=30).status_code == 401
+    again = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].text == same.choices[0].text
+    wait_idle(server, timeout=20)
 
 
 def test_tokenize_detokenize_round_trip(server):
