@@ -23,18 +23,27 @@ def serve_command() -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def serve_npu_two_lines(cwd, pythonpath: str | None = None) -> list[str]:
+    """Run `tr-serve --device npu` (HCCL settings of this shell left out); check that it
+    exits 2 with two lines on stderr and no traceback, and return the lines."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HCCL_", "P2P_HCCL"))}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([*serve_command(), "--device", "npu"], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, env=env)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 2, proc.stderr
+    return lines
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None,
                     reason="torch_npu is installed here")
 def test_serve_on_npu_without_torch_npu_exits_2_with_two_lines(tmp_path):
     with pytest.raises(BackendUnavailable) as expected:
         import_torch_npu()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HCCL_", "P2P_HCCL"))}
-    proc = subprocess.run([*serve_command(), "--device", "npu"], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path, env=env)
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 2, proc.stderr
+    lines = serve_npu_two_lines(tmp_path)
     assert expected.value.what in lines[0] and expected.value.fix in lines[1]
 
 
@@ -56,14 +65,7 @@ def test_serve_on_npu_with_a_torch_npu_that_raises_exits_2_with_two_lines(tmp_pa
     package = tmp_path / "site" / "torch_npu"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(f"raise {error}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HCCL_", "P2P_HCCL"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([*serve_command(), "--device", "npu"], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path, env=env)
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 2, proc.stderr
+    lines = serve_npu_two_lines(tmp_path, str(tmp_path / "site"))
     assert lines[0].startswith("tr-serve: importing torch_npu failed with ") and named in lines[0]
     if "Two accelerators" in named:
         assert "CPU build of torch" in lines[1]
