@@ -194,6 +194,7 @@ class Backend(ABC):
         scale: float,
         out: torch.Tensor | None = None,
         lse: torch.Tensor | None = None,
+        keys: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One query row per sequence against its keys in a paged cache: q `[B, Hq, D]`;
         `[N, Hkv, D]` caches cut into pages of `block_size` slots; sequence b reads its
@@ -205,15 +206,23 @@ class Backend(ABC):
         into one buffer.
 
         A backend that captures graphs reads all of it on the device; this portable version
-        reads it on the host, gathers each sequence's keys and runs `attention` on them."""
+        runs `attention` per sequence on its keys: `keys[b]`, the slots the caller worked
+        out on the host (a slice, a view, when they are one run of pages), or else the
+        slots read from the tables here."""
         outs, lses = [], []
-        table_rows = tables[rows].tolist()
-        for i, (pages, n) in enumerate(zip(table_rows, lens.tolist())):
-            idx = torch.arange(n)
-            page = torch.tensor(pages[: -(-n // block_size)], dtype=torch.long)
-            slots = (page[idx // block_size] * block_size + idx % block_size).to(q.device)
-            o, row_lse = self.attention(q[i : i + 1], k_cache.index_select(0, slots),
-                                        v_cache.index_select(0, slots), False, scale)
+        if keys is None:
+            keys = []
+            for pages, n in zip(tables[rows].tolist(), lens.tolist()):
+                idx = torch.arange(n)
+                page = torch.tensor(pages[: -(-n // block_size)], dtype=torch.long)
+                keys.append((page[idx // block_size] * block_size + idx % block_size
+                             ).to(q.device))
+        for i, slots in enumerate(keys):
+            if isinstance(slots, slice):
+                k, v = k_cache[slots], v_cache[slots]
+            else:
+                k, v = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+            o, row_lse = self.attention(q[i : i + 1], k, v, False, scale)
             outs.append(o)
             lses.append(row_lse)
         if out is None:

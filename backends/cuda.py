@@ -115,11 +115,11 @@ class CudaBackend(Backend):
         return torch.cuda.graph(graph, pool=pool)
 
     def decode_attention(self, q, k_cache, v_cache, tables, rows, lens, block_size, scale,
-                         out=None, lse=None):
+                         out=None, lse=None, keys=None):
         d = q.shape[-1]
         if not self.graph_safe_decode(q.dtype, d):
             return super().decode_attention(q, k_cache, v_cache, tables, rows, lens,
-                                            block_size, scale, out, lse)
+                                            block_size, scale, out, lse, keys)
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         splits = self._decode.decode_splits(q.shape[0], k_cache.shape[1], self._sms)

@@ -152,3 +152,10 @@ def test_portable_decode_attention_matches_float64():
     ref_out, ref_lse = reference(q, k_cache, v_cache, tables, rows, lens, 0.125)
     assert (out.double() - ref_out).abs().max() < 2e-6
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+    # the key slots worked out by the caller instead (decode does it once a step), one of
+    # them as a slice: the same result
+    keys = list(slots_of(tables, rows, lens, PAGE))
+    keys[3] = slice(int(keys[3][0]), int(keys[3][0]) + 1)
+    out2, lse2 = get_backend("cpu").decode_attention(q, k_cache, v_cache, tables, rows, lens,
+                                                     PAGE, 0.125, keys=keys)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)

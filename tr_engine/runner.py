@@ -61,8 +61,9 @@ class DecodeContext(ForwardContext):
     captured once replays every step."""
 
     def __init__(self, runner: ModelRunner, rows: torch.Tensor, lens: torch.Tensor,
-                 slots: torch.Tensor) -> None:
+                 slots: torch.Tensor, keys: list | None = None) -> None:
         self.runner, self.rows, self.lens, self.slots = runner, rows, lens, slots
+        self.keys = keys  # host-driven backends: each sequence's key slots, from the host
 
     def attention(self, layer, q, k, v, scale):
         # q [B, Hq, D], k/v [B, Hkv, D]
@@ -75,11 +76,11 @@ class DecodeContext(ForwardContext):
                 scale)
         attend = runner.backend.decode_attention
         if runner.world == 1:
-            return attend(*args)[0]
+            return attend(*args, keys=self.keys)[0]
         # out and lse go straight into the one float32 buffer the ranks all-gather
         b, h, d = q.shape
         packed = torch.empty((b, h, d + 1), dtype=torch.float32, device=q.device)
-        attend(*args, packed[..., :d], packed[..., d])
+        attend(*args, packed[..., :d], packed[..., d], keys=self.keys)
         return gather_merge(packed, q.dtype, runner.group)[0]
 
 
@@ -115,7 +116,10 @@ class ModelRunner:
                                   self.device)
         self.rates = self._calibrate()
         self.graphs = None
-        if not config.enforce_eager and backend.graph_safe_decode(self.dtype, mc.head_dim):
+        # whether decode attention reads the block tables on the device (else the host
+        # works out each sequence's key slots once a step)
+        self.device_decode = backend.graph_safe_decode(self.dtype, mc.head_dim)
+        if not config.enforce_eager and self.device_decode:
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
     # ---- set-up ------------------------------------------------------------------------
@@ -228,7 +232,11 @@ class ModelRunner:
         graph = self.graphs.get(len(p.tokens)) if self.graphs is not None else None
         if graph is not None:
             return self.graphs.replay(graph, meta)
-        return self.decode_forward(meta.to(self.device))
+        keys = None
+        if not self.device_decode:  # the slots of each sequence's keys, once per step
+            keys = [_on(self.tables.slots(row, 0, n), self.device)
+                    for row, n in zip(p.rows, meta[3].tolist())]
+        return self.decode_forward(meta.to(self.device), keys)
 
     def _decode_meta(self, p: DecodePlan) -> torch.Tensor:
         """`[5, B]` int64 on the host: token ids, positions, block-table rows, keys to
@@ -239,9 +247,12 @@ class ModelRunner:
                  for row, n, o in zip(p.rows, p.kv_len, p.owner)]
         return torch.tensor([p.tokens, p.positions, p.rows, lens, slots], dtype=torch.long)
 
-    def decode_forward(self, meta: torch.Tensor) -> torch.Tensor | None:
-        """The decode forward for `meta` (as `_decode_meta` lays it out, on the device)."""
+    def decode_forward(self, meta: torch.Tensor, keys: list | None = None
+                       ) -> torch.Tensor | None:
+        """The decode forward for `meta` (as `_decode_meta` lays it out, on the device);
+        `keys`: each sequence's key slots, for a backend whose decode attention reads them
+        on the host."""
         ids, positions, rows, lens, slots = meta
-        with forward_context(DecodeContext(self, rows, lens, slots)):
+        with forward_context(DecodeContext(self, rows, lens, slots, keys)):
             hidden = self.model(ids, positions)  # [B, hidden], the same on every rank
         return self.model.compute_logits(hidden) if self.rank == 0 else None
