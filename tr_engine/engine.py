@@ -10,7 +10,7 @@ from pathlib import Path
 from .attention import choose
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import RequestTooLong
+from .errors import RequestFailed, RequestTooLong
 from .kv_accounting import prompt_share
 from .outputs import CompletionOutput, RequestOutput
 from .plan import PrefillPlan, StepPlan
@@ -111,6 +111,10 @@ class LLMEngine:
         if bad:
             raise InvalidParameter("stop_token_ids", f"stop_token_ids must be < {vocab}; "
                                                      f"got {bad[:5]}")
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise InvalidParameter("logit_bias", f"logit_bias token ids must be < {vocab}; "
+                                                 f"got {bad[:5]}")
         self.scheduler.check(len(prompt_ids), params.max_tokens)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -136,17 +140,44 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step. An exception from the forward (a collective, the device) is the whole
+        engine's and propagates; one raised while sampling or finishing a single request
+        ends that request alone (finish_reason "error", RequestOutput.error set)."""
         plan = self.scheduler.schedule()
         if plan is None:
             return []
         t = time.perf_counter()
         seqs = self._plan_sequences(plan)
         logits = self.cluster.run(plan)
-        tokens, logprobs = self.sampler(logits, seqs) if logits is not None else ([], [])
+        tokens, logprobs, errors = self.sampler(logits, seqs) if logits is not None \
+            else ([], [], {})
         touched = self.scheduler.update(plan, tokens)
         self._account(plan, t)
         by_seq = dict(zip((s.seq_id for s in seqs), logprobs))
-        return [self._on_token(seq, by_seq.get(seq.seq_id)) for seq in touched]
+        failed = {seqs[i].seq_id: e for i, e in errors.items()}
+        outs = []
+        for seq in touched:
+            error = failed.get(seq.seq_id)
+            if error is None:
+                try:
+                    outs.append(self._on_token(seq, by_seq.get(seq.seq_id)))
+                    continue
+                except Exception as e:  # this request's stop checks or text
+                    error = e
+            outs.append(self.fail(seq, error))
+        return outs
+
+    def fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """End `seq` because serving it raised: its KV is freed, the others go on."""
+        log.error("request %s failed: %s: %s", seq.request_id, type(error).__name__, error,
+                  exc_info=error)
+        self.scheduler.finish(seq, "error")
+        seq.metrics.finished = time.time()
+        self._forget(seq)
+        completion = CompletionOutput(token_ids=list(seq.output_ids), finish_reason="error")
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, [completion], True,
+                             seq.metrics, error=RequestFailed(
+                                 f"serving this request failed ({type(error).__name__})"))
 
     def _plan_sequences(self, plan: StepPlan) -> list[Sequence]:
         ids = [plan.prefill.seq_id] if plan.kind == "prefill" else plan.decode.seq_ids

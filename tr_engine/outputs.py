@@ -22,7 +22,7 @@ class CompletionOutput:
     index: int = 0
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] | None = None
     delta_text: str = ""
@@ -49,6 +49,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    error: Exception | None = None  # why the engine ended this request (finish_reason "error")
 
     # vLLM-style convenience for single-sequence requests
     @property
