@@ -36,6 +36,7 @@ from .settings import ServerSettings
 log = logging.getLogger("tr_engine.server")
 T = TypeVar("T")
 _MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (vLLM's convention)
+_TOKENIZER_THREADS = 4
 
 try:  # chat templates are Jinja; their own errors count as bad input, not server faults
     from jinja2 import TemplateError as _TemplateError
@@ -57,9 +58,14 @@ class Serving:
         # The longest prompt + output any request can have: context or KV cache, whichever ends
         # first (KV capacity is for all ranks together: the sequence is sharded).
         self.context_limit = min(self.max_model_len, engine.kv_capacity_tokens)
-        # Tokenizing a long prompt takes a while: off the event loop, one at a time.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tr-tokenize")
+        # Tokenizing a long prompt takes a while: off the event loop, on a pool (the
+        # tokenizer releases the GIL), so a long prompt does not hold up a short one.
+        self._pool = ThreadPoolExecutor(_TOKENIZER_THREADS, thread_name_prefix="tr-tokenize")
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
+        # No token is longer than this many characters, so a text of more than
+        # context_limit * max_token_chars characters cannot fit and is refused untokenized.
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
+        self.max_prompt_chars = self.context_limit * self.max_token_chars
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -87,16 +93,30 @@ class Serving:
                            f"(0..{self.vocab_size - 1}).", param, "invalid_value")
         return ids
 
-    async def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def check_chars(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing, a text too long to fit whatever its tokens."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"The {param} has {chars} characters; no token of this model "
+                           f"is longer than {self.max_token_chars}, so it cannot fit in the "
+                           f"{self.context_limit} tokens a request may hold.", param,
+                           "context_length_exceeded")
+
+    async def encode_text(self, text: str, add_special_tokens: bool = True,
+                          param: str = "prompt") -> list[int]:
+        self.check_chars(len(text), param)
         return await self.in_pool(
             functools.partial(self.tokenizer.encode, add_special_tokens=add_special_tokens), text)
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
             return await self.in_pool(self.engine.encode_chat, messages)
         except (ValueError, TypeError, _TemplateError) as exc:
-            raise APIError(400, f"The chat template cannot take these messages: {exc}",
-                           "messages", "invalid_value") from None
+            message = str(exc)
+            if not message.startswith("the chat template"):  # the engine's own says it
+                message = f"the chat template cannot take these messages: {message}"
+            raise APIError(400, message[0].upper() + message[1:], "messages",
+                           "invalid_value") from None
 
     # ---- request -> SamplingParams --------------------------------------------------------
 
@@ -111,8 +131,6 @@ class Serving:
         """
         if req.n not in (None, 1):
             raise APIError(400, "Only n = 1 is supported.", "n", "invalid_value")
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported.", "logit_bias", "invalid_value")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.",
                            "stream_options", "invalid_value")
@@ -136,17 +154,29 @@ class Serving:
             presence_penalty=_default(req.presence_penalty, 0.0),
             frequency_penalty=_default(req.frequency_penalty, 0.0),
             repetition_penalty=_default(req.repetition_penalty, 1.0),
-            stop=req.stop or (),
+            stop=req.stop if req.stop is not None else (),  # "" is refused, not ignored
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
+            logit_bias=self._logit_bias(req.logit_bias),
         )
         if max_tokens is not None:
             self.engine.check(ids, params)
             return params
         return self._largest_accepted(ids, params)
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        """OpenAI's logit_bias: token ids, as JSON keys (strings), to biases."""
+        out = {}
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit() and int(key) < self.vocab_size):
+                raise APIError(400, f"logit_bias keys must be token ids in "
+                               f"[0, {self.vocab_size}); got {key!r}.", "logit_bias",
+                               "invalid_value")
+            out[int(key)] = float(value)
+        return out
 
     def _largest_accepted(self, ids: list[int], params: SamplingParams) -> SamplingParams:
         """params with the largest max_tokens <= params.max_tokens that engine.check takes
