@@ -85,6 +85,7 @@ class AsyncEngine:
         self._live: set[str] = set()  # accepted and not finished: the admission count
         self._capacity = engine.config.max_num_seqs + engine.config.max_waiting
         self._stats = self._snapshot()
+        engine.on_scheduled = self._on_scheduled
         self._thread = threading.Thread(target=self._run, name="tr-engine-loop", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="tr-engine-watchdog",
                                           daemon=True)
@@ -121,6 +122,10 @@ class AsyncEngine:
         self._fail(EngineDead("the server is shutting down"))
         self._closed = True
         self.engine.shutdown()
+
+    def _on_scheduled(self) -> None:
+        # the scheduler has just admitted: /metrics shows the step now, not after it ends
+        self._stats = self._snapshot()
 
     def _drain_inbox(self) -> None:
         while True:

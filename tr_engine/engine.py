@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .attention import choose
@@ -67,6 +68,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_prefill_tokens_per_s = 0.0
+        self.on_scheduled: Callable[[], None] | None = None  # called once a step is planned
         log.info("engine ready in %.1f s: %s on %d %s rank(s), context %d tokens, KV cache %d "
                  "tokens", time.perf_counter() - t, mc.architecture, self.config.world_size,
                  self.cluster.backend.name, self.max_model_len, self.kv_capacity * self.world)
@@ -146,6 +148,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan is None:
             return []
+        if self.on_scheduled is not None:  # the step may take minutes (a long prefill chunk)
+            self.on_scheduled()
         t = time.perf_counter()
         seqs = self._plan_sequences(plan)
         logits = self.cluster.run(plan)
