@@ -37,12 +37,12 @@ def model(tmp_path_factory) -> str:
     return str(path)
 
 
-def _spawn(model: str, env: dict | None = None) -> Server:
+def _spawn(model: str, env: dict | None = None, grace_s: float = GRACE_S) -> Server:
     port = _free_port()
     log_fd, log_path = tempfile.mkstemp(prefix="tr-serve-", suffix=".log")
     cmd = [*_command(), "--model", model, "--device", "cpu", "--world-size", "2",
            "--dtype", "float32", "--port", str(port), "--kv-cache-tokens", "9000",
-           "--max-model-len", "20000", "--graceful-shutdown-s", str(GRACE_S)]
+           "--max-model-len", "20000", "--graceful-shutdown-s", str(grace_s)]
     proc = subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, **(env or {})})
@@ -73,23 +73,28 @@ def _end(server: Server) -> None:
     server.proc.wait(10)
 
 
-def _stop_and_time(server: Server, sig: int) -> None:
-    """Send `sig`; the server must exit 0 within BOUND_S with no process of its group left."""
+def _stop_and_time(server: Server, sig: int, again_after: float | None = None,
+                   code_expected: int = 0, bound_s: float = BOUND_S) -> None:
+    """Send `sig` (twice if `again_after`); the server must exit with `code_expected`
+    within `bound_s` with no process of its group left."""
     t = time.monotonic()
     server.proc.send_signal(sig)
+    if again_after is not None:
+        time.sleep(again_after)
+        server.proc.send_signal(sig)
     try:
-        code = server.proc.wait(BOUND_S + 5)
+        code = server.proc.wait(bound_s + 5)
     except subprocess.TimeoutExpired:
         code = None
-    while _group_members(server.proc.pid) and time.monotonic() - t < BOUND_S:
+    while _group_members(server.proc.pid) and time.monotonic() - t < bound_s:
         time.sleep(0.1)
     took, left, log = time.monotonic() - t, _group_members(server.proc.pid), server.log()
     if code is None or left:
         _end(server)
     os.unlink(server.log_path)
-    assert code == 0, f"exit {code} after {took:.1f} s:\n{log[-4000:]}"
+    assert code == code_expected, f"exit {code} after {took:.1f} s:\n{log[-4000:]}"
     assert not left, f"left behind: {left}\n{log[-4000:]}"
-    assert took <= BOUND_S, f"took {took:.1f} s:\n{log[-4000:]}"
+    assert took <= bound_s, f"took {took:.1f} s:\n{log[-4000:]}"
     assert "Traceback" not in log, log[-4000:]
 
 
@@ -150,6 +155,17 @@ def test_while_decoding(model, sig):
                                  "stream": True})
     _wait_for(lambda: scrape(server)["tr_engine:generation_tokens_total"] >= 5, 60, server)
     _stop_and_time(server, sig)
+
+
+def test_a_second_ctrl_c_stops_at_once(model):
+    # The first Ctrl-C lets the open stream finish for up to 60 s; the second one means now.
+    server = _spawn(model, grace_s=60)
+    _wait_for(lambda: _healthy(server), 300, server)
+    _post_in_background(server, {"prompt": [5, 6, 7], "max_tokens": 5000, "ignore_eos": True,
+                                 "stream": True})
+    _wait_for(lambda: scrape(server)["tr_engine:generation_tokens_total"] >= 5, 60, server)
+    _stop_and_time(server, signal.SIGINT, again_after=0.5, code_expected=128 + signal.SIGINT,
+                   bound_s=5)
 
 
 def _workers(server: Server) -> list[int]:
