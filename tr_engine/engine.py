@@ -15,8 +15,8 @@ from .errors import RequestFailed, RequestTooLong
 from .kv_accounting import prompt_share
 from .outputs import CompletionOutput, RequestOutput
 from .plan import PrefillPlan, StepPlan
-from .sampler import Sampler
-from .sampling_params import InvalidParameter, SamplingParams
+from .sampler import Sampler, prompt_logprobs
+from .sampling_params import PROMPT_LOGPROBS_MAX_TOKENS, InvalidParameter, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .workers import Cluster
@@ -65,6 +65,7 @@ class LLMEngine:
         self._seqs: dict[int, Sequence] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._emitted: dict[int, int] = {}
+        self._prompt_lps: dict[int, list] = {}  # seq_id -> prompt logprobs so far
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_prefill_tokens_per_s = 0.0
@@ -113,6 +114,10 @@ class LLMEngine:
         if bad:
             raise InvalidParameter("stop_token_ids", f"stop_token_ids must be < {vocab}; "
                                                      f"got {bad[:5]}")
+        if params.prompt_logprobs is not None and len(prompt_ids) > PROMPT_LOGPROBS_MAX_TOKENS:
+            raise InvalidParameter("prompt_logprobs", f"prompt logprobs are given for prompts "
+                                   f"of up to {PROMPT_LOGPROBS_MAX_TOKENS} tokens; this one "
+                                   f"has {len(prompt_ids)}")
         bad = [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
             raise InvalidParameter("logit_bias", f"logit_bias token ids must be < {vocab}; "
@@ -152,7 +157,15 @@ class LLMEngine:
             self.on_scheduled()
         t = time.perf_counter()
         seqs = self._plan_sequences(plan)
+        scored = plan.kind == "prefill" and seqs[0].params.prompt_logprobs is not None
+        if scored:
+            plan.prefill.all_logits = True  # every position's logits come back, not the last
         logits = self.cluster.run(plan)
+        if scored:
+            try:
+                logits = self._score_prompt(seqs[0], plan.prefill, logits)
+            except Exception as e:  # this request's alone
+                return [self.fail(seqs[0], e)]
         tokens, logprobs, errors = self.sampler(logits, seqs) if logits is not None \
             else ([], [], {})
         touched = self.scheduler.update(plan, tokens)
@@ -170,6 +183,14 @@ class LLMEngine:
                     error = e
             outs.append(self.fail(seq, error))
         return outs
+
+    def _score_prompt(self, seq: Sequence, plan: PrefillPlan, logits):
+        """Keep the prompt logprobs of a prefill chunk's positions; the last row to sample
+        from, if this is the prompt's last chunk."""
+        got = self._prompt_lps.setdefault(seq.seq_id, [None])
+        nxt = seq.prompt_ids[plan.start + 1 : plan.start + len(plan.tokens) + 1]
+        got.extend(prompt_logprobs(logits[: len(nxt)], nxt, seq.params.prompt_logprobs))
+        return logits[-1:] if plan.sample else None
 
     def fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """End `seq` because serving it raised: its KV is freed, the others go on."""
@@ -261,13 +282,15 @@ class LLMEngine:
             delta_token_ids=seq.output_ids[-n_new:] if seq.finish_reason != "abort" else [],
             delta_logprobs=seq.logprobs[-1:] if seq.params.logprobs is not None else None,
         )
+        prompt_lps = self._prompt_lps.get(seq.seq_id)
         if seq.finished:
             seq.metrics.finished = time.time()
             self._forget(seq)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, [completion],
-                             seq.finished, seq.metrics)
+                             seq.finished, seq.metrics, prompt_logprobs=prompt_lps)
 
     def _forget(self, seq: Sequence) -> None:
+        self._prompt_lps.pop(seq.seq_id, None)
         self._seqs.pop(seq.seq_id, None)
         self._detok.pop(seq.seq_id, None)
         self._emitted.pop(seq.seq_id, None)

@@ -50,6 +50,8 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     error: Exception | None = None  # why the engine ended this request (finish_reason "error")
+    # with SamplingParams.prompt_logprobs: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     # vLLM-style convenience for single-sequence requests
     @property

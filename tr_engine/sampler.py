@@ -132,3 +132,17 @@ def _logprob(logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob 
         vals, ids = torch.topk(lp, top)
         alternatives = dict(zip(ids.tolist(), vals.tolist()))
     return TokenLogprob(token, float(lp[token]), alternatives)
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], top: int
+                    ) -> list[TokenLogprob]:
+    """Row i of `logits` `[n, V]` scores `next_ids[i]`: the model's logprob of each prompt
+    token given the ones before it, with the `top` most likely alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(next_ids, dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+    alternatives: list[dict[int, float]] = [{} for _ in next_ids]
+    if top > 0:
+        vals, tops = torch.topk(lp, top, dim=-1)
+        alternatives = [dict(zip(t, v)) for t, v in zip(tops.tolist(), vals.tolist())]
+    return [TokenLogprob(t, c, a) for t, c, a in zip(next_ids, chosen, alternatives)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PROMPT_LOGPROBS_MAX_TOKENS = 4096  # logits of every position: [T, vocab] float32 on rank 0
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -15,7 +17,9 @@ class SamplingParams:
     tokens in the prompt or output). `logprobs` = how many top alternatives to return with
     each chosen token's own logprob (None = no logprobs). `logit_bias` (OpenAI's): token id
     -> a bias in [-100, 100] added to its logit before anything else; given as a dict or
-    pairs, kept as sorted pairs.
+    pairs, kept as sorted pairs. `prompt_logprobs`: as `logprobs`, for every prompt token
+    but the first (which nothing predicts); the prefill then keeps every position's logits,
+    so it is limited to prompts of PROMPT_LOGPROBS_MAX_TOKENS.
     """
 
     max_tokens: int = 16
@@ -34,6 +38,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +75,9 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids", "must be non-negative integers"),
             (self.seed is None or isinstance(self.seed, int), "seed", "must be an integer"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                              and 0 <= self.prompt_logprobs <= 20),
+             "prompt_logprobs", f"must be an integer in [0, 20], got {self.prompt_logprobs!r}"),
             (all(isinstance(t, int) and t >= 0 and isinstance(b, int | float)
                  and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
              "logit_bias", "must map token ids to biases in [-100, 100]"),
