@@ -92,6 +92,7 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    echo: bool = False
 
 
 class CompletionRequest(_Sampling):

@@ -121,7 +121,8 @@ class Serving:
     # ---- request -> SamplingParams --------------------------------------------------------
 
     def sampling_params(self, req: _Sampling, ids: list[int], *, max_tokens: int | None,
-                        max_tokens_param: str, logprobs: int | None) -> SamplingParams:
+                        max_tokens_param: str, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The request's SamplingParams, checked against the engine's limits.
 
         Without max_tokens: all the room left (OpenAI's default), capped at
@@ -129,8 +130,6 @@ class Serving:
         KV for its output; if the KV cache's layout leaves less room than the arithmetic says,
         the largest max_tokens the engine accepts.
         """
-        if req.n not in (None, 1):
-            raise APIError(400, "Only n = 1 is supported.", "n", "invalid_value")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.",
                            "stream_options", "invalid_value")
@@ -161,6 +160,7 @@ class Serving:
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=self._logit_bias(req.logit_bias),
+            prompt_logprobs=prompt_logprobs,
         )
         if max_tokens is not None:
             self.engine.check(ids, params)
@@ -210,22 +210,42 @@ class Serving:
         gen = self.engine.generate(request_id, ids, params, prompt)
         return RequestStream(self, request_id, gen)
 
-    async def run(self, request_id: str, ids: list[int], params: SamplingParams,
-                  prompt: str | None) -> RequestOutput:
-        """Run a request to the end and return its last (cumulative) output."""
-        last = None
-        async with await self.start(request_id, ids, params, prompt) as outputs:
-            async for out in outputs:
-                last = out
-        if last is None:
-            raise APIError(503, "The engine ended the request without output.", None,
-                           "engine_dead")
-        return last
+    async def start_n(self, request_id: str, ids: list[int], params: SamplingParams,
+                      prompt: str | None, n: int) -> list[RequestStream]:
+        """`n` choices of one prompt: n engine requests (`{request_id}-{i}`; with a seed,
+        choice i samples with seed + i). All or none start: if one is refused, those
+        already started are aborted and the refusal raised."""
+        if n == 1:
+            return [await self.start(request_id, ids, params, prompt)]
+        if n > self.engine.max_open_requests:
+            raise APIError(400, f"n = {n} choices are more requests than this server holds at "
+                           f"once ({self.engine.max_open_requests}).", "n", "invalid_value")
+        streams: list[RequestStream] = []
+        try:
+            for i in range(n):
+                p = params if params.seed is None else \
+                    dataclasses.replace(params, seed=params.seed + i)
+                streams.append(await self.start(f"{request_id}-{i}", ids, p, prompt))
+        except BaseException:
+            await close_all(streams)
+            raise
+        return streams
+
+    async def run_n(self, request_id: str, ids: list[int], params: SamplingParams,
+                    prompt: str | None, n: int = 1) -> list[RequestOutput]:
+        """Run `n` choices to the end; their last (cumulative) outputs, by index."""
+        streams = await self.start_n(request_id, ids, params, prompt, n)
+        try:
+            return list(await asyncio.gather(*(_last(s) for s in streams)))
+        finally:
+            await close_all(streams)
 
     @staticmethod
-    def usage(out: RequestOutput) -> UsageInfo:
-        prompt = len(out.prompt_token_ids)
-        completion = len(out.outputs[0].token_ids)
+    def usage(outs: RequestOutput | list[RequestOutput]) -> UsageInfo:
+        """The prompt once, the completions of every choice."""
+        outs = outs if isinstance(outs, list) else [outs]
+        prompt = len(outs[0].prompt_token_ids)
+        completion = sum(len(o.outputs[0].token_ids) for o in outs)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                          total_tokens=prompt + completion)
 
@@ -305,6 +325,53 @@ class RequestStream:
         await self.aclose()
 
 
+async def _last(stream: RequestStream) -> RequestOutput:
+    last = None
+    async for out in stream:
+        last = out
+    if last is None:
+        raise APIError(503, "The engine ended the request without output.", None,
+                       "engine_dead")
+    return last
+
+
+async def close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        await stream.aclose()
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) of several streams, in the order outputs arrive."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                q.put_nowait((i, out, None))
+        except Exception as exc:
+            q.put_nowait((i, None, exc))
+        q.put_nowait((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, out, exc = await q.get()
+            if exc is not None:
+                raise exc
+            if out is None:
+                left -= 1
+                continue
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 def _default(value, default):
     return default if value is None else value
 
@@ -352,28 +419,31 @@ class SSEResponse(StreamingResponse):
             await self._on_close()
 
 
-async def stream_events(serving: Serving, stream: RequestStream, chunk: Callable[..., str],
-                        choice: Callable[[RequestOutput, object, bool], object],
+async def stream_events(serving: Serving, streams: list[RequestStream],
+                        chunk: Callable[..., str],
+                        choice: Callable[[int, RequestOutput, object, bool], object],
                         logprobs: bool, include_usage: bool,
-                        first: str | None = None) -> AsyncIterator[str]:
-    """The server-sent events of a streamed request, for chat and completions alike: `first`
-    (chat's role chunk), a chunk for each output that adds text, logprobs or the finish, the
-    usage chunk when asked, then [DONE]. An error after the 200 went out is one error event.
-    `chunk(choices, usage=None)` frames a chunk; `choice(out, completion, with_logprobs)`
-    builds an endpoint's choice."""
+                        first: Callable[[int], str] | None = None) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request of one or more choices, for chat and
+    completions alike: `first(index)` for each choice (chat's role chunk, completions' echo),
+    a chunk for each output that adds text, logprobs or the finish, the usage chunk when
+    asked, then [DONE]. An error after the 200 went out is one error event.
+    `chunk(choices, usage=None)` frames a chunk; `choice(index, out, completion,
+    with_logprobs)` builds an endpoint's choice."""
     try:
         if first is not None:
-            yield first
-        last = None
-        async for out in stream:
-            last = out
+            for i in range(len(streams)):
+                yield first(i)
+        last: dict[int, RequestOutput] = {}
+        async for i, out in merged(streams):
+            last[i] = out
             c = out.outputs[0]
             with_logprobs = logprobs and bool(c.delta_logprobs)
             if not (c.delta_text or with_logprobs or out.finished):
                 continue
-            yield chunk([choice(out, c, with_logprobs)])
-        if include_usage and last is not None:
-            yield chunk([], usage=serving.usage(last))
+            yield chunk([choice(i, out, c, with_logprobs)])
+        if include_usage and last:
+            yield chunk([], usage=serving.usage(list(last.values())))
     except Exception as exc:
         yield stream_error(exc)
     yield DONE

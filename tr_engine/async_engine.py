@@ -48,7 +48,8 @@ class AsyncEngine:
     memory, logs each phase with its time). Then, from the server's event loop:
 
     - `engine.tokenizer`: the Hugging Face tokenizer; `engine.model_name`;
-      `engine.max_model_len`; `engine.kv_capacity_tokens` (all ranks together).
+      `engine.max_model_len`; `engine.kv_capacity_tokens` (all ranks together);
+      `engine.max_open_requests` (max_num_seqs + max_waiting).
     - `engine.encode_chat(messages) -> list[int]`: the chat template applied, with the
       generation prompt; raises ValueError for messages the template cannot take.
     - `engine.check(prompt_token_ids, params)`: raises RequestTooLong (message names the
@@ -83,7 +84,7 @@ class AsyncEngine:
         # refuses more than max_waiting and admits to running only when it schedules
         self._pending: deque[tuple] = deque()
         self._live: set[str] = set()  # accepted and not finished: the admission count
-        self._capacity = engine.config.max_num_seqs + engine.config.max_waiting
+        self.max_open_requests = engine.config.max_num_seqs + engine.config.max_waiting
         self._stats = self._snapshot()
         engine.on_scheduled = self._on_scheduled
         self._thread = threading.Thread(target=self._run, name="tr-engine-loop", daemon=True)
@@ -226,7 +227,7 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            if len(self._live) >= self._capacity:
+            if len(self._live) >= self.max_open_requests:
                 raise QueueFull(f"the queue is full ({config.max_num_seqs} requests running "
                                 f"and {config.max_waiting} waiting)")
             self._live.add(request_id)
