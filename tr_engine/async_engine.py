@@ -30,6 +30,7 @@ from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("tr_engine")
+_RANKS_EXIT_S = 5.0  # how long the other ranks get to exit after the stop plan
 
 
 @dataclass
@@ -64,7 +65,7 @@ class AsyncEngine:
       out of its iteration; the others go on. If the consumer stops iterating (client
       gone), the request is aborted and its KV freed.
     - `engine.abort(request_id)`; `engine.stats() -> EngineStats`; `engine.healthy` (False
-      once the loop or a rank died); `engine.shutdown(timeout)` stops every rank.
+      once the loop or a rank died); `engine.shutdown(step_timeout)` stops every rank.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
@@ -80,6 +81,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._dead: BaseException | None = None
         self._closed = False  # the ranks were told to stop, or killed
+        self._closing = threading.Event()  # the engine thread is telling the ranks to stop
         # requests taken from the inbox that wait for room in the scheduler's queue, which
         # refuses more than max_waiting and admits to running only when it schedules
         self._pending: deque[tuple] = deque()
@@ -122,7 +124,8 @@ class AsyncEngine:
             return
         self._fail(EngineDead("the server is shutting down"))
         self._closed = True
-        self.engine.shutdown()
+        self._closing.set()
+        self.engine.shutdown(timeout=_RANKS_EXIT_S)
 
     def _on_scheduled(self) -> None:
         # the scheduler has just admitted: /metrics shows the step now, not after it ends
@@ -266,18 +269,20 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive()
 
-    def shutdown(self, timeout: float = 5.0) -> bool:
+    def shutdown(self, step_timeout: float = 3.0) -> bool:
         """Stop the loop, then every rank; safe to call more than once. The engine thread
-        stops the ranks once its step ends; a step still running after `timeout` seconds
-        has the other ranks' processes killed. Returns True if the loop has ended (False:
-        it is stuck in a step of ranks that are gone, and the process must exit without
-        waiting for it)."""
+        tells the ranks to stop once its step ends and gives them a few seconds to exit; a
+        step still running after `step_timeout` seconds has the other ranks' processes
+        killed instead. Returns True if the loop has ended (False: it is stuck in a step of
+        ranks that are gone, and the process must exit without waiting for it)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        self._thread.join(step_timeout)
+        if self._closing.is_set():
+            self._thread.join(_RANKS_EXIT_S + 1)
+        elif self._thread.is_alive():
             log.warning("a step is still running after %.0f s; killing the other ranks",
-                        timeout)
+                        step_timeout)
         if self._thread.is_alive() or not self._closed:
             # No collective here: the engine thread may be inside one.
             self._closed = True

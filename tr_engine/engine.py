@@ -317,5 +317,7 @@ class LLMEngine:
         finally:
             self.scheduler.kv.release(starts, counts)
 
-    def shutdown(self) -> None:
-        self.cluster.shutdown()
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every rank; those not gone `timeout` seconds after the stop plan are
+        killed."""
+        self.cluster.shutdown(timeout)

@@ -224,7 +224,7 @@ class Cluster:
             self.channel.send(plan)
         return self.runner.run(plan)
 
-    def shutdown(self, timeout: float = 3.0) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:
         """Tell the other ranks to stop (the caller must be the only thread running plans)
         and wait up to `timeout` seconds for them; kill those still running."""
         self.runner.close()
