@@ -311,7 +311,8 @@ class RequestStream:
         if self.closed:
             return
         self.closed = True
-        await self._gen.aclose()
+        with contextlib.suppress(RuntimeError):  # still running in a task being cancelled
+            await self._gen.aclose()
         if not self.finished:
             try:
                 self.serving.engine.abort(self.request_id)
@@ -370,6 +371,8 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
     finally:
         for t in tasks:
             t.cancel()
+        # wait for them: a stream still inside a pump cannot be closed (aborted) meanwhile
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _default(value, default):

@@ -492,15 +492,12 @@ def test_n_choices_are_seeded_requests(client):
     kw = dict(model=MODEL, messages=QUESTION, max_tokens=6, temperature=1.0)
     r = client.chat.completions.create(**kw, n=3, seed=5)
     assert [c.index for c in r.choices] == [0, 1, 2]
-    singles = [client.chat.completions.create(**kw, seed=5 + i).choices[0].message.content
-               for i in range(3)]
-    assert [c.message.content for c in r.choices] == singles
-    assert len(set(singles)) > 1  # the seeds really differ
-    one = client.chat.completions.create(**kw, seed=5)
-    assert r.usage.prompt_tokens == one.usage.prompt_tokens
-    assert r.usage.completion_tokens == sum(
-        client.chat.completions.create(**kw, seed=5 + i).usage.completion_tokens
-        for i in range(3))
+    singles = [client.chat.completions.create(**kw, seed=5 + i) for i in range(3)]
+    texts = [one.choices[0].message.content for one in singles]
+    assert [c.message.content for c in r.choices] == texts
+    assert len(set(texts)) > 1  # the seeds really differ
+    assert r.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(one.usage.completion_tokens for one in singles)
 
 
 def test_n_streamed_matches_not_streamed(client):
@@ -567,3 +564,22 @@ def test_echo_with_logprobs_scores_the_prompt(server, client):
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
     streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert streamed == lp.tokens
+
+
+def test_n_streams_disconnect_frees_kv(server):
+    # 300 tokens each: the three slabs fit in the KV cache together (1500 would queue two)
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 300, "n": 3,
+            "temperature": 1.0, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream(
+            "POST", server.base + "/v1/completions", json=body, headers=server.headers()) as r:
+        assert r.status_code == 200
+        seen = set()
+        for line, _ in zip(r.iter_lines(), range(400)):
+            if line.startswith("data: {"):
+                seen.add(json.loads(line[6:])["choices"][0]["index"])
+            if len(seen) == 3:
+                break
+        assert seen == {0, 1, 2}
+        busy = _busy(server)
+        assert busy["tr_engine:num_requests_running"] == 3
+    wait_idle(server, timeout=20)

@@ -126,7 +126,10 @@ def test_during_start_up(model, sig):
     _stop_and_time(server, sig)
 
 
-@pytest.mark.parametrize("sig", SIGNALS, ids=IDS)
+# Once the server runs, SIGTERM and SIGINT take one path (uvicorn's handler, then the
+# engine's shutdown), so idle and decode take one signal each; start-up (where SIGTERM is
+# turned into the KeyboardInterrupt that SIGINT raises) and the long prefill take both.
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])
 def test_when_idle(model, sig):
     server = _spawn(model)
     _wait_for(lambda: _healthy(server), 300, server)
@@ -147,7 +150,7 @@ def test_during_a_long_prefill(model, sig):
     _stop_and_time(server, sig)
 
 
-@pytest.mark.parametrize("sig", SIGNALS, ids=IDS)
+@pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])
 def test_while_decoding(model, sig):
     server = _spawn(model)
     _wait_for(lambda: _healthy(server), 300, server)
