@@ -16,7 +16,8 @@ from .protocol import (
     ChatResponseMessage,
     DeltaMessage,
 )
-from .serving import RequestStream, Serving, SSEResponse, close_all, sse, stream_events
+from .serving import Serving
+from .streams import RequestStream, SSEResponse, close_all, sse, stream_events
 
 
 async def create_chat_completion(

@@ -10,7 +10,8 @@ from tr_engine.outputs import RequestOutput
 
 from .errors import APIError
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from .serving import RequestStream, Serving, SSEResponse, close_all, sse, stream_events
+from .serving import Serving
+from .streams import RequestStream, SSEResponse, close_all, sse, stream_events
 
 
 async def create_completion(
