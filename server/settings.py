@@ -18,7 +18,7 @@ class ServerSettings:
     default_max_tokens: the most a request that sets no max_tokens may generate (it gets the
       room left in the context, up to this).
     max_request_bytes: the largest request body (413 beyond, before it is read); None = room
-      for a prompt of the whole context as text or as token ids (see serving.body_limit).
+      for a prompt of the whole context as text or as token ids (see limits.body_limit).
     """
 
     host: str = "127.0.0.1"
