@@ -18,6 +18,7 @@ from tr_engine import __version__
 from .chat import create_chat_completion
 from .completions import create_completion
 from .errors import APIError, error_body, install_error_handlers
+from .limits import BodyLimitMiddleware, body_limit
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
@@ -58,8 +59,12 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     install_error_handlers(app, settings.retry_after_s)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    # the outermost layer: a body over the limit is refused before anything reads it
+    limit = settings.max_request_bytes or body_limit(serving.max_model_len)
+    app.add_middleware(BodyLimitMiddleware, limit=limit)
 
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    @app.api_route("/health", methods=["GET", "HEAD"],
+                   responses={503: {"model": ErrorResponse}})
     async def health() -> Response:
         if not engine.healthy:
             return JSONResponse(error_body(503, "The engine is not running.", None,

@@ -16,7 +16,8 @@ from .protocol import (
     ChatResponseMessage,
     DeltaMessage,
 )
-from .serving import RequestStream, Serving, SSEResponse, sse, stream_events
+from .serving import Serving
+from .streams import RequestStream, SSEResponse, close_all, sse, stream_events
 
 
 async def create_chat_completion(
@@ -34,23 +35,27 @@ async def create_chat_completion(
     params = serving.sampling_params(req, ids, max_tokens=max_tokens,
                                      max_tokens_param=param, logprobs=top_n)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    n = req.n or 1
+    # vLLM's echo: the reply is prepended with the last message when that is the assistant's
+    echo = messages[-1]["content"] if req.echo and messages[-1]["role"] == "assistant" else ""
 
     if req.stream:
-        stream = await serving.start(request_id, ids, params, None)
+        streams = await serving.start_n(request_id, ids, params, None, n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _events(serving, request_id, stream, top_n, include_usage)
-        return SSEResponse(events, on_close=stream.aclose)
+        events = _events(serving, request_id, streams, top_n, include_usage, echo)
+        return SSEResponse(events, on_close=lambda: close_all(streams))
 
-    out = await serving.run(request_id, ids, params, None)
-    c = out.outputs[0]
-    choice = ChatChoice(
-        message=ChatResponseMessage(content=c.text),
-        logprobs=serving.chat_logprobs(c.logprobs, top_n) if top_n is not None else None,
-        finish_reason=c.finish_reason,
-        stop_reason=c.stop_reason,
-    )
-    return ChatCompletionResponse(id=request_id, model=serving.model_name, choices=[choice],
-                                  usage=serving.usage(out))
+    outs = await serving.run_n(request_id, ids, params, None, n)
+    choices = [ChatChoice(
+        index=i,
+        message=ChatResponseMessage(content=echo + out.outputs[0].text),
+        logprobs=serving.chat_logprobs(out.outputs[0].logprobs, top_n) if top_n is not None
+        else None,
+        finish_reason=out.outputs[0].finish_reason,
+        stop_reason=out.outputs[0].stop_reason,
+    ) for i, out in enumerate(outs)]
+    return ChatCompletionResponse(id=request_id, model=serving.model_name, choices=choices,
+                                  usage=serving.usage(outs))
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
@@ -70,22 +75,27 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
                            "top_logprobs", "invalid_value")
 
 
-def _events(serving: Serving, request_id: str, stream: RequestStream, top_n: int | None,
-            include_usage: bool) -> AsyncIterator[str]:
+def _events(serving: Serving, request_id: str, streams: list[RequestStream],
+            top_n: int | None, include_usage: bool, echo: str) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
         return sse(ChatCompletionChunk(id=request_id, created=created, model=serving.model_name,
                                        choices=choices, usage=usage))
 
-    def choice(out, c, with_logprobs: bool) -> ChatChunkChoice:
+    def choice(i: int, out, c, with_logprobs: bool) -> ChatChunkChoice:
         return ChatChunkChoice(
+            index=i,
             delta=DeltaMessage(content=c.delta_text) if c.delta_text else DeltaMessage(),
             logprobs=serving.chat_logprobs(c.delta_logprobs, top_n) if with_logprobs else None,
             finish_reason=c.finish_reason if out.finished else None,
             stop_reason=c.stop_reason if out.finished else None,
         )
 
-    role = chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-    return stream_events(serving, stream, chunk, choice, top_n is not None, include_usage,
+    def role(i: int) -> str:
+        # the echoed message, if any, rides on each choice's first chunk
+        return chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                  content=echo))])
+
+    return stream_events(serving, streams, chunk, choice, top_n is not None, include_usage,
                          first=role)

@@ -6,43 +6,71 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from tr_engine.outputs import RequestOutput
+
 from .errors import APIError
-from .protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from .serving import RequestStream, Serving, SSEResponse, sse, stream_events
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from .serving import Serving
+from .streams import RequestStream, SSEResponse, close_all, sse, stream_events
 
 
 async def create_completion(
     serving: Serving, req: CompletionRequest
 ) -> CompletionResponse | SSEResponse:
     serving.check_model(req.model)
-    if req.echo:
-        raise APIError(400, "echo is not supported.", "echo", "invalid_value")
     if req.suffix:
         raise APIError(400, "suffix is not supported.", "suffix", "invalid_value")
     if req.best_of not in (None, 1):
         raise APIError(400, "Only best_of = 1 is supported.", "best_of", "invalid_value")
     text, ids = await _prompt(serving, req.prompt)
     params = serving.sampling_params(req, ids, max_tokens=req.max_tokens,
-                                     max_tokens_param="max_tokens", logprobs=req.logprobs)
+                                     max_tokens_param="max_tokens", logprobs=req.logprobs,
+                                     prompt_logprobs=req.logprobs if req.echo else None)
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    n = req.n or 1
+    echo = None
+    if req.echo:  # the prompt as the client sent it, or its decoded ids
+        echo = text if text is not None else await serving.in_pool(serving.tokenizer.decode, ids)
 
     if req.stream:
-        stream = await serving.start(request_id, ids, params, text)
+        streams = await serving.start_n(request_id, ids, params, text, n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _events(serving, request_id, stream, req.logprobs is not None, include_usage)
-        return SSEResponse(events, on_close=stream.aclose)
+        events = _events(serving, request_id, streams, req.logprobs is not None, include_usage,
+                         echo)
+        return SSEResponse(events, on_close=lambda: close_all(streams))
 
-    out = await serving.run(request_id, ids, params, text)
-    c = out.outputs[0]
-    choice = CompletionChoice(
-        text=c.text,
-        logprobs=serving.completion_logprobs(c.logprobs, 0) if req.logprobs is not None
-        else None,
-        finish_reason=c.finish_reason,
-        stop_reason=c.stop_reason,
-    )
-    return CompletionResponse(id=request_id, model=serving.model_name, choices=[choice],
-                              usage=serving.usage(out))
+    outs = await serving.run_n(request_id, ids, params, text, n)
+    choices = []
+    for i, out in enumerate(outs):
+        c = out.outputs[0]
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = serving.completion_logprobs(c.logprobs, len(echo or ""))
+            if echo is not None:
+                logprobs = _join(_echo_logprobs(serving, out), logprobs)
+        choices.append(CompletionChoice(index=i, text=(echo or "") + c.text, logprobs=logprobs,
+                                        finish_reason=c.finish_reason,
+                                        stop_reason=c.stop_reason))
+    return CompletionResponse(id=request_id, model=serving.model_name, choices=choices,
+                              usage=serving.usage(outs))
+
+
+def _echo_logprobs(serving: Serving, out: RequestOutput) -> CompletionLogprobs:
+    """The prompt's tokens as logprobs entries: the first one has none (OpenAI's null)."""
+    lps = serving.completion_logprobs([e for e in out.prompt_logprobs or () if e], 0)
+    first = serving.token_text(out.prompt_token_ids[0])
+    lps.tokens.insert(0, first)
+    lps.token_logprobs.insert(0, None)
+    lps.top_logprobs.insert(0, None)
+    lps.text_offset = [0] + [o + len(first) for o in lps.text_offset]
+    return lps
+
+
+def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(text_offset=a.text_offset + b.text_offset,
+                              token_logprobs=a.token_logprobs + b.token_logprobs,
+                              tokens=a.tokens + b.tokens,
+                              top_logprobs=a.top_logprobs + b.top_logprobs)
 
 
 async def _prompt(serving: Serving, prompt) -> tuple[str | None, list[int]]:
@@ -57,22 +85,35 @@ async def _prompt(serving: Serving, prompt) -> tuple[str | None, list[int]]:
     return None, serving.check_token_ids(list(prompt), "prompt")
 
 
-def _events(serving: Serving, request_id: str, stream: RequestStream, logprobs: bool,
-            include_usage: bool) -> AsyncIterator[str]:
+def _events(serving: Serving, request_id: str, streams: list[RequestStream], logprobs: bool,
+            include_usage: bool, echo: str | None) -> AsyncIterator[str]:
     created = int(time.time())
+    shift = len(echo or "")
 
     def chunk(choices: list[CompletionChoice], usage=None) -> str:
         return sse(CompletionResponse(id=request_id, created=created, model=serving.model_name,
                                       choices=choices, usage=usage))
 
-    def choice(out, c, with_logprobs: bool) -> CompletionChoice:
-        offset = len(c.text) - len(c.delta_text)
+    def choice(i: int, out, c, with_logprobs: bool) -> CompletionChoice:
+        offset = shift + len(c.text) - len(c.delta_text)
+        lps, prefix = None, ""
+        if with_logprobs:
+            lps = serving.completion_logprobs(c.delta_logprobs, offset)
+            if echo is not None and len(c.token_ids) == len(c.delta_token_ids):
+                # the first token's chunk: the echoed prompt and its logprobs go before it
+                lps, prefix = _join(_echo_logprobs(serving, out), lps), echo
         return CompletionChoice(
-            text=c.delta_text,
-            logprobs=serving.completion_logprobs(c.delta_logprobs, offset) if with_logprobs
-            else None,
+            index=i,
+            text=prefix + c.delta_text,
+            logprobs=lps,
             finish_reason=c.finish_reason if out.finished else None,
             stop_reason=c.stop_reason if out.finished else None,
         )
 
-    return stream_events(serving, stream, chunk, choice, logprobs, include_usage)
+    first = None
+    if echo is not None and not logprobs:
+        # the echoed prompt opens each choice (with logprobs it rides on the first token's)
+        def first(i: int) -> str:
+            return chunk([CompletionChoice(index=i, text=echo)])
+
+    return stream_events(serving, streams, chunk, choice, logprobs, include_usage, first=first)

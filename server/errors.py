@@ -14,7 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from tr_engine.errors import EngineDead, InvalidParameter, QueueFull, RequestTooLong
+from tr_engine.errors import (
+    EngineDead,
+    InvalidParameter,
+    QueueFull,
+    RequestFailed,
+    RequestTooLong,
+)
 
 log = logging.getLogger("tr_engine.server")
 
@@ -46,7 +52,14 @@ class APIError(Exception):
 def error_body(status: int, message: str, param: str | None = None,
                code: str | None = None) -> dict:
     kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"message": _utf8(message), "type": kind,
+                      "param": None if param is None else _utf8(param), "code": code}}
+
+
+def _utf8(text: str) -> str:
+    """`text` with anything UTF-8 cannot carry (a lone surrogate a message echoes) replaced,
+    so that the error itself can always be sent."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -67,6 +80,9 @@ def as_api_error(exc: Exception, retry_after_s: int = 1) -> APIError | None:
                         "queue_full", {"Retry-After": str(retry_after_s)})
     if isinstance(exc, EngineDead):
         return APIError(503, "The engine is not running.", None, "engine_dead")
+    if isinstance(exc, RequestFailed):
+        return APIError(500, f"The engine could not serve this request: {exc}", None,
+                        "request_failed")
     return None
 
 
@@ -116,7 +132,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(as_api_error(exc, retry_after_s))
 
-    for cls in (RequestTooLong, InvalidParameter, QueueFull, EngineDead):
+    for cls in (RequestTooLong, InvalidParameter, QueueFull, EngineDead, RequestFailed):
         app.add_exception_handler(cls, _engine_error)
 
     # Starlette answers with this handler and then re-raises, so uvicorn logs it too.

@@ -2,7 +2,8 @@
 
 Latency histograms are observed per request from RequestOutput.metrics timestamps as outputs
 pass through the server. Queue lengths, KV usage and token totals are read from
-`engine.stats()` when /metrics is scraped, so they are never stale.
+`engine.stats()` when /metrics is scraped, so they are never stale; once the engine is dead
+(`tr_engine:engine_healthy` 0) the gauges of running work read 0.
 """
 
 from __future__ import annotations
@@ -32,22 +33,28 @@ class EngineCollector:
         self.engine = engine
 
     def collect(self):
+        healthy = bool(self.engine.healthy)
+        yield _gauge("tr_engine:engine_healthy",
+                     "1 while the engine serves, 0 once it or a rank died.", int(healthy))
         try:
             stats = self.engine.stats()
         except Exception as exc:  # a dead engine must not break /metrics
             log.warning("engine.stats() failed: %r", exc)
             return
+        # A dead engine runs nothing and holds nothing: its last values would mislead.
+        live = 1 if healthy else 0
         yield _gauge("tr_engine:num_requests_running",
-                     "Requests being prefilled or decoded.", stats.running)
-        yield _gauge("tr_engine:num_requests_waiting", "Requests queued.", stats.waiting)
+                     "Requests being prefilled or decoded.", stats.running * live)
+        yield _gauge("tr_engine:num_requests_waiting", "Requests queued.",
+                     stats.waiting * live)
         used = GaugeMetricFamily("tr_engine:kv_cache_used_tokens",
                                  "Tokens held in this rank's KV cache.", labels=["rank"])
         usage = GaugeMetricFamily("tr_engine:kv_cache_usage_ratio",
                                   "Share of this rank's KV cache in use (0-1).", labels=["rank"])
         capacity = max(1, stats.kv_capacity_tokens)
         for rank, tokens in enumerate(stats.kv_used_tokens):
-            used.add_metric([str(rank)], tokens)
-            usage.add_metric([str(rank)], tokens / capacity)
+            used.add_metric([str(rank)], tokens * live)
+            usage.add_metric([str(rank)], tokens * live / capacity)
         yield used
         yield usage
         yield _gauge("tr_engine:kv_cache_capacity_tokens",

@@ -11,11 +11,25 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
 
 INT64_MAX = 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 Seed = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
+
+
+def _utf8(value: str) -> str:
+    # JSON may spell a lone surrogate ("\ud800"): a Python str, but no UTF-8 exists for it,
+    # so neither the tokenizer nor a response echoing it could take it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate at character {e.start}, which is not "
+                         "Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]  # every string a request carries
 
 
 class _Request(BaseModel):
@@ -28,13 +42,13 @@ class StreamOptions(_Request):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def as_template_input(self) -> dict[str, str]:
         """The message as chat templates take it: role and one string of content."""
@@ -48,26 +62,26 @@ class ChatMessage(_Request):
 class _Sampling(_Request):
     """The sampling knobs chat and completions share (vLLM's names and meanings)."""
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[TokenId] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    user: Text | None = None
+    logit_bias: dict[Text, Annotated[float, Field(ge=-100, le=100)]] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -78,26 +92,27 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    echo: bool = False
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
+    prompt: Text | list[TokenId] | list[Text] | list[list[TokenId]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool | None = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[TokenId]
 
 

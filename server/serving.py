@@ -1,27 +1,22 @@
 """What chat and completions share: prompt checks, the request -> SamplingParams translation,
-running a request on the engine, logprobs in OpenAI's shapes, server-sent events."""
+running a request (or n choices) on the engine, logprobs in OpenAI's shapes. Streams and
+server-sent events are in streams.py."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
-import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
-
-from pydantic import BaseModel
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from tr_engine.errors import RequestTooLong
 from tr_engine.outputs import RequestOutput, TokenLogprob
 from tr_engine.sampling_params import SamplingParams
 
-from .errors import APIError, as_api_error, error_body
+from .errors import APIError
 from .metrics import ServerMetrics
 from .protocol import (
     ChatLogprobs,
@@ -33,10 +28,12 @@ from .protocol import (
     _Sampling,
 )
 from .settings import ServerSettings
+from .streams import RequestStream, close_all, last_output
 
 log = logging.getLogger("tr_engine.server")
 T = TypeVar("T")
 _MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (vLLM's convention)
+_TOKENIZER_THREADS = 4
 
 try:  # chat templates are Jinja; their own errors count as bad input, not server faults
     from jinja2 import TemplateError as _TemplateError
@@ -58,9 +55,14 @@ class Serving:
         # The longest prompt + output any request can have: context or KV cache, whichever ends
         # first (KV capacity is for all ranks together: the sequence is sharded).
         self.context_limit = min(self.max_model_len, engine.kv_capacity_tokens)
-        # Tokenizing a long prompt takes a while: off the event loop, one at a time.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tr-tokenize")
+        # Tokenizing a long prompt takes a while: off the event loop, on a pool (the
+        # tokenizer releases the GIL), so a long prompt does not hold up a short one.
+        self._pool = ThreadPoolExecutor(_TOKENIZER_THREADS, thread_name_prefix="tr-tokenize")
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
+        # No token is longer than this many characters, so a text of more than
+        # context_limit * max_token_chars characters cannot fit and is refused untokenized.
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
+        self.max_prompt_chars = self.context_limit * self.max_token_chars
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -88,21 +90,36 @@ class Serving:
                            f"(0..{self.vocab_size - 1}).", param, "invalid_value")
         return ids
 
-    async def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def check_chars(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing, a text too long to fit whatever its tokens."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"The {param} has {chars} characters; no token of this model "
+                           f"is longer than {self.max_token_chars}, so it cannot fit in the "
+                           f"{self.context_limit} tokens a request may hold.", param,
+                           "context_length_exceeded")
+
+    async def encode_text(self, text: str, add_special_tokens: bool = True,
+                          param: str = "prompt") -> list[int]:
+        self.check_chars(len(text), param)
         return await self.in_pool(
             functools.partial(self.tokenizer.encode, add_special_tokens=add_special_tokens), text)
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
             return await self.in_pool(self.engine.encode_chat, messages)
         except (ValueError, TypeError, _TemplateError) as exc:
-            raise APIError(400, f"The chat template cannot take these messages: {exc}",
-                           "messages", "invalid_value") from None
+            message = str(exc)
+            if not message.startswith("the chat template"):  # the engine's own says it
+                message = f"the chat template cannot take these messages: {message}"
+            raise APIError(400, message[0].upper() + message[1:], "messages",
+                           "invalid_value") from None
 
     # ---- request -> SamplingParams --------------------------------------------------------
 
     def sampling_params(self, req: _Sampling, ids: list[int], *, max_tokens: int | None,
-                        max_tokens_param: str, logprobs: int | None) -> SamplingParams:
+                        max_tokens_param: str, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The request's SamplingParams, checked against the engine's limits.
 
         Without max_tokens: all the room left (OpenAI's default), capped at
@@ -110,10 +127,6 @@ class Serving:
         KV for its output; if the KV cache's layout leaves less room than the arithmetic says,
         the largest max_tokens the engine accepts.
         """
-        if req.n not in (None, 1):
-            raise APIError(400, "Only n = 1 is supported.", "n", "invalid_value")
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported.", "logit_bias", "invalid_value")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.",
                            "stream_options", "invalid_value")
@@ -137,17 +150,30 @@ class Serving:
             presence_penalty=_default(req.presence_penalty, 0.0),
             frequency_penalty=_default(req.frequency_penalty, 0.0),
             repetition_penalty=_default(req.repetition_penalty, 1.0),
-            stop=req.stop or (),
+            stop=req.stop if req.stop is not None else (),  # "" is refused, not ignored
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
+            logit_bias=self._logit_bias(req.logit_bias),
+            prompt_logprobs=prompt_logprobs,
         )
         if max_tokens is not None:
             self.engine.check(ids, params)
             return params
         return self._largest_accepted(ids, params)
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        """OpenAI's logit_bias: token ids, as JSON keys (strings), to biases."""
+        out = {}
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit() and int(key) < self.vocab_size):
+                raise APIError(400, f"logit_bias keys must be token ids in "
+                               f"[0, {self.vocab_size}); got {key!r}.", "logit_bias",
+                               "invalid_value")
+            out[int(key)] = float(value)
+        return out
 
     def _largest_accepted(self, ids: list[int], params: SamplingParams) -> SamplingParams:
         """params with the largest max_tokens <= params.max_tokens that engine.check takes
@@ -181,26 +207,47 @@ class Serving:
         gen = self.engine.generate(request_id, ids, params, prompt)
         return RequestStream(self, request_id, gen)
 
-    async def run(self, request_id: str, ids: list[int], params: SamplingParams,
-                  prompt: str | None) -> RequestOutput:
-        """Run a request to the end and return its last (cumulative) output."""
-        last = None
-        async with await self.start(request_id, ids, params, prompt) as outputs:
-            async for out in outputs:
-                last = out
-        if last is None:
-            raise APIError(503, "The engine ended the request without output.", None,
-                           "engine_dead")
-        return last
+    async def start_n(self, request_id: str, ids: list[int], params: SamplingParams,
+                      prompt: str | None, n: int) -> list[RequestStream]:
+        """`n` choices of one prompt: n engine requests (`{request_id}-{i}`; with a seed,
+        choice i samples with seed + i). All or none start: if one is refused, those
+        already started are aborted and the refusal raised."""
+        if n == 1:
+            return [await self.start(request_id, ids, params, prompt)]
+        if n > self.engine.max_open_requests:
+            raise APIError(400, f"n = {n} choices are more requests than this server holds at "
+                           f"once ({self.engine.max_open_requests}).", "n", "invalid_value")
+        streams: list[RequestStream] = []
+        try:
+            for i in range(n):
+                p = params if params.seed is None else \
+                    dataclasses.replace(params, seed=params.seed + i)
+                streams.append(await self.start(f"{request_id}-{i}", ids, p, prompt))
+        except BaseException:
+            await close_all(streams)
+            raise
+        return streams
+
+    async def run_n(self, request_id: str, ids: list[int], params: SamplingParams,
+                    prompt: str | None, n: int = 1) -> list[RequestOutput]:
+        """Run `n` choices to the end; their last (cumulative) outputs, by index."""
+        streams = await self.start_n(request_id, ids, params, prompt, n)
+        try:
+            return list(await asyncio.gather(*(last_output(s) for s in streams)))
+        finally:
+            await close_all(streams)
 
     @staticmethod
-    def usage(out: RequestOutput) -> UsageInfo:
-        prompt = len(out.prompt_token_ids)
-        completion = len(out.outputs[0].token_ids)
+    def usage(outs: RequestOutput | list[RequestOutput]) -> UsageInfo:
+        """The prompt once, the completions of every choice."""
+        outs = outs if isinstance(outs, list) else [outs]
+        prompt = len(outs[0].prompt_token_ids)
+        completion = sum(len(o.outputs[0].token_ids) for o in outs)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                          total_tokens=prompt + completion,
+                         # the prompt as its first choice met it (the others reuse its KV)
                          prompt_tokens_details=PromptTokensDetails(
-                             cached_tokens=out.num_cached_tokens))
+                             cached_tokens=outs[0].num_cached_tokens))
 
     # ---- logprobs -------------------------------------------------------------------------
 
@@ -235,49 +282,6 @@ class Serving:
         return result
 
 
-class RequestStream:
-    """A submitted request's outputs. `aclose()` (or leaving `async with`) before the last
-    output aborts the request and frees its KV; it is safe to call at any point, twice, or
-    without ever having iterated."""
-
-    def __init__(self, serving: Serving, request_id: str, gen: AsyncIterator[RequestOutput]
-                 ) -> None:
-        self.serving = serving
-        self.request_id = request_id
-        self._gen = gen
-        self._tracker = serving.metrics.tracker()
-        self.finished = False
-        self.closed = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished or self.closed:
-            raise StopAsyncIteration
-        out = await anext(self._gen)
-        self._tracker.observe(out)
-        self.finished = out.finished
-        return out
-
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        await self._gen.aclose()
-        if not self.finished:
-            try:
-                self.serving.engine.abort(self.request_id)
-            except Exception as exc:  # already gone on the engine side
-                log.debug("abort(%s): %r", self.request_id, exc)
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.aclose()
-
-
 def _default(value, default):
     return default if value is None else value
 
@@ -285,77 +289,3 @@ def _default(value, default):
 def _finite(x: float) -> float:
     """-inf is not JSON; OpenAI reports impossible tokens at -9999."""
     return max(float(x), -9999.0)
-
-
-def sse(payload: BaseModel | dict | str) -> str:
-    if isinstance(payload, BaseModel):
-        payload = payload.model_dump_json()
-    elif isinstance(payload, dict):
-        payload = json.dumps(payload)
-    return f"data: {payload}\n\n"
-
-
-DONE = "data: [DONE]\n\n"
-
-
-class SSEResponse(StreamingResponse):
-    """Server-sent events that always end in `on_close()`: also when the client hangs up
-    (Starlette then cancels the stream) or before the first event was ever produced."""
-
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], object]) -> None:
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._events = events
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except asyncio.CancelledError:
-            # The server cuts streams still open when its graceful shutdown times out; that is
-            # the plan, not an error worth a traceback. Tell the client and end the stream.
-            if not getattr(scope["app"].state, "stopping", False):
-                raise
-            last = sse(error_body(503, "The server is shutting down.", None, "shutting_down"))
-            with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": (last + DONE).encode(),
-                            "more_body": False})
-        finally:
-            await self._events.aclose()
-            await self._on_close()
-
-
-async def stream_events(serving: Serving, stream: RequestStream, chunk: Callable[..., str],
-                        choice: Callable[[RequestOutput, object, bool], object],
-                        logprobs: bool, include_usage: bool,
-                        first: str | None = None) -> AsyncIterator[str]:
-    """The server-sent events of a streamed request, for chat and completions alike: `first`
-    (chat's role chunk), a chunk for each output that adds text, logprobs or the finish, the
-    usage chunk when asked, then [DONE]. An error after the 200 went out is one error event.
-    `chunk(choices, usage=None)` frames a chunk; `choice(out, completion, with_logprobs)`
-    builds an endpoint's choice."""
-    try:
-        if first is not None:
-            yield first
-        last = None
-        async for out in stream:
-            last = out
-            c = out.outputs[0]
-            with_logprobs = logprobs and bool(c.delta_logprobs)
-            if not (c.delta_text or with_logprobs or out.finished):
-                continue
-            yield chunk([choice(out, c, with_logprobs)])
-        if include_usage and last is not None:
-            yield chunk([], usage=serving.usage(last))
-    except Exception as exc:
-        yield stream_error(exc)
-    yield DONE
-
-
-def stream_error(exc: Exception) -> str:
-    """An error after the 200 went out: one event in OpenAI's error shape (then [DONE])."""
-    err = as_api_error(exc)
-    if err is None:
-        log.error("error while streaming: %r", exc)
-        return sse(error_body(500, "Internal server error.", None, "internal_error"))
-    return sse(error_body(err.status, err.message, err.param, err.code))

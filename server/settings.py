@@ -17,6 +17,8 @@ class ServerSettings:
     retry_after_s: the Retry-After header sent with 503 when the queue is full.
     default_max_tokens: the most a request that sets no max_tokens may generate (it gets the
       room left in the context, up to this).
+    max_request_bytes: the largest request body (413 beyond, before it is read); None = room
+      for a prompt of the whole context as text or as token ids (see limits.body_limit).
     """
 
     host: str = "127.0.0.1"
@@ -26,6 +28,7 @@ class ServerSettings:
     graceful_shutdown_s: float = 2.0
     retry_after_s: int = 1
     default_max_tokens: int = 4096
+    max_request_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -44,7 +47,10 @@ class ServerSettings:
         if not isinstance(self.retry_after_s, int) or self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be a non-negative integer; "
                              f"got {self.retry_after_s!r}")
-
+        if self.max_request_bytes is not None and (
+                not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1024):
+            raise ValueError(f"max_request_bytes must be an integer >= 1024; "
+                             f"got {self.max_request_bytes!r}")
         if not isinstance(self.default_max_tokens, int) or self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be a positive integer; "
                              f"got {self.default_max_tokens!r}")

@@ -41,6 +41,7 @@ def test_flags_reach_the_dataclasses():
         "--token-chunk", "256", "--max-num-seqs", "4", "--max-waiting", "9", "--seed", "7",
         "--host", "0.0.0.0", "--port", "9001", "--api-key", "k", "--log-level", "debug",
         "--graceful-shutdown-s", "3.5", "--retry-after-s", "4", "--default-max-tokens", "99",
+        "--max-request-bytes", "5000000",
     ])
     assert config == EngineConfig(
         model="/m", device="cpu", world_size=3, dtype="bfloat16", max_model_len=4096,
@@ -49,7 +50,7 @@ def test_flags_reach_the_dataclasses():
         max_waiting=9, seed=7)
     assert server == ServerSettings(host="0.0.0.0", port=9001, api_key="k", log_level="debug",
                                     graceful_shutdown_s=3.5, retry_after_s=4,
-                                    default_max_tokens=99)
+                                    default_max_tokens=99, max_request_bytes=5_000_000)
 
 
 def test_flags_override_yaml(tmp_path):
@@ -68,6 +69,7 @@ def test_flags_override_yaml(tmp_path):
     ("world_size: [\n", "not valid YAML"),
     ("world_size: 0\n", "world_size must be a positive integer"),
     ("kv_cache_fraction: 1.5\n", "kv_cache_fraction"),
+    ("max_request_bytes: 10\n", "max_request_bytes must be an integer >= 1024"),
 ])
 def test_bad_yaml_is_a_config_error(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle):

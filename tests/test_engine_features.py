@@ -156,3 +156,22 @@ def test_one_rank_engine_beside_a_two_rank_one(llm, tmp_path):
     with pytest.raises(RuntimeError, match="already initialized"):
         LLM(str(path), device="cpu", world_size=2, dtype="float32")
     assert len(tokens(llm.generate(p, GREEDY)[0])) == 24  # the first engine still serves
+
+
+def test_prompt_logprobs_match_the_prompt_logits(llm):
+    # 40 tokens in chunks of 16: the logprobs of every chunk, each scored where it ran
+    prompt = ids(40, 11)
+    out = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2,
+                                      ignore_eos=True))[0]
+    ref = torch.log_softmax(llm.prompt_logits(prompt), dim=-1)
+    lps = out.prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None
+    for i, lp in enumerate(lps[1:]):
+        assert lp.token_id == prompt[i + 1]
+        assert abs(lp.logprob - float(ref[i, prompt[i + 1]])) < 1e-4
+        assert set(lp.top) == set(torch.topk(ref[i], 2).indices.tolist())
+    # and the generated tokens are those of a request without them
+    plain = llm.generate({"prompt_token_ids": prompt},
+                         SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == plain.token_ids and plain.prompt_logprobs is None

@@ -522,3 +522,103 @@ def test_start_up_logged_phases(server):
     log = server.log()
     assert re.search(r"serving \S+ at http://127\.0\.0\.1:\d+/v1", log), log[-2000:]
     assert "Traceback" not in log
+
+
+# ---- n, logit_bias, echo ----------------------------------------------------------------------
+
+
+def test_n_choices_are_seeded_requests(client):
+    kw = dict(model=MODEL, messages=QUESTION, max_tokens=6, temperature=1.0)
+    r = client.chat.completions.create(**kw, n=3, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    singles = [client.chat.completions.create(**kw, seed=5 + i) for i in range(3)]
+    texts = [one.choices[0].message.content for one in singles]
+    assert [c.message.content for c in r.choices] == texts
+    assert len(set(texts)) > 1  # the seeds really differ
+    assert r.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(one.usage.completion_tokens for one in singles)
+
+
+def test_n_streamed_matches_not_streamed(client):
+    kw = dict(model=MODEL, prompt="My favourite animal is", max_tokens=6, temperature=1.0,
+              seed=11, n=2)
+    full = client.completions.create(**kw)
+    texts = {0: "", 1: ""}
+    usage = None
+    for chunk in client.completions.create(**kw, stream=True,
+                                           stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+        usage = chunk.usage or usage
+    assert [texts[0], texts[1]] == [c.text for c in full.choices]
+    assert usage == full.usage
+
+
+def test_logit_bias_forces_and_bans_tokens(server, client):
+    token = _tokenize(server, prompt=" banana", add_special_tokens=False)[-1]
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                  logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == _detokenize(server, [token] * 4)
+    plain = client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, temperature=0)
+    first = _tokenize(server, prompt=plain.choices[0].text, add_special_tokens=False)[0]
+    banned = client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text != plain.choices[0].text
+
+
+def _detokenize(server: Server, ids: list[int]) -> str:
+    r = httpx.post(server.base + "/detokenize", json={"tokens": ids}, headers=server.headers())
+    return r.json()["prompt"]
+
+
+def test_echo_prepends_the_prompt(server, client):
+    prompt = "The capital of France is"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    assert client.completions.create(**kw, echo=True).choices[0].text == prompt + plain
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        **kw, echo=True, stream=True))
+    assert streamed == prompt + plain
+    messages = [*QUESTION, {"role": "assistant", "content": "Two plus two"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3,
+                                       temperature=0, extra_body={"echo": True})
+    assert r.choices[0].message.content.startswith("Two plus two")
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, client):
+    prompt = "One, two, three,"
+    ids = _tokenize(server, prompt=prompt)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    r = client.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    n = len(ids) + r.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == r.choices[0].text and r.choices[0].text.startswith(prompt)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    # a prompt token's logprob is the model's: "two" after "One," is likely, not certain
+    assert -20 < lp.token_logprobs[len(ids) - 1] < 0
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+
+
+def test_n_streams_disconnect_frees_kv(server):
+    # 300 tokens each: the three slabs fit in the KV cache together (1500 would queue two)
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 300, "n": 3,
+            "temperature": 1.0, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream(
+            "POST", server.base + "/v1/completions", json=body, headers=server.headers()) as r:
+        assert r.status_code == 200
+        seen = set()
+        for line, _ in zip(r.iter_lines(), range(400)):
+            if line.startswith("data: {"):
+                seen.add(json.loads(line[6:])["choices"][0]["index"])
+            if len(seen) == 3:
+                break
+        assert seen == {0, 1, 2}
+        busy = _busy(server)
+        assert busy["tr_engine:num_requests_running"] == 3
+    wait_idle(server, timeout=20)

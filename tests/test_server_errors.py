@@ -2,7 +2,7 @@
 is a 4xx in OpenAI's error shape, never a 500 or a traceback, and the server stays healthy.
 
 This module's server is small on purpose: context 256 tokens (the KV cache, 160 tokens per
-rank, holds more), one running sequence and one waiting, so the limits are easy to reach.
+rank, holds more), one running sequence and two waiting, so the limits are easy to reach.
 (test_server.py checks a prompt over the KV capacity, on a server where that binds first.)
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
+import time
 
 import httpx
 import pytest
@@ -25,7 +27,7 @@ KV_PER_RANK = 160
 @pytest.fixture(scope="module")
 def server():
     with running_server("--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
-                        str(KV_PER_RANK), "--max-num-seqs", "1", "--max-waiting", "1") as s:
+                        str(KV_PER_RANK), "--max-num-seqs", "1", "--max-waiting", "2") as s:
         yield s
 
 
@@ -93,7 +95,8 @@ CORPUS = [
     (CHAT, chat(top_k=-5), 400, "top_k"),
     (CHAT, chat(top_k="a"), 400, "top_k"),
     (CHAT, chat(min_p=2), 400, "min_p"),
-    (CHAT, chat(n=2), 400, "n"),
+    (CHAT, chat(n=4), 400, "n"),  # more than 1 running + 2 waiting
+    (CHAT, chat(n=129), 400, "n"),
     (CHAT, chat(n=0), 400, "n"),
     (CHAT, chat(stop=5), 400, "stop"),
     (CHAT, chat(stop=[1, 2]), 400, "stop.0"),
@@ -115,7 +118,21 @@ CORPUS = [
     (CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     (CHAT, chat(tool_choice="required"), 400, "tool_choice"),
     (CHAT, chat(response_format={"type": "json_object"}), 400, "response_format"),
-    (CHAT, chat(logit_bias={"1": 5}), 400, "logit_bias"),
+    (CHAT, chat(logit_bias={"a": 5}), 400, "logit_bias"),
+    (CHAT, chat(logit_bias={"-1": 5}), 400, "logit_bias"),
+    (CHAT, chat(logit_bias={"99999999": 5}), 400, "logit_bias"),
+    (CHAT, chat(logit_bias={"1": 101}), 400, "logit_bias.1"),
+    (CHAT, chat(stop=""), 400, "stop"),
+    # lone surrogates: valid JSON, but no Unicode text (json.dumps writes them as \ud800)
+    (COMPLETIONS, completion(prompt="a\ud800b"), 400, "prompt"),
+    (COMPLETIONS, completion(prompt=["a\ud800b"]), 400, ...),
+    (COMPLETIONS, completion(stop=["\udfff"]), 400, ...),
+    ("/tokenize", {"prompt": "a\ud800b"}, 400, "prompt"),
+    (CHAT, chat(model="\ud800"), 400, "model"),
+    (COMPLETIONS, completion(model="\ud800"), 400, "model"),
+    ("/tokenize", {"prompt": "hi", "model": "\ud800"}, 400, "model"),
+    (CHAT, {"messages": [{"role": "user", "content": "x\ud800"}]}, 400, ...),
+    (CHAT, chat(logit_bias={"\ud800": 1}), 400, ...),
     (CHAT, chat(model="no-such-model"), 404, "model"),
     (CHAT, chat(model=5), 400, "model"),
     (COMPLETIONS, {}, 400, "prompt"),
@@ -128,7 +145,6 @@ CORPUS = [
     (COMPLETIONS, completion(prompt=[1.5]), 400, ...),
     (COMPLETIONS, completion(prompt={"a": 1}), 400, ...),
     (COMPLETIONS, completion(prompt=None), 400, ...),
-    (COMPLETIONS, completion(echo=True), 400, "echo"),
     (COMPLETIONS, completion(suffix="x"), 400, "suffix"),
     (COMPLETIONS, completion(best_of=3), 400, "best_of"),
     (COMPLETIONS, completion(logprobs=50), 400, "logprobs"),
@@ -205,11 +221,13 @@ def test_default_max_tokens_is_the_room_left(server, path):
     assert assert_openai_error(more, 400)["code"] == "context_length_exceeded"
 
 
-def test_queue_full_is_503_with_retry_after(server):
-    # One running and one waiting at most: of four requests sent at once, some are refused.
+def _admitted(server, n: int, one_at_a_time: bool) -> list[int]:
+    """Statuses of n streamed requests, all held open until every one has its answer (so
+    none finishes or hangs up while the others arrive)."""
     body = completion(prompt="Count slowly.", max_tokens=90, ignore_eos=True, stream=True)
 
-    async def one(http: httpx.AsyncClient) -> int:
+    async def one(http: httpx.AsyncClient, answered: asyncio.Event, all_in: asyncio.Event
+                  ) -> int:
         async with http.stream("POST", server.base + COMPLETIONS, json=body) as r:
             if r.status_code == 503:
                 await r.aread()
@@ -218,15 +236,116 @@ def test_queue_full_is_503_with_retry_after(server):
                 assert int(r.headers["retry-after"]) >= 0
             else:
                 assert r.status_code == 200
+            answered.set()
+            await all_in.wait()
             return r.status_code  # leaving the block hangs up: the request is aborted
 
-    async def four() -> list[int]:
+    async def run() -> list[int]:
+        all_in = asyncio.Event()
+        answers = [asyncio.Event() for _ in range(n)]
         async with httpx.AsyncClient(timeout=120) as http:
-            return await asyncio.gather(*(one(http) for _ in range(4)))
+            tasks = []
+            for answered in answers:
+                tasks.append(asyncio.ensure_future(one(http, answered, all_in)))
+                if one_at_a_time:
+                    await answered.wait()
+            for answered in answers:
+                await answered.wait()
+            all_in.set()
+            return await asyncio.gather(*tasks)
 
-    statuses = asyncio.run(four())
-    assert 200 in statuses and 503 in statuses, statuses
+    statuses = asyncio.run(run())
     wait_idle(server, timeout=30)
+    return statuses
+
+
+def test_burst_admits_as_many_as_one_at_a_time(server):
+    # One running and two waiting: sent one at a time, three get in; eight sent at once
+    # must get exactly as many (the scheduler admits to running only between steps).
+    alone = _admitted(server, 4, one_at_a_time=True)
+    assert alone.count(200) == 3 and alone.count(503) == 1, alone
+    burst = _admitted(server, 8, one_at_a_time=False)
+    assert burst.count(200) == 3 and burst.count(503) == 5, burst
+
+
+@pytest.mark.parametrize("field, value", [("top_p", 1e-46), ("repetition_penalty", 1e-38)])
+def test_reported_sampling_values_answer(server, field, value):
+    # Both killed the engine for every request (issue 14); both are in range.
+    greedy = _post(server, CHAT, chat(max_tokens=4, temperature=0)).json()
+    r = _post(server, CHAT, {"messages": USER, "max_tokens": 4, "temperature": 1, field: value})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(server.base + "/health").status_code == 200
+    again = _post(server, CHAT, chat(max_tokens=4, temperature=0)).json()
+    assert again["choices"] == greedy["choices"]
+
+
+def test_head_health(server):
+    r = httpx.head(server.base + "/health")
+    assert r.status_code == 200 and r.content == b""
+    assert scrape(server)["tr_engine:engine_healthy"] == 1
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_huge_body_is_413_and_holds_up_nobody(server):
+    # A 50 MB prompt was read, parsed and tokenized before it was refused, on the one
+    # tokenizer thread: a 1-token request behind it waited 86 s (issue 14).
+    big = json.dumps({"prompt": "apple " * (50 * 2**20 // 6), "max_tokens": 1}).encode()
+    small = completion(max_tokens=1, temperature=0)
+
+    def timed_small() -> float:
+        t = time.perf_counter()
+        assert _post(server, COMPLETIONS, small).status_code == 200
+        return time.perf_counter() - t
+
+    alone = min(timed_small() for _ in range(3))
+    rss = _rss_mb(server.proc.pid)
+    statuses: list[int] = []
+
+    def send_big() -> None:
+        r = httpx.post(server.base + COMPLETIONS, content=big, timeout=120,
+                       headers={"content-type": "application/json"})
+        statuses.append(r.status_code)
+        assert_openai_error(r, 413)
+
+    sender = threading.Thread(target=send_big)
+    sender.start()
+    time.sleep(0.05)
+    during = timed_small()
+    sender.join(120)
+    assert statuses == [413]
+    assert during < 5 * alone + 0.5, (during, alone)
+    assert _rss_mb(server.proc.pid) - rss < 100  # nothing of it was kept
+
+
+def test_chunked_body_over_the_limit_is_413(server):
+    def chunks():
+        piece = b" " * 2**16
+        yield b'{"prompt": "'
+        for _ in range(40):  # 2.5 MB, over the 1 MiB default of this context
+            yield piece
+        yield b'", "max_tokens": 1}'
+
+    r = httpx.post(server.base + COMPLETIONS, content=chunks(), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert assert_openai_error(r, 413)["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT, "/tokenize"])
+def test_text_too_long_for_any_tokens_is_refused_untokenized(server, path):
+    # 900K characters: under the body limit, and more than the context's 256 tokens could
+    # hold even if every one were the vocabulary's longest
+    text = "apple " * 150_000
+    body = {"prompt": text} if path != CHAT else {"messages": [{"role": "user",
+                                                                "content": text}]}
+    err = assert_openai_error(_post(server, path, body), 400)
+    assert err["code"] == "context_length_exceeded" and "characters" in err["message"]
+    assert str(len(text)) in err["message"]
 
 
 # ---- fuzzing --------------------------------------------------------------------------------

@@ -3,7 +3,13 @@
 The engine loop (schedule, run, update) runs on its own thread, because a step blocks on
 device work and collectives. Requests reach it through an inbox; each request's outputs
 come back on an asyncio queue of the event loop that asked. A watchdog marks the engine
-dead if a rank process dies, so /health can say so even while a step hangs.
+dead if a rank process dies or stops answering (its heartbeat goes quiet), so /health can
+say so even while a step hangs.
+
+Only the engine thread talks to the other ranks. Shutdown sets a flag; the engine thread
+sends the stop plan between two steps (a long prompt is prefilled in chunks, each a step),
+so the stop never meets a collective of the work it stops. If a step does not end in time
+(one long chunk, a rank gone quiet), the other ranks' processes are killed instead.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import asyncio
 import logging
 import queue
 import threading
-import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from . import envs
 from .config import EngineConfig
 from .engine import LLMEngine
 from .errors import EngineDead, QueueFull
@@ -23,6 +30,7 @@ from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("tr_engine")
+_RANKS_EXIT_S = 5.0  # how long the other ranks get to exit after the stop plan
 
 
 @dataclass
@@ -44,7 +52,8 @@ class AsyncEngine:
     memory, logs each phase with its time). Then, from the server's event loop:
 
     - `engine.tokenizer`: the Hugging Face tokenizer; `engine.model_name`;
-      `engine.max_model_len`; `engine.kv_capacity_tokens` (all ranks together).
+      `engine.max_model_len`; `engine.kv_capacity_tokens` (all ranks together);
+      `engine.max_open_requests` (max_num_seqs + max_waiting).
     - `engine.encode_chat(messages) -> list[int]`: the chat template applied, with the
       generation prompt; raises ValueError for messages the template cannot take.
     - `engine.check(prompt_token_ids, params)`: raises RequestTooLong (message names the
@@ -53,11 +62,13 @@ class AsyncEngine:
       yields a RequestOutput each time new tokens arrive (cumulative text/token_ids plus
       delta_text/delta_token_ids), the last one with finished=True and finish_reason set.
       `generate` itself raises RequestTooLong, QueueFull or EngineDead, before anything is
-      queued (in a race the engine thread can still refuse with QueueFull, which then comes
-      out of the first iteration). If the consumer stops iterating (client gone), the
-      request is aborted and its KV freed.
+      queued. At most max_num_seqs + max_waiting requests are open at once (running,
+      waiting, or on their way to the scheduler): a burst gets exactly as many in as
+      requests sent one at a time. A request whose serving raised ends with RequestFailed
+      out of its iteration; the others go on. If the consumer stops iterating (client
+      gone), the request is aborted and its KV freed.
     - `engine.abort(request_id)`; `engine.stats() -> EngineStats`; `engine.healthy` (False
-      once the loop or a rank died); `engine.shutdown()` stops every rank.
+      once the loop or a rank died); `engine.shutdown(step_timeout)` stops every rank.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
@@ -72,8 +83,15 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._dead: BaseException | None = None
-        self._unread_adds = 0  # requests in the inbox the engine thread has not taken yet
+        self._closed = False  # the ranks were told to stop, or killed
+        self._closing = threading.Event()  # the engine thread is telling the ranks to stop
+        # requests taken from the inbox that wait for room in the scheduler's queue, which
+        # refuses more than max_waiting and admits to running only when it schedules
+        self._pending: deque[tuple] = deque()
+        self._live: set[str] = set()  # accepted and not finished: the admission count
+        self.max_open_requests = engine.config.max_num_seqs + engine.config.max_waiting
         self._stats = self._snapshot()
+        engine.on_scheduled = self._on_scheduled
         self._thread = threading.Thread(target=self._run, name="tr-engine-loop", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="tr-engine-watchdog",
                                           daemon=True)
@@ -94,39 +112,67 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                    self._deliver(out.request_id, out.error or out, done=out.finished)
                 self._stats = self._snapshot()
         except BaseException as e:  # the engine cannot go on: fail every open request
-            log.exception("engine loop died")
+            if self._stop.is_set():  # the ranks were killed under a step: expected
+                log.info("the step in progress ended with the ranks: %s", type(e).__name__)
+            else:
+                log.exception("engine loop died")
             self._fail(EngineDead(f"the engine stopped: {type(e).__name__}: {e}"))
+            return
+        # Stopping, between two steps: this thread is the only one in the collectives, so
+        # the stop plan cannot meet one. A dead engine's ranks are killed by shutdown().
+        if self._dead is not None or self._closed:
+            return
+        self._fail(EngineDead("the server is shutting down"))
+        self._closed = True
+        self._closing.set()
+        self.engine.shutdown(timeout=_RANKS_EXIT_S)
+
+    def _on_scheduled(self) -> None:
+        # the scheduler has just admitted: /metrics shows the step now, not after it ends
+        self._stats = self._snapshot()
 
     def _drain_inbox(self) -> None:
         while True:
             try:
                 kind, args = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if kind == "add":
-                with self._lock:
-                    self._unread_adds -= 1
-                request_id, ids, params, prompt = args
-                try:
-                    self.engine.add_request(request_id, ids, params, prompt)
-                except Exception as e:  # refused: QueueFull, RequestTooLong, ...
-                    self._deliver(request_id, e)
+                self._pending.append(args)
             elif kind == "abort":
-                out = self.engine.abort(args)
-                if out is not None:
-                    self._deliver(args, out)
+                self._abort(args)
             elif kind == "reset_prefix_cache":
                 loop, future = args
                 n = self.engine.reset_prefix_cache()
                 loop.call_soon_threadsafe(future.set_result, n)
-            self._stats = self._snapshot()
+        scheduler, limit = self.engine.scheduler, self.engine.config.max_waiting
+        while self._pending and scheduler.num_waiting < limit:
+            request_id, ids, params, prompt = self._pending.popleft()
+            try:
+                self.engine.add_request(request_id, ids, params, prompt)
+            except Exception as e:  # refused: RequestTooLong, InvalidParameter, ...
+                self._deliver(request_id, e, done=True)
+        self._stats = self._snapshot()
 
-    def _deliver(self, request_id: str, item) -> None:
+    def _abort(self, request_id: str) -> None:
+        for item in self._pending:
+            if item[0] == request_id:
+                self._pending.remove(item)
+                break
+        out = self.engine.abort(request_id)
+        if out is not None:
+            self._deliver(request_id, out, done=True)
+        with self._lock:
+            self._live.discard(request_id)
+
+    def _deliver(self, request_id: str, item, done: bool = False) -> None:
         with self._lock:
             target = self._streams.get(request_id)
+            if done:
+                self._live.discard(request_id)
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
@@ -139,18 +185,28 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, error)
 
     def _watch(self) -> None:
+        quiet_after = envs.heartbeat_timeout_s()
         while not self._stop.wait(1.0):
-            dead = self.engine.cluster.dead_workers()
+            dead = self._dead_ranks()
+            quiet = self.engine.cluster.quiet_workers(quiet_after)
             if dead and self._dead is None:
                 log.error("rank(s) %s died; the engine is dead", dead)
                 self._fail(EngineDead(f"rank(s) {dead} died"))
+            elif quiet and self._dead is None:
+                log.error("rank(s) %s sent no heartbeat for %.0f s; the engine is dead", quiet,
+                          quiet_after)
+                self._fail(EngineDead(f"rank(s) {quiet} stopped answering"))
             if self._dead is not None:
                 return
+
+    def _dead_ranks(self) -> list[int]:
+        return self.engine.cluster.dead_workers()
 
     def _snapshot(self) -> EngineStats:
         e, s = self.engine, self.engine.scheduler
         return EngineStats(
-            running=s.num_running, waiting=s.num_waiting, kv_used_tokens=s.kv_used(),
+            running=s.num_running, waiting=s.num_waiting + len(self._pending),
+            kv_used_tokens=s.kv_used(),
             kv_capacity_tokens=e.kv_capacity, prompt_tokens_total=e.prompt_tokens_total,
             generation_tokens_total=e.generation_tokens_total,
             prefill_tokens_per_s=e.last_prefill_tokens_per_s,
@@ -179,13 +235,14 @@ class AsyncEngine:
             raise EngineDead(str(self._dead))
         self.check(prompt_token_ids, params)
         q: asyncio.Queue = asyncio.Queue()
-        limit = self.engine.config.max_waiting
+        config = self.engine.config
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            if self._stats.waiting + self._unread_adds >= limit:
-                raise QueueFull(f"the queue is full ({limit} requests waiting)")
-            self._unread_adds += 1
+            if len(self._live) >= self.max_open_requests:
+                raise QueueFull(f"the queue is full ({config.max_num_seqs} requests running "
+                                f"and {config.max_waiting} waiting)")
+            self._live.add(request_id)
             self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._inbox.put(("add", (request_id, list(prompt_token_ids), params, prompt)))
         self._wake.set()
@@ -232,14 +289,28 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive()
 
-    def shutdown(self) -> None:
-        """Stop the loop, then every rank. Safe to call more than once."""
-        if self._stop.is_set():
-            return
+    def shutdown(self, step_timeout: float = 3.0) -> bool:
+        """Stop the loop, then every rank; safe to call more than once. The engine thread
+        tells the ranks to stop once its step ends and gives them a few seconds to exit; a
+        step still running after `step_timeout` seconds has the other ranks' processes
+        killed instead. Returns True if the loop has ended (False: it is stuck in a step of
+        ranks that are gone, and the process must exit without waiting for it)."""
         self._stop.set()
         self._wake.set()
-        deadline = time.monotonic() + 30
-        self._thread.join(max(0.1, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            log.warning("the engine loop is still busy; stopping the ranks anyway")
-        self.engine.shutdown()
+        self._thread.join(step_timeout)
+        if self._closing.is_set():
+            self._thread.join(_RANKS_EXIT_S + 1)
+        elif self._thread.is_alive():
+            log.warning("a step is still running after %.0f s; killing the other ranks",
+                        step_timeout)
+        if self._thread.is_alive() or not self._closed:
+            # No collective here: the engine thread may be inside one.
+            self._closed = True
+            self.engine.cluster.kill()
+            self._thread.join(2.0)
+        return not self._thread.is_alive()
+
+    def kill(self) -> None:
+        """The other ranks' processes killed at once (a forced exit)."""
+        self._closed = True
+        self.engine.cluster.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "left in the context up to this (default: 4096)")
     g.add_argument("--retry-after-s", type=int, metavar="S",
                    help="Retry-After header of a 503 when the queue is full (default: 1)")
+    g.add_argument("--max-request-bytes", type=int, metavar="N",
+                   help="largest request body; a larger one gets 413 before it is read "
+                   "(default: room for a prompt of the whole context, as text or token ids)")
     return p
 
 
@@ -229,12 +233,18 @@ def _serve(config: EngineConfig, settings, t0: float) -> int:
     finally:
         if engine is not None:
             # A second Ctrl-C while the ranks stop means: stop now.
-            signal.signal(signal.SIGINT, _force_exit)
-            signal.signal(signal.SIGTERM, _force_exit)
+            force = functools.partial(_force_exit, engine)
+            signal.signal(signal.SIGINT, force)
+            signal.signal(signal.SIGTERM, force)
             log.info("shutting down")
             t = time.perf_counter()
-            engine.shutdown()
+            ended = engine.shutdown()
             log.info("stopped in %.1f s", time.perf_counter() - t)
+            if not ended:
+                # The engine thread sits in a collective of ranks that were killed; do not
+                # wait at interpreter exit for what will never return.
+                logging.shutdown()
+                os._exit(0)
     return 0
 
 
@@ -248,13 +258,18 @@ def _run_http(engine, settings, t0: float) -> None:
         def capture_signals(self):
             # uvicorn's own version re-raises the signal once drained; from inside the event
             # loop that cancels every task with a traceback. Here run() just returns.
-            previous = {sig: signal.signal(sig, self.handle_exit)
+            previous = {sig: signal.signal(sig, self.on_signal)
                         for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 yield
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+
+        def on_signal(self, signum, frame) -> None:
+            if self.should_exit:  # the second Ctrl-C: stop now, without draining
+                _force_exit(engine, signum, frame)
+            self.handle_exit(signum, frame)
 
         async def shutdown(self, sockets=None) -> None:
             app.state.stopping = True
@@ -284,8 +299,9 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _force_exit(signum, frame) -> None:
+def _force_exit(engine, signum, frame) -> None:
     print("tr-serve: forced exit", file=sys.stderr)
+    engine.kill()  # the other ranks go first: nothing is left behind
     os._exit(128 + signum)
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .attention import choose
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import RequestTooLong
+from .errors import RequestFailed, RequestTooLong
 from .kv_blocks import chunk_blocks
 from .outputs import CompletionOutput, RequestOutput
 from .plan import PrefillPlan, StepPlan, TableOp
-from .sampler import Sampler
-from .sampling_params import InvalidParameter, SamplingParams
+from .sampler import Sampler, prompt_logprobs
+from .sampling_params import PROMPT_LOGPROBS_MAX_TOKENS, InvalidParameter, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .workers import Cluster
@@ -65,9 +66,11 @@ class LLMEngine:
         self._seqs: dict[int, Sequence] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._emitted: dict[int, int] = {}
+        self._prompt_lps: dict[int, list] = {}  # seq_id -> prompt logprobs so far
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_prefill_tokens_per_s = 0.0
+        self.on_scheduled: Callable[[], None] | None = None  # called once a step is planned
         log.info("engine ready in %.1f s: %s on %d %s rank(s), context %d tokens, KV cache %d "
                  "tokens", time.perf_counter() - t, mc.architecture, self.config.world_size,
                  self.cluster.backend.name, self.max_model_len, self.kv_capacity * self.world)
@@ -112,6 +115,14 @@ class LLMEngine:
         if bad:
             raise InvalidParameter("stop_token_ids", f"stop_token_ids must be < {vocab}; "
                                                      f"got {bad[:5]}")
+        if params.prompt_logprobs is not None and len(prompt_ids) > PROMPT_LOGPROBS_MAX_TOKENS:
+            raise InvalidParameter("prompt_logprobs", f"prompt logprobs are given for prompts "
+                                   f"of up to {PROMPT_LOGPROBS_MAX_TOKENS} tokens; this one "
+                                   f"has {len(prompt_ids)}")
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise InvalidParameter("logit_bias", f"logit_bias token ids must be < {vocab}; "
+                                                 f"got {bad[:5]}")
         self.scheduler.check(len(prompt_ids), params.max_tokens)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -141,17 +152,62 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step. An exception from the forward (a collective, the device) is the whole
+        engine's and propagates; one raised while sampling or finishing a single request
+        ends that request alone (finish_reason "error", RequestOutput.error set)."""
         plan = self.scheduler.schedule()
         if plan is None:
             return []
+        if self.on_scheduled is not None:  # the step may take minutes (a long prefill chunk)
+            self.on_scheduled()
         t = time.perf_counter()
         seqs = self._plan_sequences(plan)
+        scored = plan.kind == "prefill" and seqs[0].params.prompt_logprobs is not None
+        if scored:
+            plan.prefill.all_logits = True  # every position's logits come back, not the last
         logits = self.cluster.run(plan)
-        tokens, logprobs = self.sampler(logits, seqs) if logits is not None else ([], [])
+        if scored:
+            try:
+                logits = self._score_prompt(seqs[0], plan.prefill, logits)
+            except Exception as e:  # this request's alone
+                return [self.fail(seqs[0], e)]
+        tokens, logprobs, errors = self.sampler(logits, seqs) if logits is not None \
+            else ([], [], {})
         touched = self.scheduler.update(plan, tokens)
         self._account(plan, t)
         by_seq = dict(zip((s.seq_id for s in seqs), logprobs))
-        return [self._on_token(seq, by_seq.get(seq.seq_id)) for seq in touched]
+        failed = {seqs[i].seq_id: e for i, e in errors.items()}
+        outs = []
+        for seq in touched:
+            error = failed.get(seq.seq_id)
+            if error is None:
+                try:
+                    outs.append(self._on_token(seq, by_seq.get(seq.seq_id)))
+                    continue
+                except Exception as e:  # this request's stop checks or text
+                    error = e
+            outs.append(self.fail(seq, error))
+        return outs
+
+    def _score_prompt(self, seq: Sequence, plan: PrefillPlan, logits):
+        """Keep the prompt logprobs of a prefill chunk's positions; the last row to sample
+        from, if this is the prompt's last chunk."""
+        got = self._prompt_lps.setdefault(seq.seq_id, [None])
+        nxt = seq.prompt_ids[plan.start + 1 : plan.start + len(plan.tokens) + 1]
+        got.extend(prompt_logprobs(logits[: len(nxt)], nxt, seq.params.prompt_logprobs))
+        return logits[-1:] if plan.sample else None
+
+    def fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """End `seq` because serving it raised: its KV is freed, the others go on."""
+        log.error("request %s failed: %s: %s", seq.request_id, type(error).__name__, error,
+                  exc_info=error)
+        self.scheduler.finish(seq, "error")
+        seq.metrics.finished = time.time()
+        self._forget(seq)
+        completion = CompletionOutput(token_ids=list(seq.output_ids), finish_reason="error")
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, [completion], True,
+                             seq.metrics, error=RequestFailed(
+                                 f"serving this request failed ({type(error).__name__})"))
 
     def _plan_sequences(self, plan: StepPlan) -> list[Sequence]:
         ids = [plan.prefill.seq_id] if plan.kind == "prefill" else plan.decode.seq_ids
@@ -231,13 +287,16 @@ class LLMEngine:
             delta_token_ids=seq.output_ids[-n_new:] if seq.finish_reason != "abort" else [],
             delta_logprobs=seq.logprobs[-1:] if seq.params.logprobs is not None else None,
         )
+        prompt_lps = self._prompt_lps.get(seq.seq_id)
         if seq.finished:
             seq.metrics.finished = time.time()
             self._forget(seq)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, [completion],
-                             seq.finished, seq.metrics, seq.num_cached)
+                             seq.finished, seq.metrics, num_cached_tokens=seq.num_cached,
+                             prompt_logprobs=prompt_lps)
 
     def _forget(self, seq: Sequence) -> None:
+        self._prompt_lps.pop(seq.seq_id, None)
         self._seqs.pop(seq.seq_id, None)
         self._detok.pop(seq.seq_id, None)
         self._emitted.pop(seq.seq_id, None)
@@ -270,5 +329,7 @@ class LLMEngine:
             for r, page in taken:
                 blocks.unpin(r, page)
 
-    def shutdown(self) -> None:
-        self.cluster.shutdown()
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every rank; those not gone `timeout` seconds after the stop plan are
+        killed."""
+        self.cluster.shutdown(timeout)

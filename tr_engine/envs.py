@@ -21,6 +21,13 @@ def dist_timeout_s() -> int:
     return _int("TR_ENGINE_DIST_TIMEOUT") or 600
 
 
+def heartbeat_timeout_s() -> float:
+    """TR_ENGINE_HEARTBEAT_TIMEOUT: seconds without a heartbeat after which a rank counts as
+    lost and the engine as dead (default 10)."""
+    value = os.environ.get("TR_ENGINE_HEARTBEAT_TIMEOUT")
+    return float(value) if value else 10.0
+
+
 def torchrun() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) when started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
     with MASTER_ADDR/MASTER_PORT for the rendezvous), else None."""

@@ -16,8 +16,13 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its bound (HTTP 503 with Retry-After)."""
 
 
+class RequestFailed(RuntimeError):
+    """Serving one request raised; that request ended, its KV freed, the engine goes on
+    (HTTP 500)."""
+
+
 class EngineDead(RuntimeError):
     """The engine loop or a rank has died (HTTP 503 until restarted)."""
 
 
-__all__ = ["EngineDead", "InvalidParameter", "QueueFull", "RequestTooLong"]
+__all__ = ["EngineDead", "InvalidParameter", "QueueFull", "RequestFailed", "RequestTooLong"]

@@ -29,7 +29,9 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None
                  = None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or vLLM-style {"prompt_token_ids": [...]}
-        dicts (or a list of them). Returns one finished RequestOutput per prompt, in order."""
+        dicts (or a list of them). Returns one finished RequestOutput per prompt, in order;
+        one the engine failed to serve has finish_reason "error" and `.error` set (the
+        others are unaffected)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()

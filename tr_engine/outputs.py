@@ -22,7 +22,7 @@ class CompletionOutput:
     index: int = 0
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] | None = None
     delta_text: str = ""
@@ -50,6 +50,9 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    error: Exception | None = None  # why the engine ended this request (finish_reason "error")
+    # with SamplingParams.prompt_logprobs: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     # vLLM-style convenience for single-sequence requests
     @property

@@ -1,7 +1,16 @@
-"""Turning logits into tokens, per request: penalties, temperature, top-k/p, min-p, seed."""
+"""Turning logits into tokens, per request: logit bias, penalties, temperature, top-k/p, min-p,
+seed.
+
+Every value SamplingParams accepts must give a token, never an exception: a repetition
+penalty of 1e-38 or a temperature of 1e-30 overflows float32 logits to inf, and a top_p that
+rounds to 0 in float32 would drop every token. So logits are kept finite (inf clamped to the
+largest float32, NaN to -inf), the first token of the top-p order is always kept, and where
+the filters leave no probability mass the row falls back to greedy.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -33,21 +42,27 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]
-                 ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits `[B, V]` float32, one row per sequence (in order)."""
-        tokens, logprobs = [], []
-        for row, seq in zip(logits.float(), seqs):
-            token = self._sample_row(row, seq)
+                 ) -> tuple[list[int], list[TokenLogprob | None], dict[int, Exception]]:
+        """logits `[B, V]`, one row per sequence (in order). Returns the tokens, their
+        logprobs, and the failures by row: a row that raised gets token 0 and its exception,
+        so one request's failure never reaches the others."""
+        tokens, logprobs, errors = [], [], {}
+        for i, (row, seq) in enumerate(zip(logits.float(), seqs)):
+            try:
+                token = self._sample_row(row, seq)
+                logprob = _logprob(row, token, seq.params.logprobs)
+            except Exception as e:  # reported to this request alone
+                token, logprob, errors[i] = 0, None, e
             tokens.append(token)
-            logprobs.append(_logprob(row, token, seq.params.logprobs))
-        return tokens, logprobs
+            logprobs.append(logprob)
+        return tokens, logprobs, errors
 
     def _sample_row(self, logits: torch.Tensor, seq: Sequence) -> int:
         p = seq.params
-        logits = _penalize(logits, seq)
+        logits = _finite(_penalize(_bias(logits, p.logit_bias), seq))
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        logits = _finite(logits / p.temperature)
         if p.top_k > 0 and p.top_k < logits.shape[0]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -56,11 +71,35 @@ class Sampler:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            # keep the smallest prefix whose mass reaches top_p, and always the first token
+            # (a top_p below float32's smallest number is 0 here: every token would drop)
             drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= p.top_p
+            drop[0] = False
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        total = float(probs.sum())
+        if not (total > 0.0 and math.isfinite(total)):
+            return int(torch.argmax(logits))  # nothing left to draw from: greedy
         return int(torch.multinomial(probs, 1, generator=self._generator(seq)))
+
+
+_MAX = torch.finfo(torch.float32).max
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """+inf to the largest float32 (softmax subtracts the maximum, so ties share the mass),
+    NaN to -inf (never drawn); -inf stays, as filters use it to drop tokens."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=_MAX, neginf=float("-inf"))
+
+
+def _bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """OpenAI's logit_bias: added to the logits of the given token ids before anything else."""
+    if not bias:
+        return logits
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=logits.device)
+    values = torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+    keep = ids < logits.shape[0]
+    return logits.index_add(0, ids[keep], values[keep])
 
 
 def _penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -93,3 +132,17 @@ def _logprob(logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob 
         vals, ids = torch.topk(lp, top)
         alternatives = dict(zip(ids.tolist(), vals.tolist()))
     return TokenLogprob(token, float(lp[token]), alternatives)
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], top: int
+                    ) -> list[TokenLogprob]:
+    """Row i of `logits` `[n, V]` scores `next_ids[i]`: the model's logprob of each prompt
+    token given the ones before it, with the `top` most likely alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(next_ids, dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+    alternatives: list[dict[int, float]] = [{} for _ in next_ids]
+    if top > 0:
+        vals, tops = torch.topk(lp, top, dim=-1)
+        alternatives = [dict(zip(t, v)) for t, v in zip(tops.tolist(), vals.tolist())]
+    return [TokenLogprob(t, c, a) for t, c, a in zip(next_ids, chosen, alternatives)]

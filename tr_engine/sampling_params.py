@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PROMPT_LOGPROBS_MAX_TOKENS = 4096  # logits of every position: [T, vocab] float32 on rank 0
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -13,7 +15,11 @@ class SamplingParams:
     Penalties follow OpenAI (presence, frequency: subtracted from logits of tokens already
     generated) and CTRL/HF (repetition: divides positive logits, multiplies negative ones, of
     tokens in the prompt or output). `logprobs` = how many top alternatives to return with
-    each chosen token's own logprob (None = no logprobs).
+    each chosen token's own logprob (None = no logprobs). `logit_bias` (OpenAI's): token id
+    -> a bias in [-100, 100] added to its logit before anything else; given as a dict or
+    pairs, kept as sorted pairs. `prompt_logprobs`: as `logprobs`, for every prompt token
+    but the first (which nothing predicts); the prefill then keeps every position's logits,
+    so it is limited to prompts of PROMPT_LOGPROBS_MAX_TOKENS.
     """
 
     max_tokens: int = 16
@@ -31,6 +37,8 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -39,6 +47,9 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        bias = self.logit_bias or ()
+        pairs = bias.items() if isinstance(bias, dict) else bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((t, b) for t, b in pairs)))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
@@ -64,6 +75,12 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids", "must be non-negative integers"),
             (self.seed is None or isinstance(self.seed, int), "seed", "must be an integer"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                              and 0 <= self.prompt_logprobs <= 20),
+             "prompt_logprobs", f"must be an integer in [0, 20], got {self.prompt_logprobs!r}"),
+            (all(isinstance(t, int) and t >= 0 and isinstance(b, int | float)
+                 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
+             "logit_bias", "must map token ids to biases in [-100, 100]"),
         ]
         for ok, param, message in checks:
             if not ok:

@@ -98,7 +98,8 @@ class Scheduler:
         self.check(seq.prompt_len, seq.params.max_tokens)
         if len(self.waiting) >= self.max_waiting:
             raise QueueFull(f"the queue is full ({self.max_waiting} requests waiting)")
-        if self.blocks.enable_caching:
+        # a request that wants every prompt position's logprobs computes every position
+        if self.blocks.enable_caching and seq.params.prompt_logprobs is None:
             # at least the last prompt token is computed: its logits give the first token
             seq.keys = block_keys(seq.prompt_ids, self.block_size,
                                   (seq.prompt_len - 1) // self.block_size)

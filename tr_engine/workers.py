@@ -17,6 +17,7 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -124,8 +125,23 @@ def worker_loop(config: EngineConfig, model_path: str, rank: int, world: int, lo
     dist.destroy_process_group()
 
 
-def _spawned_worker(config, model_path, rank, world, init_method, log_level) -> None:
+def _beat(heartbeat, period: float = 0.5) -> None:
+    """Write the time into `heartbeat` (shared with rank 0) every `period` seconds, from a
+    thread of its own: a rank busy in a long step still beats; a stopped or hung one
+    does not."""
+    def run() -> None:
+        while True:
+            heartbeat.value = time.monotonic()
+            time.sleep(period)
+
+    threading.Thread(target=run, name="tr-heartbeat", daemon=True).start()
+
+
+def _spawned_worker(config, model_path, rank, world, init_method, log_level,
+                    heartbeat=None) -> None:
     _die_with_parent()
+    if heartbeat is not None:
+        _beat(heartbeat)
     logging.basicConfig(level=log_level, format=f"%(asctime)s rank{rank} %(message)s")
     try:
         worker_loop(config, model_path, rank, world, rank, init_method, world)
@@ -157,6 +173,7 @@ class Cluster:
         log.info("backend %s (%s) ready in %.1f s", self.backend.name,
                  self.backend.dist_backend, time.perf_counter() - t)
         self.procs: list[mp.Process] = []
+        self.heartbeats: list = []  # per spawned rank: time.monotonic() of its last beat
         env = envs.torchrun()
         if env is not None:
             rank, world, local_rank = env
@@ -188,13 +205,21 @@ class Cluster:
         ctx = mp.get_context("spawn")
         level = logging.getLogger("tr_engine").getEffectiveLevel()
         for rank in range(1, world):
+            beat = ctx.Value("d", time.monotonic(), lock=False)
             p = ctx.Process(target=_spawned_worker, daemon=True,
-                            args=(config, model_path, rank, world, init_method, level))
+                            args=(config, model_path, rank, world, init_method, level, beat))
             p.start()
             self.procs.append(p)
+            self.heartbeats.append(beat)
 
     def dead_workers(self) -> list[int]:
         return [i + 1 for i, p in enumerate(self.procs) if not p.is_alive()]
+
+    def quiet_workers(self, timeout: float) -> list[int]:
+        """Spawned ranks whose heartbeat is older than `timeout` seconds (stopped, hung).
+        Ranks started by torchrun have no heartbeat here."""
+        now = time.monotonic()
+        return [i + 1 for i, b in enumerate(self.heartbeats) if now - b.value > timeout]
 
     def run(self, plan: StepPlan):
         if self.world > 1:
@@ -202,6 +227,8 @@ class Cluster:
         return self.runner.run(plan)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Tell the other ranks to stop (the caller must be the only thread running plans)
+        and wait up to `timeout` seconds for them; kill those still running."""
         self.runner.close()
         told = False
         if self.world > 1 and dist.is_initialized():
@@ -222,6 +249,11 @@ class Cluster:
         self._kill()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+    def kill(self) -> None:
+        """Kill the spawned ranks' processes, with no collective: safe while another thread
+        is inside a step."""
+        self._kill()
 
     def _kill(self) -> None:
         for rank, p in enumerate(self.procs, start=1):
