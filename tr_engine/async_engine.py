@@ -312,5 +312,6 @@ class AsyncEngine:
 
     def kill(self) -> None:
         """The other ranks' processes killed at once (a forced exit)."""
+        self._stop.set()  # the step they die under is expected to fail: no traceback
         self._closed = True
         self.engine.cluster.kill()
