@@ -606,9 +606,11 @@ def test_echo_with_logprobs_scores_the_prompt(server, client):
 
 
 def test_n_streams_disconnect_frees_kv(server):
-    # 300 tokens each: the three slabs fit in the KV cache together (1500 would queue two)
-    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 300, "n": 3,
+    # 600 tokens each: the three slabs fit in the KV cache together (1500 would queue two),
+    # and decoding them takes seconds, long after the hang-up below
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 600, "n": 3,
             "temperature": 1.0, "ignore_eos": True, "stream": True}
+    before = scrape(server)
     with httpx.Client(timeout=60) as http, http.stream(
             "POST", server.base + "/v1/completions", json=body, headers=server.headers()) as r:
         assert r.status_code == 200
@@ -619,6 +621,8 @@ def test_n_streams_disconnect_frees_kv(server):
             if len(seen) == 3:
                 break
         assert seen == {0, 1, 2}
-        busy = _busy(server)
-        assert busy["tr_engine:num_requests_running"] == 3
-    wait_idle(server, timeout=20)
+        assert scrape(server)["tr_engine:num_requests_running"] == 3
+    idle = wait_idle(server, timeout=20)
+    generated = idle["tr_engine:generation_tokens_total"] \
+        - before["tr_engine:generation_tokens_total"]
+    assert generated < 3 * 600  # all three were aborted, not run to the end

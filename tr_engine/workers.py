@@ -125,23 +125,27 @@ def worker_loop(config: EngineConfig, model_path: str, rank: int, world: int, lo
     dist.destroy_process_group()
 
 
-def _beat(heartbeat, period: float = 0.5) -> None:
+def _beat(heartbeat, period: float = 0.5) -> threading.Event:
     """Write the time into `heartbeat` (shared with rank 0) every `period` seconds, from a
     thread of its own: a rank busy in a long step still beats; a stopped or hung one
-    does not."""
+    does not. Set the returned event to stop it (before the process exits: a thread
+    still running at interpreter exit can abort it)."""
+    stop = threading.Event()
+
     def run() -> None:
         while True:
             heartbeat.value = time.monotonic()
-            time.sleep(period)
+            if stop.wait(period):
+                return
 
     threading.Thread(target=run, name="tr-heartbeat", daemon=True).start()
+    return stop
 
 
 def _spawned_worker(config, model_path, rank, world, init_method, log_level,
                     heartbeat=None) -> None:
     _die_with_parent()
-    if heartbeat is not None:
-        _beat(heartbeat)
+    beating = _beat(heartbeat) if heartbeat is not None else threading.Event()
     logging.basicConfig(level=log_level, format=f"%(asctime)s rank{rank} %(message)s")
     try:
         worker_loop(config, model_path, rank, world, rank, init_method, world)
@@ -149,6 +153,8 @@ def _spawned_worker(config, model_path, rank, world, init_method, log_level,
         log.error("rank %d failed:\n%s", rank, traceback.format_exc())
         sys.stderr.flush()
         os._exit(1)
+    finally:
+        beating.set()
 
 
 def run_worker(config: EngineConfig) -> None:
