@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import npu_standin
 import pytest
 import torch
 from reference import attention64
-from test_npu_backend import FA, FIA, UPDATE, compare, merge_cases, qkv
+from test_npu_backend import FA, FIA, UPDATE, compare, hccl_env_restored, merge_cases, qkv
 from tr_engine.backends import npu as npu_mod
-from tr_engine.backends.npu import ENV_DEFAULTS, NpuBackend
+from tr_engine.backends.npu import NpuBackend
 
 from tr_engine.attention import merge_
 
@@ -29,14 +28,8 @@ from tr_engine.attention import merge_
 @pytest.fixture
 def standin():
     """The stand-in installed as torch_npu; the HCCL variables NpuBackend() sets, restored."""
-    saved = {name: os.environ.get(name) for name in ENV_DEFAULTS}
-    with npu_standin.install() as module:
+    with hccl_env_restored(), npu_standin.install() as module:
         yield module
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 def by_kernel(results):

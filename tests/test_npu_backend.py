@@ -8,6 +8,7 @@ computes in float32 on the CPU from the documentation's description of each op.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -33,17 +34,25 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
 LSE_TOL = 1e-4
 
 
+@contextlib.contextmanager
+def hccl_env_restored():
+    """The HCCL variables NpuBackend() sets defaults for, as they were before the block."""
+    saved = {name: os.environ.get(name) for name in ENV_DEFAULTS}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture
 def npu():
     """(stand-in module, backend); restores the HCCL variables NpuBackend() defaults."""
-    saved = {name: os.environ.get(name) for name in ENV_DEFAULTS}
-    with npu_standin.install() as module:
+    with hccl_env_restored(), npu_standin.install() as module:
         yield module, NpuBackend()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 def qkv(tq, tk, hq, hkv, d, dtype, seed):

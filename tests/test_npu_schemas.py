@@ -5,16 +5,15 @@ and every call the backend makes binds to the schema of each pinned release."""
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from pathlib import Path
 
 import npu_standin
 import pytest
 import torch
-from test_npu_backend import merge_cases, qkv
+from test_npu_backend import hccl_env_restored, merge_cases, qkv
 from torch_npu_schemas import NEWEST, SCHEMAS
-from tr_engine.backends.npu import COMPATIBLE, ENV_DEFAULTS, NpuBackend
+from tr_engine.backends.npu import COMPATIBLE, NpuBackend
 
 sys.path.insert(0, str(Path(__file__).parent / "tools"))
 from npu_schemas import schema_lines  # noqa: E402
@@ -73,9 +72,8 @@ def test_signature_parser_on_one_schema():
 @pytest.fixture
 def recorded(monkeypatch):
     """The stand-in with every schema op wrapped to record its (args, kwargs)."""
-    saved = {name: os.environ.get(name) for name in ENV_DEFAULTS}
     calls = []
-    with npu_standin.install() as module:
+    with hccl_env_restored(), npu_standin.install() as module:
         for op in SCHEMAS[NEWEST]:
             real = getattr(module, op)
 
@@ -85,11 +83,6 @@ def recorded(monkeypatch):
 
             monkeypatch.setattr(module, op, wrapper)
         yield NpuBackend(), calls
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 def test_backend_passes_only_what_each_pinned_schema_has(recorded):
