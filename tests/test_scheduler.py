@@ -302,3 +302,79 @@ def test_block_manager_counts():
     assert m.pages_idle() == [1, 0] and m.lookup([b"k", b"x"]) == [(0, p)]
     assert m.can_reserve([3, 4], []) and not m.can_reserve([4, 0], [])
     m.unreserve([1, 0])
+
+
+class RankTables:
+    """What each rank builds from the plans' table ops (as runner.BlockTables does)."""
+
+    def __init__(self, world: int, rows: int) -> None:
+        self.host = [[[] for _ in range(rows)] for _ in range(world)]
+
+    def apply(self, plan) -> None:
+        for op in plan.tables:
+            row = self.host[op.rank][op.row]
+            del row[op.at :]
+            row.extend(op.pages)
+
+
+def test_two_sequences_opening_blocks_on_one_rank_in_one_step_each_get_theirs():
+    s = make(world=2, pages=25, seqs=4)
+    tables = RankTables(2, 5)
+    # the first one decodes once before the second's prefill: their next decode feeds
+    # position 4 of both, so both open block 1 (on rank 1) in that step
+    for i in range(2):
+        s.add(seq(i, 2 + i, max_tokens=6, first=10 * i + 1))
+    for _ in range(10):
+        plan = drive(s)
+        tables.apply(plan)
+        if plan.kind == "decode" and len(plan.tables) == 2:
+            break
+    else:
+        raise AssertionError("no decode step opened two blocks")
+    assert {(op.rank, op.row) for op in plan.tables} == {(1, q.row) for q in s.decoding}
+    for q in s.decoding:
+        assert tables.host[1][q.row] == q.table[1] and len(q.table[1]) == 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_tables_follow_the_scheduler_under_random_traffic(world):
+    """Random arrivals, lengths, shared prefixes and early stops: after every step, the
+    table each rank built from the ops holds exactly each running sequence's pages there,
+    and each decode token's slot lies in a page of its owner's table."""
+    import random
+
+    rnd = random.Random(world)
+    s = make(world=world, pages=40, max_len=200, chunk=2 * world * B * 2, seqs=6, waiting=64)
+    tables = RankTables(world, 7)
+    docs = [[rnd.randint(1, 50) for _ in range(24)] for _ in range(3)]
+    pending = []
+    for i in range(60):
+        prompt = rnd.choice(docs)[: rnd.randint(1, 24)] + [rnd.randint(1, 50)
+                                                          for _ in range(rnd.randint(0, 9))]
+        pending.append(Sequence(i, f"r{i}", prompt, SamplingParams(
+            max_tokens=rnd.randint(1, 12), temperature=0)))
+    decode_steps = 0
+    for _ in range(5000):
+        while pending and rnd.random() < 0.3:
+            s.add(pending.pop(0))
+        plan = s.schedule()
+        if plan is None:
+            if not pending:
+                break
+            continue
+        tables.apply(plan)
+        if plan.kind == "decode":
+            decode_steps += 1
+            d = plan.decode
+            for row, kv, owner in zip(d.rows, d.kv_len, d.owner):
+                assert kv[owner] // B < len(tables.host[owner][row])
+        n = 1 if plan.kind == "prefill" else len(plan.decode.seq_ids)
+        for q in s.update(plan, [rnd.choice([5, 5, 5, 2]) for _ in range(n)]):
+            if q.output_ids[-1] == 2 or len(q.output_ids) >= q.params.max_tokens:
+                s.finish(q, "stop")
+        for q in s.prefilling + s.decoding:
+            if q.started:
+                for r in range(world):
+                    assert tables.host[r][q.row] == q.table[r]
+    assert not pending and not s.has_work() and decode_steps > 50
+    assert s.blocks.hits > 0 and s.blocks.pages_in_use() == [0] * world

@@ -27,6 +27,8 @@ from .kv_blocks import BlockManager, block_keys, chunk_blocks, plan_ranks
 from .plan import DecodePlan, PrefillPlan, StepPlan, TableOp
 from .sequence import Sequence, Status
 
+Ops = dict[tuple[int, int], TableOp]  # a step's table updates by (rank, row)
+
 
 class Scheduler:
     def __init__(
@@ -151,14 +153,15 @@ class Scheduler:
         seq.reserved = need
         self._set_cached(seq, hits)
 
-    def _take(self, seq: Sequence, rank: int, ops: dict[int, TableOp]) -> None:
+    def _take(self, seq: Sequence, rank: int, ops: Ops) -> None:
         """A new block of `seq` on `rank`: a page from its reservation, and the table op
-        that tells the rank."""
+        that tells the rank (one op per rank and row: several sequences of one decode step
+        can open blocks on the same rank)."""
         page = self.blocks.take(rank)
         seq.reserved[rank] -= 1
-        op = ops.get(rank)
+        op = ops.get((rank, seq.row))
         if op is None:
-            op = ops[rank] = TableOp(rank, seq.row, len(seq.table[rank]), [])
+            op = ops[rank, seq.row] = TableOp(rank, seq.row, len(seq.table[rank]), [])
         op.pages.append(page)
         seq.table[rank].append(page)
         seq.blocks.append((rank, page))
@@ -170,7 +173,7 @@ class Scheduler:
         prefill_turn = self.prefilling and (not self.decoding or self._last_kind == "decode")
         if prefill_turn:
             self._last_kind = "prefill"
-            ops: dict[int, TableOp] = {}
+            ops: Ops = {}
             plan = self._prefill_plan(self.prefilling[0], ops)
             return StepPlan("prefill", prefill=plan, tables=list(ops.values()))
         if self.decoding:
@@ -180,7 +183,7 @@ class Scheduler:
             return StepPlan("decode", decode=plan, tables=list(ops.values()))
         return None
 
-    def _prefill_plan(self, seq: Sequence, ops: dict[int, TableOp]) -> PrefillPlan:
+    def _prefill_plan(self, seq: Sequence, ops: Ops) -> PrefillPlan:
         if not seq.started:
             self._relookup(seq)
             seq.started = True
@@ -188,7 +191,7 @@ class Scheduler:
             self.blocks.hits += seq.num_cached
             # the rank's table for this row starts over: the cached blocks, then new ones
             for r in range(self.world):
-                ops[r] = TableOp(r, seq.row, 0, list(seq.table[r]))
+                ops[r, seq.row] = TableOp(r, seq.row, 0, list(seq.table[r]))
         a = seq.prefilled
         b = min(seq.prompt_len, a + self.prefill_chunk)
         prefix_len = list(seq.kv_len)
@@ -204,7 +207,7 @@ class Scheduler:
             strategy=self.choose_strategy(b - a, a),
         )
 
-    def _decode_plan(self, seqs: list[Sequence], ops: dict[int, TableOp]) -> DecodePlan:
+    def _decode_plan(self, seqs: list[Sequence], ops: Ops) -> DecodePlan:
         owners = []
         for s in seqs:
             pos = s.num_tokens - 1  # the token fed now
