@@ -12,7 +12,7 @@ import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from tr_engine.outputs import RequestOutput
@@ -75,6 +75,15 @@ class EngineCollector:
                        "Attention kernel builds for shapes met the first time (cuDNN graphs on "
                        "rank 0); a request that meets one waits for the build.",
                        stats.attention_shapes_built)
+        bounds, counts, total = stats.batched_tokens
+        cumulative, buckets = 0, []
+        for bound, n in zip([*(str(float(b)) for b in bounds), "+Inf"], counts):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "tr_engine:num_batched_tokens",
+            "Tokens per engine step: its prefill chunk's and its decode tokens.",
+            buckets=buckets, sum_value=total)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

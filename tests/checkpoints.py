@@ -44,6 +44,22 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int
                 for p in prompts]
 
 
+def matches_transformers(model, out, prompt: list[int], tokens: list[int]) -> bool:
+    """An engine RequestOutput against transformers: its tokens equal `tokens` (the
+    reference greedy continuation of `prompt`) and, where it gave logprobs, each chosen
+    token's logprob is within 1e-4 of `model`'s forward over the whole sequence."""
+    if out.token_ids != tokens:
+        return False
+    if out.outputs[0].logprobs is None:
+        return True
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0].double()
+    ref = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+    ref = ref.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    got = torch.tensor([e.logprob for e in out.outputs[0].logprobs], dtype=torch.float64)
+    return bool((got - ref).abs().max() < 1e-4)
+
+
 # The families, as the checkpoints of each look; EXTRA_FAMILIES add RoPE scalings.
 FAMILIES = ("llama2", "llama3.1", "llama3.2", "qwen2", "qwen3", "mistral")
 EXTRA_FAMILIES = ("llama-linear", "qwen2-yarn")

@@ -14,7 +14,7 @@ import functools
 
 import pytest
 import torch
-from checkpoints import hf_greedy, make_checkpoint
+from checkpoints import hf_greedy, make_checkpoint, matches_transformers
 
 from tr_engine import LLM, SamplingParams
 
@@ -48,19 +48,7 @@ def hf(ckpt):
 
 
 def exact(out, prompt: list[int], hf) -> bool:
-    """Greedy tokens equal transformers' and, where the engine gave logprobs, each chosen
-    token's logprob is within 1e-4 of transformers' forward over the whole sequence."""
-    tokens = hf(tuple(prompt), len(out.token_ids))
-    if out.token_ids != tokens:
-        return False
-    if out.outputs[0].logprobs is None:
-        return True
-    with torch.no_grad():
-        logits = hf.model(torch.tensor([prompt + tokens])).logits[0].double()
-    ref = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
-    ref = ref.gather(1, torch.tensor(tokens)[:, None])[:, 0]
-    got = torch.tensor([e.logprob for e in out.outputs[0].logprobs], dtype=torch.float64)
-    return bool((got - ref).abs().max() < 1e-4)
+    return matches_transformers(hf.model, out, prompt, hf(tuple(prompt), len(out.token_ids)))
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda p: f"P{p}")

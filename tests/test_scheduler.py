@@ -7,7 +7,7 @@ import pytest
 
 from tr_engine.attention import layout
 from tr_engine.errors import QueueFull, RequestTooLong
-from tr_engine.kv_blocks import BlockManager, block_keys, chunk_blocks, plan_ranks
+from tr_engine.kv_blocks import BlockManager, block_keys, chunk_blocks, plan_pages
 from tr_engine.sampling_params import SamplingParams
 from tr_engine.scheduler import Scheduler
 from tr_engine.sequence import Sequence, Status
@@ -15,9 +15,10 @@ from tr_engine.sequence import Sequence, Status
 B = 4  # block size in these tests
 
 
-def make(world=2, pages=25, max_len=1000, chunk=16, seqs=4, waiting=8, caching=True):
+def make(world=2, pages=25, max_len=1000, chunk=16, seqs=4, waiting=8, caching=True,
+         budget=None, prefix_cost=0.0):
     return Scheduler(world, pages, B, max_len, chunk, seqs, waiting,
-                     lambda new, cached: "ring", caching)
+                     lambda new, cached: "ring", caching, budget, prefix_cost)
 
 
 def seq(i, prompt_len, max_tokens=4, first=1):
@@ -29,9 +30,15 @@ def drive(s: Scheduler, token=7):
     """Run one step with a fake sampled token; return the plan."""
     plan = s.schedule()
     if plan is not None:
-        n = 1 if plan.kind == "prefill" else len(plan.decode.seq_ids)
-        s.update(plan, [token] * n)
+        s.update(plan, [token] * sampled(plan))
     return plan
+
+
+def sampled(plan) -> int:
+    """How many tokens a step samples: the prefill's first (if its chunk ends the prompt),
+    then one per decoding sequence."""
+    n = 1 if plan.prefill is not None and plan.prefill.sample else 0
+    return n + (len(plan.decode.seq_ids) if plan.decode is not None else 0)
 
 
 def run_all(s: Scheduler, limit=500):
@@ -61,13 +68,39 @@ def test_chunk_blocks_follow_the_zigzag_layout(world, n, start):
         assert -(-layout.local_len(n, world, r, B) // B) == count
 
 
-def test_plan_ranks_counts_every_block_and_balances_decode():
-    for world, prompt, total, chunk in [(1, 5, 7, 8), (2, 37, 60, 16), (3, 8, 9, 24),
-                                        (4, 3, 40, 32)]:
-        ranks = plan_ranks([], prompt, total, chunk, world, B)
-        assert len(ranks) == -(-total // B)
-        counts = [ranks.count(r) for r in range(world)]
-        assert max(counts) - min(counts) <= 2 + -(-prompt // chunk)
+def _walk(held, start, prompt, total, chunks, world):
+    """plan_pages by hand: every chunk's blocks walked one by one, then decode blocks."""
+    counts, need, a = list(held), [0] * world, start
+    for n in chunks:
+        for _, r in chunk_blocks(a, n, world, B):
+            counts[r] += 1
+            need[r] += 1
+        a += n
+    assert a == prompt
+    for _ in range(-(-prompt // B) * B, total, B):
+        r = counts.index(min(counts))
+        counts[r] += 1
+        need[r] += 1
+    return need
+
+
+@pytest.mark.parametrize("world,held,start,prompt,total,chunk,first", [
+    (1, [0], 0, 5, 7, None, None), (2, [0, 0], 0, 37, 60, 16, None),
+    (3, [0, 0, 0], 0, 8, 9, 24, None), (4, [0] * 4, 0, 3, 40, 32, None),
+    (2, [3, 1], 16, 90, 130, 32, 16), (2, [0, 0], 0, 1000, 1100, 256, 48),
+    (3, [1, 0, 0], 4, 300, 301, 72, 24)])
+def test_plan_pages_counts_every_block_and_balances_decode(world, held, start, prompt, total,
+                                                           chunk, first):
+    chunk = chunk or 8 * world * B
+    chunks, a, n = [], start, first or chunk
+    while a < prompt:
+        chunks.append(min(n, prompt - a))
+        a, n = a + chunks[-1], chunk
+    need = plan_pages(held, start, prompt, total, chunk, world, B, first)
+    assert need == _walk(held, start, prompt, total, chunks, world)
+    assert sum(need) == -(-total // B) - start // B
+    counts = [h + n for h, n in zip(held, need)]
+    assert max(counts) - min(counts) <= 2 + len(chunks) + max(held)
 
 
 def test_block_keys_name_the_whole_prefix():
@@ -121,8 +154,12 @@ def test_prefill_chunks_interleave_with_running_decodes():
     s.add(seq(0, 4, max_tokens=50))
     drive(s)  # short prompt: one prefill, now decoding
     s.add(seq(1, 64, max_tokens=2, first=100))
-    kinds = [drive(s).kind for _ in range(8)]
-    assert kinds == ["decode", "prefill"] * 4  # the long prompt never stalls the stream
+    for i in range(4):  # every chunk of the long prompt carries the stream's next token
+        plan = drive(s)
+        assert plan.kind == "mixed" and plan.decode.seq_ids == [0]
+        assert plan.prefill.start == 16 * i and len(plan.prefill.tokens) == 16
+    plan = drive(s)
+    assert plan.kind == "decode" and plan.decode.seq_ids == [0, 1]
 
 
 def test_continuous_batching_join_and_leave():
@@ -130,8 +167,9 @@ def test_continuous_batching_join_and_leave():
     s.add(seq(0, 3, max_tokens=10))
     drive(s)
     s.add(seq(1, 3, max_tokens=10, first=50))
-    assert drive(s).kind == "decode"  # decode of 0 comes before the next prefill
-    assert drive(s).kind == "prefill"  # then 1 joins
+    plan = drive(s)  # 1's prefill rides with 0's decode, and 1 joins
+    assert plan.kind == "mixed" and plan.decode.seq_ids == [0] and plan.prefill.sample
+    assert len(s.find("r0").output_ids) == 2 and s.find("r1").output_ids == [7]
     plan = drive(s)
     assert plan.kind == "decode" and plan.decode.seq_ids == [0, 1]
     s.finish(s.find("r0"), "stop")
@@ -235,7 +273,7 @@ def test_two_requests_on_one_document_store_it_once():
     while b.prefilled < b.prompt_len:
         plans.append(drive(s))
     assert b.num_cached == 40  # looked up again when its prefill began: a's 10 blocks
-    assert [p.prefill.seq_id for p in plans if p.kind == "prefill"] == [0, 0, 0, 1]
+    assert [p.prefill.seq_id for p in plans if p.prefill is not None] == [0, 0, 0, 1]
     doc_pages = {p for p in a.blocks[:10]}
     assert set(b.blocks[:10]) == doc_pages
     assert sum(s.blocks.pages_in_use()) == len(set(a.blocks) | set(b.blocks))
@@ -336,15 +374,18 @@ def test_two_sequences_opening_blocks_on_one_rank_in_one_step_each_get_theirs():
         assert tables.host[1][q.row] == q.table[1] and len(q.table[1]) == 1
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_rank_tables_follow_the_scheduler_under_random_traffic(world):
-    """Random arrivals, lengths, shared prefixes and early stops: after every step, the
-    table each rank built from the ops holds exactly each running sequence's pages there,
-    and each decode token's slot lies in a page of its owner's table."""
+@pytest.mark.parametrize("world,budget", [(1, None), (2, None), (3, None), (1, 13), (2, 30),
+                                          (3, 40)])
+def test_rank_tables_follow_the_scheduler_under_random_traffic(world, budget):
+    """Random arrivals, lengths, shared prefixes and early stops (and, with a token budget,
+    mixed steps whose chunks shrink deeper into a prompt): after every step, the table each
+    rank built from the ops holds exactly each running sequence's pages there, and each
+    decode token's slot lies in a page of its owner's table."""
     import random
 
     rnd = random.Random(world)
-    s = make(world=world, pages=40, max_len=200, chunk=2 * world * B * 2, seqs=6, waiting=64)
+    s = make(world=world, pages=40, max_len=200, chunk=2 * world * B * 4, seqs=6, waiting=64,
+             budget=budget, prefix_cost=0.02)
     tables = RankTables(world, 7)
     docs = [[rnd.randint(1, 50) for _ in range(24)] for _ in range(3)]
     pending = []
@@ -363,13 +404,12 @@ def test_rank_tables_follow_the_scheduler_under_random_traffic(world):
                 break
             continue
         tables.apply(plan)
-        if plan.kind == "decode":
+        if plan.decode is not None:
             decode_steps += 1
             d = plan.decode
             for row, kv, owner in zip(d.rows, d.kv_len, d.owner):
                 assert kv[owner] // B < len(tables.host[owner][row])
-        n = 1 if plan.kind == "prefill" else len(plan.decode.seq_ids)
-        for q in s.update(plan, [rnd.choice([5, 5, 5, 2]) for _ in range(n)]):
+        for q in s.update(plan, [rnd.choice([5, 5, 5, 2]) for _ in range(sampled(plan))]):
             if q.output_ids[-1] == 2 or len(q.output_ids) >= q.params.max_tokens:
                 s.finish(q, "stop")
         for q in s.prefilling + s.decoding:
@@ -378,3 +418,55 @@ def test_rank_tables_follow_the_scheduler_under_random_traffic(world):
                     assert tables.host[r][q.row] == q.table[r]
     assert not pending and not s.has_work() and decode_steps > 50
     assert s.blocks.hits > 0 and s.blocks.pages_in_use() == [0] * world
+    assert s.blocks.reserved() == [0] * world
+
+
+def test_a_mixed_step_fills_the_token_budget_and_chunks_shrink_with_the_prefix():
+    s = make(world=2, pages=200, chunk=128, budget=48, prefix_cost=1 / 256)
+    for i in range(3):  # three streams decoding
+        s.add(seq(i, 3, max_tokens=100, first=100 * i + 1))
+    for _ in range(3):
+        drive(s)
+    long = seq(9, 300, max_tokens=1, first=1000)
+    s.add(long)
+    sizes = []
+    while long.prefilled < long.prompt_len:
+        plan = drive(s)
+        assert plan.kind == "mixed" and len(plan.decode.seq_ids) == 3
+        p = plan.prefill
+        sizes.append(len(p.tokens))
+        if not p.sample:  # whole zigzag blocks, and within the budget
+            assert len(p.tokens) % (2 * 2 * B) == 0
+            a, c = p.start, len(p.tokens)
+            assert c == 16 or c + 3 + (a * c + c * c / 2) / 256 <= 48
+    assert sizes[:3] == [32, 32, 32] and sizes[-2] == 16 and sum(sizes) == 300
+    assert sizes == sorted(sizes, reverse=True)[: len(sizes) - 1] + sizes[-1:]
+    run_all(s)
+    assert s.blocks.reserved() == [0, 0] and s.kv_used() == [0, 0]
+
+
+def test_nothing_decoding_prefills_whole_chunks():
+    s = make(world=2, pages=200, chunk=64, budget=20, prefix_cost=1 / 64)
+    a = seq(0, 200, max_tokens=1)
+    s.add(a)
+    plans = [drive(s) for _ in range(4)]
+    assert [p.kind for p in plans] == ["prefill"] * 4
+    assert [len(p.prefill.tokens) for p in plans] == [64, 64, 64, 8]
+
+
+def test_a_short_prompt_goes_before_a_long_prefill_which_never_starves():
+    from tr_engine.scheduler import MAX_PASSED_OVER
+
+    s = make(world=1, pages=400, chunk=8, seqs=16, waiting=32)
+    long = seq(0, 200, max_tokens=1)
+    s.add(long)
+    drive(s)
+    shorts = [seq(i, 6, max_tokens=1, first=100 * i) for i in range(1, 9)]
+    for q in shorts:
+        s.add(q)
+    order = [drive(s).prefill.seq_id for _ in range(10)]
+    # each short prompt is one chunk; the long one gets every (MAX_PASSED_OVER + 1)-th turn
+    assert order[:MAX_PASSED_OVER] == [1, 2, 3, 4][:MAX_PASSED_OVER]
+    assert order[MAX_PASSED_OVER] == 0
+    assert sorted(order) == [0, 0] + list(range(1, 9))
+    assert all(q.output_ids for q in shorts) and long.prefilled == 24

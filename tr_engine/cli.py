@@ -68,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-tokens", type=int, metavar="N",
                    help="fix the KV cache capacity per rank in tokens instead")
     g.add_argument("--prefill-chunk", type=int, metavar="N",
-                   help="prefill longer prompts in pieces of N tokens, decoding running "
-                   "requests in between (default: 32768)")
+                   help="prefill longer prompts in pieces of N tokens (default: 32768)")
+    g.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                   help="token budget of a step while requests decode: their tokens plus a "
+                   "prefill chunk cut to the rest, a token's attention over a long prefix "
+                   "counted too, so streams keep flowing during long prefills "
+                   "(default: 8192)")
     g.add_argument("--token-chunk", type=int, metavar="N",
                    help="tokens per slice of token-wise work (projections, MLP) in a prefill "
                    "(default: 8192)")

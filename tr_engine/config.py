@@ -22,8 +22,11 @@ class EngineConfig:
       workspace that the KV pool takes. kv_cache_tokens, if set, fixes the pool's capacity
       per rank instead (tests use it for exact numbers).
     token_chunk: tokens per slice of token-wise work (projections, MLP) in a prefill.
-    prefill_chunk: a prompt longer than this is prefilled in pieces of this many tokens,
-      with decode steps of running requests in between.
+    prefill_chunk: a prompt longer than this is prefilled in pieces of this many tokens.
+    max_num_batched_tokens: the token budget of a step while requests decode (vLLM's name):
+      every decoding sequence's token plus a prefill chunk cut to the rest, counting each
+      new prompt token's attention over the tokens before it as well (scheduler.py). It
+      bounds how long streams wait during a prefill. None: whole prefill_chunk chunks.
     max_num_seqs: sequences decoded together in one step; max_waiting: queue bound.
     enforce_eager: run decode steps kernel by kernel instead of replaying them from device
       graphs recorded at start-up (graphs are used where the backend records them: CUDA).
@@ -45,6 +48,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None
     token_chunk: int = 8192
     prefill_chunk: int = 32768
+    max_num_batched_tokens: int | None = 8192
     max_num_seqs: int = 64
     max_waiting: int = 256
     served_model_name: str | None = None
@@ -75,6 +79,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 2; got {self.max_model_len}")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError(f"kv_cache_fraction must be in (0, 1]; got {self.kv_cache_fraction}")
+        budget = self.max_num_batched_tokens
+        if budget is not None and (not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"max_num_batched_tokens must be a positive integer; got "
+                             f"{budget!r}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be positive; got {self.kv_cache_tokens}")
 

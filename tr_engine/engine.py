@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import time
@@ -43,6 +44,37 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def prefix_cost(mc) -> float:
+    """What attending one earlier key costs a new token, in units of the token's own layers
+    (both in FLOPs): 4·Hq·D per layer for the scores and the sum, against twice the
+    parameters of a layer for its projections and MLP. About 1/27000 for Llama-3.1-8B: a
+    token deep in a 128K prompt costs about 5x one at its start."""
+    h, d = mc.hidden_size, mc.head_dim
+    per_layer = h * (mc.num_heads + 2 * mc.num_kv_heads) * d + mc.num_heads * d * h \
+        + 3 * h * mc.intermediate_size
+    return 4 * mc.num_heads * d / (2 * per_layer)
+
+
+class Counts:
+    """A histogram the engine thread fills: counts per upper bound (the last one +inf)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> tuple[tuple[float, ...], list[int], float]:
+        return self.bounds, list(self.counts), self.sum
+
+
+BATCHED_TOKENS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
+                          16384, 32768, 65536, 131072, 262144)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         t = time.perf_counter()
@@ -60,6 +92,7 @@ class LLMEngine:
             self.config.world_size, runner.num_pages, runner.block_size, self.max_model_len,
             config.prefill_chunk, config.max_num_seqs, config.max_waiting,
             self._choose_strategy, config.enable_prefix_caching,
+            config.max_num_batched_tokens, prefix_cost(mc),
         )
         self.sampler = Sampler(runner.device, config.seed)
         self._ids = itertools.count()
@@ -70,6 +103,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_prefill_tokens_per_s = 0.0
+        self.batched_tokens = Counts(BATCHED_TOKENS_BUCKETS)  # tokens per step
         self.on_scheduled: Callable[[], None] | None = None  # called once a step is planned
         log.info("engine ready in %.1f s: %s on %d %s rank(s), context %d tokens, KV cache %d "
                  "tokens", time.perf_counter() - t, mc.architecture, self.config.world_size,
@@ -210,18 +244,25 @@ class LLMEngine:
                                  f"serving this request failed ({type(error).__name__})"))
 
     def _plan_sequences(self, plan: StepPlan) -> list[Sequence]:
-        ids = [plan.prefill.seq_id] if plan.kind == "prefill" else plan.decode.seq_ids
-        seqs = [self._seqs[i] for i in ids]
-        now = time.time()
-        for s in seqs:
-            s.metrics.first_scheduled = s.metrics.first_scheduled or now
-        return seqs
+        """The sequences of the step's logits rows, in order: the prefill's, if its chunk
+        ends the prompt (or it scores the prompt), then the decoding ones."""
+        ids = []
+        if plan.prefill is not None:
+            seq = self._seqs[plan.prefill.seq_id]
+            seq.metrics.first_scheduled = seq.metrics.first_scheduled or time.time()
+            if plan.prefill.sample or plan.kind == "prefill":
+                ids.append(seq.seq_id)
+        if plan.decode is not None:
+            ids += plan.decode.seq_ids
+        return [self._seqs[i] for i in ids]
 
     def _account(self, plan: StepPlan, t: float) -> None:
-        if plan.kind == "prefill":
+        self.batched_tokens.observe(plan.num_tokens)
+        if plan.prefill is not None:
             n = len(plan.prefill.tokens)
             self.prompt_tokens_total += n
-            self.last_prefill_tokens_per_s = n / max(time.perf_counter() - t, 1e-9)
+            if plan.kind == "prefill":
+                self.last_prefill_tokens_per_s = n / max(time.perf_counter() - t, 1e-9)
 
     def _on_token(self, seq: Sequence, logprob) -> RequestOutput:
         """A new token for `seq`: stop checks, text, and the output to hand back."""

@@ -58,30 +58,38 @@ def chunk_blocks(start: int, n: int, world: int, block_size: int) -> list[tuple[
     return out
 
 
-def plan_ranks(cached_ranks: list[int], prompt_len: int, total: int, chunk: int, world: int,
-               block_size: int) -> list[int]:
-    """The rank of every logical block a sequence will write after its cached blocks
-    (whose ranks are `cached_ranks`), up to `total` KV positions: prefill chunks of `chunk`
-    tokens by the zigzag layout, then decode blocks, each on the rank holding the fewest of
-    the sequence's blocks (ties: the lowest rank). A pure function, so admission reserves
-    exactly the pages the sequence will take on each rank."""
-    counts = [0] * world
-    for r in cached_ranks:
-        counts[r] += 1
-    ranks = []
-    a = len(cached_ranks) * block_size
+def plan_pages(held: list[int], start: int, prompt_len: int, total: int, chunk: int,
+               world: int, block_size: int, first: int | None = None) -> list[int]:
+    """New blocks per rank a sequence writes from position `start` (a multiple of
+    block_size; `held[r]` blocks already on rank r) up to `total` KV positions: prefill
+    chunks of `first` tokens, then of `chunk`, by the zigzag layout; then decode blocks, each
+    on the rank holding the fewest of the sequence's blocks (ties: the lowest rank). A pure
+    function, so admission reserves exactly the pages the sequence will take on each rank,
+    and a step that runs another chunk size than planned re-plans the rest.
+
+    A chunk with no padding (a multiple of 2P blocks that padded_len keeps) puts the same
+    number of blocks on every rank, so only a prompt's last chunk is walked block by block."""
+    counts = list(held)
+    need = [0] * world
+    step = 2 * world * block_size
+    a, n = start, first or chunk
     while a < prompt_len:
-        n = min(chunk, prompt_len - a)
-        for _, r in chunk_blocks(a, n, world, block_size):
-            ranks.append(r)
-            counts[r] += 1
-        a += n
+        n = min(n, prompt_len - a)
+        if n % step == 0 and layout.padded_len(n, world, block_size) == n:
+            each = n // (world * block_size)
+            counts = [c + each for c in counts]
+            need = [c + each for c in need]
+        else:
+            for _, r in chunk_blocks(a, n, world, block_size):
+                counts[r] += 1
+                need[r] += 1
+        a, n = a + n, chunk
     first_decode = -(-prompt_len // block_size) * block_size
     for _ in range(first_decode, total, block_size):
         r = counts.index(min(counts))
-        ranks.append(r)
         counts[r] += 1
-    return ranks
+        need[r] += 1
+    return need
 
 
 class RankPages:

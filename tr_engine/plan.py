@@ -53,7 +53,7 @@ class DecodePlan:
 
 @dataclass
 class StepPlan:
-    kind: str  # "prefill" | "decode" | "shutdown"
+    kind: str  # "prefill" | "decode" | "mixed" (a prefill chunk and a decode) | "shutdown"
     prefill: PrefillPlan | None = None
     decode: DecodePlan | None = None
     tables: list[TableOp] = field(default_factory=list)  # block-table updates, run first
@@ -61,9 +61,9 @@ class StepPlan:
 
     @property
     def num_tokens(self) -> int:
-        if self.prefill is not None:
-            return len(self.prefill.tokens)
-        return len(self.decode.tokens) if self.decode is not None else 0
+        """Tokens the step computes: its prefill chunk's and its decode tokens."""
+        n = len(self.prefill.tokens) if self.prefill is not None else 0
+        return n + (len(self.decode.tokens) if self.decode is not None else 0)
 
 
 SHUTDOWN = StepPlan("shutdown")

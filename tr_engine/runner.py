@@ -1,9 +1,10 @@
 """The model runner: one per rank, runs the forward a step plan describes.
 
 Every rank runs the same plan: a prefill chunk (zigzag-sharded over the ranks, attention by
-the plan's strategy, the chunk's KV stored where the plan says) or a decode step (the same
+the plan's strategy, the chunk's KV stored where the plan says), a decode step (the same
 new tokens on every rank, each rank attending its own KV shard, one all-gather per layer to
-merge). Only rank 0 needs the logits.
+merge), or a mixed step: both in one forward, the chunk's shard of tokens followed by the
+decode tokens, so the weights are read once for both. Only rank 0 needs the logits.
 """
 
 from __future__ import annotations
@@ -82,6 +83,22 @@ class DecodeContext(ForwardContext):
         packed = torch.empty((b, h, d + 1), dtype=torch.float32, device=q.device)
         attend(*args, packed[..., :d], packed[..., d], keys=self.keys)
         return gather_merge(packed, q.dtype, runner.group)[0]
+
+
+class MixedContext(ForwardContext):
+    """A prefill chunk and a decode batch in one forward: the first `n` tokens are this
+    rank's shard of the chunk, the rest the decode tokens. Each part's attention runs as in
+    a step of its own (the chunk's collectives, then the decode merge, in that order on
+    every rank); the token-wise layers see them together."""
+
+    def __init__(self, prefill: PrefillContext, decode: DecodeContext, n: int) -> None:
+        self.prefill, self.decode, self.n = prefill, decode, n
+        self.token_chunk = prefill.token_chunk
+
+    def attention(self, layer, q, k, v, scale):
+        n = self.n
+        out = self.prefill.attention(layer, q[:n], k[:n], v[:n], scale)
+        return torch.cat([out, self.decode.attention(layer, q[n:], k[n:], v[n:], scale)])
 
 
 class ModelRunner:
@@ -206,37 +223,75 @@ class ModelRunner:
                 self.tables.apply(op)
         if plan.kind == "prefill":
             return self.prefill(plan.prefill)
+        if plan.kind == "mixed":
+            return self.mixed(plan.prefill, plan.decode)
         return self.decode(plan.decode)
 
-    def prefill(self, p: PrefillPlan) -> torch.Tensor | None:
+    def _prefill_inputs(self, p: PrefillPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of a chunk: token ids and positions, on the device."""
         total, world, r, b = len(p.tokens), self.world, self.rank, self.block_size
         ids = layout.shard(torch.tensor(p.tokens, dtype=torch.long), world, r, align=b)
-        ids = ids.to(self.device)
         positions = layout.positions(total, world, r, b) + p.start
-        positions = positions.clamp(max=p.start + total - 1).to(self.device)  # pads: any
-        with forward_context(PrefillContext(self, p, layout.local_len(total, world, r, b))):
+        positions = positions.clamp(max=p.start + total - 1)  # pads: any
+        return ids.to(self.device), positions.to(self.device)
+
+    def _prefill_context(self, p: PrefillPlan) -> PrefillContext:
+        n_valid = layout.local_len(len(p.tokens), self.world, self.rank, self.block_size)
+        return PrefillContext(self, p, n_valid)
+
+    def _last_hidden(self, p: PrefillPlan, hidden: torch.Tensor) -> torch.Tensor:
+        """The chunk's last position's hidden state, on every rank (its owner sends it)."""
+        owner, index = layout.owner(len(p.tokens), self.world, len(p.tokens) - 1,
+                                    self.block_size)
+        last = hidden[index : index + 1].contiguous() if self.rank == owner \
+            else hidden[:1].clone()
+        self.comm.broadcast(last, src=owner)
+        return last
+
+    def prefill(self, p: PrefillPlan) -> torch.Tensor | None:
+        ids, positions = self._prefill_inputs(p)
+        with forward_context(self._prefill_context(p)):
             hidden = self.model(ids, positions)  # [2L, hidden]
         if p.all_logits:
             shards = self.comm.all_gather(hidden)
-            full = layout.unshard(list(shards.unbind(0)), total)
-            return self.model.compute_logits(full) if r == 0 else None
+            full = layout.unshard(list(shards.unbind(0)), len(p.tokens))
+            return self.model.compute_logits(full) if self.rank == 0 else None
         if not p.sample:
             return None
-        owner, index = layout.owner(total, world, total - 1, b)
-        last = hidden[index : index + 1].contiguous() if r == owner else hidden[:1].clone()
-        self.comm.broadcast(last, src=owner)
-        return self.model.compute_logits(last) if r == 0 else None
+        last = self._last_hidden(p, hidden)
+        return self.model.compute_logits(last) if self.rank == 0 else None
+
+    def mixed(self, p: PrefillPlan, d: DecodePlan) -> torch.Tensor | None:
+        """A chunk and a decode batch in one forward (eager: the chunk's shapes vary).
+        Logits: the chunk's last position first if it ends the prompt, then the decode
+        tokens'."""
+        ids, positions = self._prefill_inputs(p)
+        meta = self._decode_meta(d)
+        keys = self._host_keys(d, meta)
+        ids_d, positions_d, rows, lens, slots = meta.to(self.device)
+        ctx = MixedContext(self._prefill_context(p),
+                           DecodeContext(self, rows, lens, slots, keys), len(ids))
+        with forward_context(ctx):
+            hidden = self.model(torch.cat([ids, ids_d]), torch.cat([positions, positions_d]))
+        out = hidden[len(ids) :]
+        if p.sample:
+            out = torch.cat([self._last_hidden(p, hidden[: len(ids)]), out])
+        return self.model.compute_logits(out) if self.rank == 0 else None
 
     def decode(self, p: DecodePlan) -> torch.Tensor | None:
         meta = self._decode_meta(p)
         graph = self.graphs.get(len(p.tokens)) if self.graphs is not None else None
         if graph is not None:
             return self.graphs.replay(graph, meta)
-        keys = None
-        if not self.device_decode:  # the slots of each sequence's keys, once per step
-            keys = [_on(self.tables.slots(row, 0, n), self.device)
-                    for row, n in zip(p.rows, meta[3].tolist())]
-        return self.decode_forward(meta.to(self.device), keys)
+        return self.decode_forward(meta.to(self.device), self._host_keys(p, meta))
+
+    def _host_keys(self, p: DecodePlan, meta: torch.Tensor) -> list | None:
+        """For a backend whose decode attention reads them from the host: the slots of each
+        sequence's keys, worked out once per step (None where the device reads the tables)."""
+        if self.device_decode:
+            return None
+        return [_on(self.tables.slots(row, 0, n), self.device)
+                for row, n in zip(p.rows, meta[3].tolist())]
 
     def _decode_meta(self, p: DecodePlan) -> torch.Tensor:
         """`[5, B]` int64 on the host: token ids, positions, block-table rows, keys to

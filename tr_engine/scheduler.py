@@ -9,11 +9,20 @@ Policy:
   only the rest (a partial prefill over the cached prefix). The cache is looked up again
   when a sequence's prefill starts, so a request admitted while another one was prefilling
   the same document reuses that KV instead of storing it twice.
-- A prompt is prefilled in chunks of at most `prefill_chunk` tokens (a multiple of 2P
-  blocks, so chunks stay block-aligned), one sequence per step. While other requests are
-  decoding, prefill chunks and decode steps alternate, so streams keep flowing during a long
-  prefill (continuous batching: requests join and leave the decode batch between steps).
-- Every decoding sequence takes part in every decode step.
+- With nothing decoding, a prompt is prefilled in chunks of at most `prefill_chunk` tokens
+  (a multiple of 2P blocks, so chunks stay block-aligned), one sequence per step.
+- While any request decodes, every step is a *mixed* step: one forward carries every
+  decoding sequence's next token plus a prefill chunk cut to the step's token budget
+  (`max_num_batched_tokens`). The budget counts a new prompt token as its own layers plus
+  its attention over the tokens before it (`prefix_cost` per earlier token, from the
+  model's shape), so a chunk deep in a long prompt is shorter and every step costs about
+  the same: streams keep flowing at a bounded gap during any prefill.
+- Prefill turns: the prompt with the fewest tokens left goes first (a short prompt does
+  not wait for a long prefill), but one passed over `MAX_PASSED_OVER` turns in a row goes
+  next, so none starves. A prompt whose next block another prefilling request is about to
+  store waits for it rather than computing it again.
+- A request that wants its prompt logprobs prefills in steps of its own (they return every
+  position's logits), alternating with decode steps.
 """
 
 from __future__ import annotations
@@ -23,11 +32,13 @@ from collections.abc import Callable
 
 from .attention import layout
 from .errors import QueueFull, RequestTooLong
-from .kv_blocks import BlockManager, block_keys, chunk_blocks, plan_ranks
+from .kv_blocks import BlockManager, block_keys, chunk_blocks, plan_pages
 from .plan import DecodePlan, PrefillPlan, StepPlan, TableOp
 from .sequence import Sequence, Status
 
 Ops = dict[tuple[int, int], TableOp]  # a step's table updates by (rank, row)
+
+MAX_PASSED_OVER = 4  # prefill turns a prompt may lose in a row to shorter ones
 
 
 class Scheduler:
@@ -42,6 +53,8 @@ class Scheduler:
         max_waiting: int,
         choose_strategy: Callable[[int, int], str],
         enable_prefix_caching: bool = True,
+        max_num_batched_tokens: int | None = None,
+        prefix_cost: float = 0.0,
     ) -> None:
         self.world, self.block_size = world, block_size
         self.blocks = BlockManager(world, num_pages, block_size, enable_prefix_caching)
@@ -52,6 +65,10 @@ class Scheduler:
         while layout.padded_len(chunk, world, block_size) != chunk:
             chunk -= step
         self.prefill_chunk = chunk
+        self.step_tokens = step
+        # the token budget of a mixed step (None: whole chunks, as with nothing decoding)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_cost = prefix_cost  # a key a new token attends, in units of its layers
         self.max_num_seqs = max_num_seqs
         self.max_waiting = max_waiting
         self.choose_strategy = choose_strategy  # (new tokens, cached tokens) -> strategy
@@ -66,12 +83,28 @@ class Scheduler:
     def _pages(self, cached_ranks: list[int], prompt_len: int, max_tokens: int) -> list[int]:
         """New pages per rank a sequence takes after its cached blocks, over its life (the
         last generated token is never fed back, so its KV is never stored)."""
-        need = [0] * self.world
-        total = prompt_len + max_tokens - 1
-        for r in plan_ranks(cached_ranks, prompt_len, total, self.prefill_chunk, self.world,
-                            self.block_size):
-            need[r] += 1
-        return need
+        held = [0] * self.world
+        for r in cached_ranks:
+            held[r] += 1
+        return plan_pages(held, len(cached_ranks) * self.block_size, prompt_len,
+                          prompt_len + max_tokens - 1, self.prefill_chunk, self.world,
+                          self.block_size)
+
+    def _replan(self, seq: Sequence, first: int) -> bool:
+        """Re-reserve `seq`'s pages for a next chunk of `first` tokens (then whole chunks);
+        False, with the reservation unchanged, if that does not fit."""
+        need = plan_pages([len(t) for t in seq.table], seq.prefilled, seq.prompt_len,
+                          seq.prompt_len + seq.params.max_tokens - 1, self.prefill_chunk,
+                          self.world, self.block_size, first)
+        if need == seq.reserved:
+            return True
+        self.blocks.unreserve(seq.reserved)
+        if not self.blocks.can_reserve(need, []):
+            self.blocks.reserve(seq.reserved)
+            return False
+        self.blocks.reserve(need)
+        seq.reserved = need
+        return True
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
         """Refuse, before any work, a request that could never run."""
@@ -170,20 +203,62 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         """The next step, or None when there is nothing to do."""
         self._admit()
-        prefill_turn = self.prefilling and (not self.decoding or self._last_kind == "decode")
-        if prefill_turn:
-            self._last_kind = "prefill"
-            ops: Ops = {}
-            plan = self._prefill_plan(self.prefilling[0], ops)
-            return StepPlan("prefill", prefill=plan, tables=list(ops.values()))
+        ops: Ops = {}
+        if self.prefilling:
+            seq = self._next_prefill()
+            if not self.decoding:
+                plan = self._prefill_plan(seq, ops, self.prefill_chunk)
+                return StepPlan("prefill", prefill=plan, tables=list(ops.values()))
+            if seq.params.prompt_logprobs is None:
+                plan = self._prefill_plan(seq, ops, self._budget_chunk(seq))
+                decode = self._decode_plan(self.decoding, ops)
+                return StepPlan("mixed", prefill=plan, decode=decode, tables=list(ops.values()))
+            if self._last_kind == "decode":  # a scored prompt: steps of its own
+                self._last_kind = "prefill"
+                plan = self._prefill_plan(seq, ops, self.prefill_chunk)
+                return StepPlan("prefill", prefill=plan, tables=list(ops.values()))
         if self.decoding:
             self._last_kind = "decode"
-            ops = {}
             plan = self._decode_plan(self.decoding, ops)
             return StepPlan("decode", decode=plan, tables=list(ops.values()))
         return None
 
-    def _prefill_plan(self, seq: Sequence, ops: Ops) -> PrefillPlan:
+    def _next_prefill(self) -> Sequence:
+        """Whose prompt the step prefills: see the module's policy."""
+        if len(self.prefilling) == 1:
+            return self.prefilling[0]
+        coming = {k for s in self.prefilling if s.started for k in s.keys[s.registered :]}
+        ready = []
+        for s in self.prefilling:
+            if not s.started and coming:
+                hits = len(self.blocks.lookup(s.keys))
+                if hits < len(s.keys) and s.keys[hits] in coming:
+                    continue  # another request is storing its next block
+            ready.append(s)
+        starved = [s for s in ready if s.passed_over >= MAX_PASSED_OVER]
+        pick = starved[0] if starved else min(ready, key=lambda s: s.prompt_len - s.prefilled)
+        for s in self.prefilling:
+            s.passed_over = 0 if s is pick else s.passed_over + 1
+        return pick
+
+    def _budget_chunk(self, seq: Sequence) -> int:
+        """The prefill tokens of a mixed step: what the token budget leaves after the decode
+        tokens, each new token counting 1 + prefix_cost x (keys before it), cut to whole
+        zigzag blocks (at least one block per piece) and to at most prefill_chunk."""
+        if self.max_num_batched_tokens is None:
+            return self.prefill_chunk
+        left = max(0, self.max_num_batched_tokens - len(self.decoding))
+        a, c = seq.prefilled, float(left)
+        if self.prefix_cost > 0:  # c + cost·(a·c + c²/2) = left
+            lin = 1 + self.prefix_cost * a
+            c = (2 * left) / (lin + (lin * lin + 2 * self.prefix_cost * left) ** 0.5)
+        step = self.step_tokens
+        chunk = min(self.prefill_chunk, max(step, int(c) // step * step))
+        while chunk > step and layout.padded_len(chunk, self.world, self.block_size) != chunk:
+            chunk -= step
+        return chunk
+
+    def _prefill_plan(self, seq: Sequence, ops: Ops, chunk: int) -> PrefillPlan:
         if not seq.started:
             self._relookup(seq)
             seq.started = True
@@ -193,7 +268,10 @@ class Scheduler:
             for r in range(self.world):
                 ops[r, seq.row] = TableOp(r, seq.row, 0, list(seq.table[r]))
         a = seq.prefilled
-        b = min(seq.prompt_len, a + self.prefill_chunk)
+        if chunk != self.prefill_chunk and a + chunk < seq.prompt_len \
+                and not self._replan(seq, chunk):
+            chunk = self.prefill_chunk  # the planned chunk: its pages are reserved
+        b = min(seq.prompt_len, a + chunk)
         prefix_len = list(seq.kv_len)
         for _, rank in chunk_blocks(a, b - a, self.world, self.block_size):
             self._take(seq, rank, ops)
@@ -225,36 +303,38 @@ class Scheduler:
         )
 
     def update(self, plan: StepPlan, sampled: list[int]) -> list[Sequence]:
-        """Record a finished step: KV now cached, tokens sampled. Returns the sequences that
-        got a new token (the caller checks stop conditions and calls `finish`)."""
+        """Record a finished step: KV now cached, tokens sampled (the prefill's first, if
+        its chunk ended the prompt, then the decode tokens). Returns the sequences that got
+        a new token (the caller checks stop conditions and calls `finish`)."""
         by_id = {s.seq_id: s for s in self.prefilling + self.decoding}
-        if plan.kind == "prefill":
+        touched = []
+        if plan.prefill is not None:
             p = plan.prefill
             seq = by_id.get(p.seq_id)
-            if seq is None:  # aborted while the step ran
-                return []
-            n = len(p.tokens)
-            for r in range(self.world):
-                seq.kv_len[r] += layout.local_len(n, self.world, r, self.block_size)
-            seq.prefilled += n
-            self._register(seq, seq.prefilled)
-            if not p.sample:
-                return []
-            self.prefilling.remove(seq)
-            seq.status = Status.DECODING
-            self.decoding.append(seq)
-            seq.output_ids.append(sampled[0])
-            return [seq]
-        touched = []
-        for seq_id, owner, token in zip(plan.decode.seq_ids, plan.decode.owner, sampled):
-            seq = by_id.get(seq_id)
-            if seq is None or seq.status is not Status.DECODING:
-                continue
-            seq.kv_len[owner] += 1
-            seq.fed += 1
-            self._register(seq, seq.prompt_len + seq.fed)
-            seq.output_ids.append(token)
-            touched.append(seq)
+            if p.sample:
+                token, sampled = sampled[0], sampled[1:]
+            if seq is not None:  # else aborted while the step ran
+                n = len(p.tokens)
+                for r in range(self.world):
+                    seq.kv_len[r] += layout.local_len(n, self.world, r, self.block_size)
+                seq.prefilled += n
+                self._register(seq, seq.prefilled)
+                if p.sample:
+                    self.prefilling.remove(seq)
+                    seq.status = Status.DECODING
+                    self.decoding.append(seq)
+                    seq.output_ids.append(token)
+                    touched.append(seq)
+        if plan.decode is not None:
+            for seq_id, owner, token in zip(plan.decode.seq_ids, plan.decode.owner, sampled):
+                seq = by_id.get(seq_id)
+                if seq is None or seq.status is not Status.DECODING:
+                    continue
+                seq.kv_len[owner] += 1
+                seq.fed += 1
+                self._register(seq, seq.prompt_len + seq.fed)
+                seq.output_ids.append(token)
+                touched.append(seq)
         return touched
 
     def _register(self, seq: Sequence, stored: int) -> None:

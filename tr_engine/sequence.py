@@ -41,6 +41,7 @@ class Sequence:
     registered: int = 0  # leading blocks that are in the prefix cache
     num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
     started: bool = False  # its prefill has begun
+    passed_over: int = 0  # prefill turns in a row that went to another prompt
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival=time.time()))
