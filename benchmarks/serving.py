@@ -1,0 +1,429 @@
+"""Serving through a real tr-serve over HTTP: decode stalls while a long prompt prefills, and
+the throughput of concurrent streams.
+
+    python benchmarks/serving.py --worlds 1,2 --out docs/PERFORMANCE.md
+    python benchmarks/serving.py --tiny --device cpu --worlds 1,2 --long 2000 --streams 3 \
+        --stall-prompt 200 --stall-tokens 256 --concurrency 4,8 --prompt 200 --output 32
+
+Llama-3.1-8B shape, random bf16 weights (the checkpoint of benchmarks/prefill.py), or with
+--tiny a 2-layer Llama of hidden size 64 written by transformers, for a run on the CPU. One
+`tr-serve` per world size in --worlds, one after the other, driven by the openai client
+(AsyncOpenAI): completions of random byte token ids (fresh for every request, so the prefix
+cache does not hit), streamed, temperature 0, ignore_eos. Every time is client wall clock
+(time.perf_counter), from just before the request is sent.
+
+The server sends no chunk for a token that adds no text (a random model's tokens mostly
+decode to none), so every request asks for logprobs 0: then each token is one chunk. Each
+stream's chunk count is checked against its usage (stream_options include_usage) and the
+logprobs it carried; a row where they differ is marked. --no-logprobs drops that (tokens/s
+still comes from the usage; gaps are then between chunks, not tokens).
+
+stalls: --streams streams decode; once each has --calm-tokens tokens, a prompt of --long
+tokens arrives (streamed, max_tokens 1). Reported: the calm gap between two tokens of a
+stream (median before the long prompt was sent), the largest and P99 gap of the streams that
+overlaps the long prompt's prefill (its send to its first token), the streams' tokens inside
+that window, and the long prompt's TTFT, against its TTFT alone on the idle server (another
+prompt of the same length, after one untimed warm-up prompt of that length). How the server
+splits a long prefill decides the stalls: pass its flags with --server-args.
+
+throughput: for each C in --concurrency, C requests of --prompt tokens and --output tokens
+sent at once (after an untimed round of the same shape with max_tokens 2). Reported: output
+tokens per second (all generated tokens over first send to last token), median, mean and P99
+gap between a stream's tokens after its first (a median far below the mean: tokens arrive in
+bursts), median and largest TTFT, and the client's CPU use
+(a client near 100% of a core is the bottleneck, not the server). The bound per decode step
+is the weights read once at the device-copy bandwidth measured here before the servers
+start (or --bound-ms); with KV, also the KV of this rank's share of the mean context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from common import copy_gbps, machine, today, tr_serve, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass
+class Stream:
+    """One request as the client saw it."""
+
+    sent: float = 0.0
+    times: list[float] = field(default_factory=list)  # arrival of each chunk with a choice
+    logprob_tokens: int = 0  # tokens the chunks' logprobs named
+    usage: int | None = None  # completion_tokens of the final usage chunk
+    finish: str | None = None
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+    def ttft(self) -> float:
+        return self.times[0] - self.sent
+
+    def counted(self, logprobs: bool) -> bool:
+        n = len(self.times)
+        return (self.usage == n and self.finish == "length"
+                and (not logprobs or self.logprob_tokens == n))
+
+
+def write_tiny(path: Path, max_len: int) -> None:
+    """A 2-layer Llama (hidden 64, 4 query / 2 KV heads, vocabulary 512) with the tests'
+    byte-level tokenizer: ids above 258 decode to no text, as most of the 8B shape's do."""
+    config_file = path / "config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        if config["max_position_embeddings"] < max_len:
+            config["max_position_embeddings"] = max_len
+            config_file.write_text(json.dumps(config, indent=1))
+        return
+    from checkpoints import make_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         vocab_size=512, max_position_embeddings=max_len, rms_norm_eps=1e-5,
+                         bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+
+
+def sizes(path: Path, dtype: str) -> tuple[int, int]:
+    """(weight bytes, KV bytes per token) of a Llama-style checkpoint, from its config."""
+    c = json.loads((path / "config.json").read_text())
+    h, layers, mlp, vocab = (c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"],
+                             c["vocab_size"])
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    hd = c.get("head_dim") or h // heads
+    if dtype == "auto":
+        dtype = c.get("dtype") or c.get("torch_dtype") or "float32"
+    e = BYTES[dtype]
+    per_layer = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * mlp + 2 * h
+    params = layers * per_layer + vocab * h * (1 if c.get("tie_word_embeddings") else 2) + h
+    return params * e, 2 * layers * kv * hd * e
+
+
+def where() -> str:
+    if torch.cuda.is_available():
+        return machine()
+    return (f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def commit() -> str:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "?"
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def ranks(n: int) -> str:
+    return f"{n} rank" + ("s" if n > 1 else "")
+
+
+def pct(xs: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    s = sorted(xs)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+class Client:
+    """The openai client on one server, and the random prompts it sends."""
+
+    def __init__(self, url: str, args) -> None:
+        from openai import AsyncOpenAI
+
+        self.api = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", timeout=3600,
+                               max_retries=0)
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.model = ""
+
+    def fresh(self, n: int) -> list[int]:
+        return self.rng.choices(range(256), k=n)  # byte tokens: in every byte-level vocabulary
+
+    async def stream(self, n_prompt: int, max_tokens: int, rec: Stream | None = None) -> Stream:
+        rec = rec or Stream()
+        ids = self.fresh(n_prompt)
+        extra = {} if self.args.no_logprobs else {"logprobs": 0}
+        rec.sent = time.perf_counter()
+        events = await self.api.completions.create(
+            model=self.model, prompt=ids, max_tokens=max_tokens, temperature=0.0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **extra)
+        async for chunk in events:
+            t = time.perf_counter()
+            if chunk.choices:
+                rec.times.append(t)
+                c = chunk.choices[0]
+                if c.logprobs is not None and c.logprobs.tokens:
+                    rec.logprob_tokens += len(c.logprobs.tokens)
+                rec.finish = c.finish_reason or rec.finish
+            if chunk.usage is not None:
+                rec.usage = chunk.usage.completion_tokens
+        return rec
+
+
+def check(recs: list[Stream], what: str, args) -> bool:
+    bad = [r for r in recs if not r.counted(not args.no_logprobs)]
+    for r in bad[:5]:
+        print(f"WARNING !!! {what}: {len(r.times)} chunks, usage says {r.usage} tokens, "
+              f"logprobs named {r.logprob_tokens}, finish {r.finish!r}: a chunk is not one "
+              "token, or the request did not run to max_tokens !!!",
+              file=sys.stderr, flush=True)
+    return not bad
+
+
+async def stalls(client: Client, args, world: int) -> dict:
+    await client.stream(64, 4)
+    cold = await client.stream(args.long, 1)  # untimed: this length's shapes, built once
+    recs = [Stream() for _ in range(args.streams)]
+    tasks = [asyncio.ensure_future(client.stream(args.stall_prompt, args.stall_tokens, r))
+             for r in recs]
+    while min(len(r.times) for r in recs) < args.calm_tokens:
+        done = [t for t in tasks if t.done()]
+        if done:
+            done[0].result()  # its error, if it had one
+            raise RuntimeError("a stream ended before the others had --calm-tokens tokens")
+        await asyncio.sleep(0.002)
+    long = await client.stream(args.long, 1)
+    await asyncio.gather(*tasks)
+    idle = await client.stream(args.long, 1)
+
+    send, first = long.sent, long.times[0]
+    calm, during, inside = [], [], []
+    for r in recs:
+        for a, b in zip(r.times, r.times[1:]):
+            if b <= send:
+                calm.append(b - a)
+            if b > send and a < first:
+                during.append(b - a)
+        inside.append(sum(send < t <= first for t in r.times))
+    during = during or [math.nan]  # every stream had ended: flagged below
+    row = {
+        "world": world, "streams": args.streams, "long": args.long,
+        "calm_ms": statistics.median(calm) * 1e3, "max_gap_ms": max(during) * 1e3,
+        "p99_gap_ms": pct(during, 99) * 1e3, "tokens_inside": statistics.median(inside),
+        "long_ttft": long.ttft(), "idle_ttft": idle.ttft(), "cold_ttft": cold.ttft(),
+        "ended_early": sum(r.times[-1] <= first for r in recs),
+        "counted": check([*recs, long, idle, cold], f"stalls, {world} rank(s)", args),
+    }
+    if row["ended_early"]:
+        print(f"WARNING !!! {row['ended_early']} stream(s) ended before the long prompt's "
+              "first token: raise --stall-tokens !!!", file=sys.stderr, flush=True)
+    return row
+
+
+async def throughput(client: Client, args, world: int, c: int) -> dict:
+    await asyncio.gather(*(client.stream(args.prompt, 2) for _ in range(c)))
+    recs = [Stream() for _ in range(c)]
+    cpu = time.process_time()
+    await asyncio.gather(*(client.stream(args.prompt, args.output, r) for r in recs))
+    cpu = time.process_time() - cpu
+    wall = max(r.times[-1] for r in recs) - min(r.sent for r in recs)
+    tokens = sum(r.usage if r.usage is not None else len(r.times) for r in recs)
+    gaps = [g for r in recs for g in r.gaps()]
+    ttfts = [r.ttft() for r in recs]
+    return {
+        "world": world, "concurrency": c, "prompt": args.prompt, "output": args.output,
+        "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+        "itl_ms": statistics.median(gaps) * 1e3, "mean_itl_ms": statistics.fmean(gaps) * 1e3,
+        "p99_itl_ms": pct(gaps, 99) * 1e3,
+        "ttft_s": statistics.median(ttfts), "max_ttft_s": max(ttfts),
+        "client_cpu": cpu / wall,
+        "counted": check(recs, f"throughput, {world} rank(s), {c} streams", args),
+    }
+
+
+async def drive(url: str, args, world: int) -> list[dict]:
+    client = Client(url, args)
+    rows = []
+    async with client.api:
+        client.model = (await client.api.models.list()).data[0].id
+        if "stalls" in args.scenarios:
+            rows.append({"scenario": "stalls", **await stalls(client, args, world)})
+            print(json.dumps(rows[-1]), flush=True)
+        if "throughput" in args.scenarios:
+            for c in args.concurrency:
+                rows.append({"scenario": "throughput", **await throughput(client, args, world,
+                                                                          c)})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--worlds", default="1", help="world sizes, one server each: 1,2")
+    ap.add_argument("--scenarios", default="stalls,throughput")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random Llama, for the CPU")
+    ap.add_argument("--ckpt", default=None,
+                    help="default /tmp/llama31-8b-random, with --tiny /tmp/llama-tiny-random")
+    ap.add_argument("--dtype", default=None, help="default bfloat16, with --tiny auto")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="default: room for the longest request here")
+    ap.add_argument("--max-num-seqs", type=int, default=64 + 8)
+    ap.add_argument("--server-args", default="",
+                    help="more tr-serve flags, one string: --server-args='--enforce-eager'")
+    ap.add_argument("--port", type=int, default=8216)
+    ap.add_argument("--pythonpath", default=None, help="run the servers from this code")
+    ap.add_argument("--streams", type=int, default=8, help="stalls: decoding streams")
+    ap.add_argument("--long", type=int, default=120_000, help="stalls: the long prompt")
+    ap.add_argument("--stall-prompt", type=int, default=1000, help="stalls: streams' prompt")
+    ap.add_argument("--stall-tokens", type=int, default=2048, help="stalls: streams' output")
+    ap.add_argument("--calm-tokens", type=int, default=64,
+                    help="stalls: tokens each stream has before the long prompt is sent")
+    ap.add_argument("--concurrency", default="16,64", help="throughput: requests at once")
+    ap.add_argument("--prompt", type=int, default=1000, help="throughput: prompt tokens")
+    ap.add_argument("--output", type=int, default=256, help="throughput: output tokens")
+    ap.add_argument("--bound-ms", type=float, default=None,
+                    help="the weights' read time per step, instead of measuring the copy rate")
+    ap.add_argument("--no-logprobs", action="store_true",
+                    help="ask no logprobs (chunks are then not one token each)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    args.worlds = [int(x) for x in args.worlds.split(",")]
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    args.scenarios = args.scenarios.split(",")
+    ckpt = Path(args.ckpt or ("/tmp/llama-tiny-random" if args.tiny
+                              else "/tmp/llama31-8b-random"))
+    dtype = args.dtype or ("auto" if args.tiny else "bfloat16")
+    need = max(args.long + 1, args.stall_prompt + args.stall_tokens, args.prompt + args.output,
+               64 + 4)
+    max_len = args.max_model_len or -(-need // 1024) * 1024
+    if args.tiny:
+        write_tiny(ckpt, max_len)
+    else:
+        from prefill import write_checkpoint
+
+        write_checkpoint(ckpt, max_len)
+    weights, kv_per_token = sizes(ckpt, dtype)
+    copy = None
+    bound_ms = args.bound_ms
+    if bound_ms is None and args.device == "cuda":
+        copy = copy_gbps()
+        torch.cuda.empty_cache()  # its 4 GiB go back before the servers plan their memory
+        bound_ms = weights / (copy * 1e9) * 1e3
+    flags = ["--model", str(ckpt), "--device", args.device, "--dtype", dtype,
+             "--max-model-len", str(max_len), "--max-num-seqs", str(args.max_num_seqs),
+             *shlex.split(args.server_args)]
+    rows = []
+    for i, world in enumerate(args.worlds):
+        with tr_serve([*flags, "--world-size", str(world)], args.port + i,
+                      args.pythonpath) as (url, _):
+            rows += asyncio.run(drive(url, args, world))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    text = report(rows, args, ckpt, dtype, weights, kv_per_token, bound_ms, copy)
+    print(text)
+    if args.out:
+        write_section(args.out, "serving", text)
+
+
+def report(rows, args, ckpt, dtype, weights, kv_per_token, bound_ms, copy) -> str:
+    shape = "a tiny random Llama (2 layers, hidden 64)" if args.tiny else \
+        "Llama-3.1-8B shape, random weights"
+    ceiling = f"; device copy {copy:.0f} GB/s" if copy else ""
+    lines = [f"## Serving over HTTP: decode under a long prefill, concurrent streams — "
+             f"{today()}", "",
+             f"Code: {commit()}. Machine: {where()}{ceiling}.", "",
+             "Command: `python benchmarks/serving.py " + " ".join(sys.argv[1:]) + "`", "",
+             f"{shape}, {dtype}, on `--device {args.device}`, checkpoint `{ckpt}`; one "
+             "`tr-serve` per world size driven by the openai client (AsyncOpenAI, streamed "
+             "completions of fresh random token ids, temperature 0, ignore_eos"
+             + ("" if args.no_logprobs else ", logprobs 0 so that each token is one chunk")
+             + "). Times are client wall clock from just before a request is sent."
+             + (f" Server flags added: `{args.server_args}`." if args.server_args else "")]
+    first = args.worlds[0]
+    stall = [r for r in rows if r["scenario"] == "stalls"]
+    if stall:
+        ref = next(r for r in stall if r["world"] == first)
+        lines += ["", "### Decode stalls while a long prompt prefills", "",
+                  f"{args.streams} streams ({args.stall_prompt}-token prompts, max_tokens "
+                  f"{args.stall_tokens}) decode; once each has {args.calm_tokens} tokens, a "
+                  f"{args.long:,}-token prompt arrives (max_tokens 1). Gaps are between two "
+                  "tokens of one stream: calm is the median before the long prompt was sent; "
+                  "the largest and P99 are over the gaps that overlap its prefill (its send "
+                  "to its first token). Idle: another prompt of that length on the idle "
+                  "server, after an untimed one.", "",
+                  "| ranks | calm gap (ms) | largest gap in prefill (ms) | P99 gap in prefill "
+                  "(ms) | stream tokens in prefill | long TTFT, streams running (s) | long "
+                  f"TTFT, idle (s) | running / idle | idle TTFT, {ranks(first)} / this | "
+                  "chunks = tokens |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in stall:
+            ok = "yes" if r["counted"] else "**NO**"
+            if r["ended_early"]:
+                ok += f" ({r['ended_early']} stream(s) ended early)"
+            lines.append(
+                f"| {r['world']} | {r['calm_ms']:.1f} | {r['max_gap_ms']:.1f} | "
+                f"{r['p99_gap_ms']:.1f} | {r['tokens_inside']:g} | {r['long_ttft']:.2f} | "
+                f"{r['idle_ttft']:.2f} | {r['long_ttft'] / r['idle_ttft']:.2f}x | "
+                f"{ref['idle_ttft'] / r['idle_ttft']:.2f}x | {ok} |")
+    thr = [r for r in rows if r["scenario"] == "throughput"]
+    if thr:
+        lines += ["", "### Throughput of concurrent streams", "",
+                  f"C requests of {args.prompt} prompt tokens and {args.output} output tokens "
+                  "sent at once, after an untimed round of the same shape. Tokens/s: all "
+                  "output tokens over first send to last token. ITL: gaps between a stream's "
+                  "tokens after its first. Client CPU: the benchmark process's CPU time over "
+                  "the run's wall time (near 100% the client limits the numbers)."]
+        if bound_ms is not None:
+            how = (f"the weights ({gb(weights)}) read once at {copy:.0f} GB/s" if copy
+                   else f"given as --bound-ms for {gb(weights)} of weights")
+            lines += ["", f"Bound per decode step: {bound_ms:.2f} ms, {how}; with KV, plus "
+                      f"this rank's share of the KV of C mean contexts ({args.prompt} + "
+                      f"{args.output}/2 tokens, {kv_per_token / 1024:g} KiB a token)."]
+        head = (f"| ranks | C | tokens/s | tokens/s, this / {ranks(first)} | median ITL (ms) "
+                "| mean ITL (ms) | P99 ITL (ms) | median TTFT (s) | largest TTFT (s) | client "
+                "CPU | chunks = tokens |")
+        sep = "|---|---|---|---|---|---|---|---|---|---|---|"
+        if bound_ms is not None:
+            head += " bound (ms) | bound with KV (ms) | mean ITL / bound with KV |"
+            sep += "---|---|---|"
+        lines += ["", head, sep]
+        for r in thr:
+            ref = next((x for x in thr if x["world"] == first
+                        and x["concurrency"] == r["concurrency"]), r)
+            line = (f"| {r['world']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
+                    f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x | {r['itl_ms']:.1f} | "
+                    f"{r['mean_itl_ms']:.1f} | "
+                    f"{r['p99_itl_ms']:.1f} | {r['ttft_s']:.3f} | {r['max_ttft_s']:.3f} | "
+                    f"{r['client_cpu']:.0%} | {'yes' if r['counted'] else '**NO**'} |")
+            if bound_ms is not None:
+                context = r["concurrency"] * (args.prompt + args.output / 2) / r["world"]
+                with_kv = bound_ms * (1 + context * kv_per_token / weights)
+                line += (f" {bound_ms:.2f} | {with_kv:.2f} | "
+                         f"{r['mean_itl_ms'] / with_kv:.2f}x |")
+            lines.append(line)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
