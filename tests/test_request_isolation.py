@@ -138,3 +138,37 @@ def test_sampler_never_sees_an_unusable_distribution():
                          [-3e38, 3e38, 3e38, 0.0]])
     tokens, _, errors = sampler(rows, [seq, seq, seq])
     assert errors == {} and tokens[0] == 3 and tokens[1] in (0, 1) and tokens[2] in (1, 2)
+
+
+def test_the_batched_sampler_agrees_with_row_by_row():
+    """One argmax and one log-softmax per logprobs value for the batch give what each row
+    alone gives: tokens, chosen logprobs and alternatives (seeded rows draw the same)."""
+    from tr_engine.sequence import Sequence
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 50, generator=g) * 4
+    logits[0, 7] = float("nan")  # rows that ask for no logprobs (theirs would be NaN)
+    logits[5, 11] = float("inf")
+    kinds = [dict(temperature=0), dict(temperature=0, logprobs=0),
+             dict(temperature=0, logprobs=3), dict(temperature=0, logprobs=3),
+             dict(temperature=0, logit_bias={4: 30.0}, logprobs=1),
+             dict(temperature=0, repetition_penalty=1.3),
+             dict(temperature=0.8, seed=5, logprobs=2), dict(temperature=0.8, seed=6),
+             dict(temperature=0, logprobs=0)]
+    seqs = [Sequence(i, f"r{i}", [1, 2, 4], SamplingParams(**k), None)
+            for i, k in enumerate(kinds)]
+    tokens, logprobs, errors = Sampler(torch.device("cpu"))(logits, seqs)
+    assert errors == {}
+    alone = Sampler(torch.device("cpu"))
+    for i, seq in enumerate(seqs):
+        assert tokens[i] == alone._sample_row(logits[i], seq), i
+        top = seq.params.logprobs
+        if top is None:
+            assert logprobs[i] is None
+            continue
+        lp = torch.log_softmax(logits[i], -1)
+        assert logprobs[i].token_id == tokens[i]
+        assert logprobs[i].logprob == float(lp[tokens[i]])
+        vals, ids = torch.topk(lp, top)
+        assert logprobs[i].top == dict(zip(ids.tolist(), vals.tolist())), i
+    assert tokens[4] == 4  # the bias decided it

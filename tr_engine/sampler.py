@@ -6,6 +6,10 @@ penalty of 1e-38 or a temperature of 1e-30 overflows float32 logits to inf, and 
 rounds to 0 in float32 would drop every token. So logits are kept finite (inf clamped to the
 largest float32, NaN to -inf), the first token of the top-p order is always kept, and where
 the filters leave no probability mass the row falls back to greedy.
+
+A decode step's batch is sampled with one host synchronisation where it can: the greedy rows
+that need no bias or penalty take one argmax over the batch, and the logprobs of every row
+come from one log-softmax per `logprobs` value. Other rows go one by one.
 """
 
 from __future__ import annotations
@@ -46,15 +50,40 @@ class Sampler:
         """logits `[B, V]`, one row per sequence (in order). Returns the tokens, their
         logprobs, and the failures by row: a row that raised gets token 0 and its exception,
         so one request's failure never reaches the others."""
-        tokens, logprobs, errors = [], [], {}
-        for i, (row, seq) in enumerate(zip(logits.float(), seqs)):
+        logits = logits.float()
+        n = len(seqs)
+        tokens: list[int] = [0] * n
+        logprobs: list[TokenLogprob | None] = [None] * n
+        errors: dict[int, Exception] = {}
+        plain = [i for i, s in enumerate(seqs) if _plain_greedy(s.params)]
+        if plain:
             try:
-                token = self._sample_row(row, seq)
-                logprob = _logprob(row, token, seq.params.logprobs)
-            except Exception as e:  # reported to this request alone
-                token, logprob, errors[i] = 0, None, e
-            tokens.append(token)
-            logprobs.append(logprob)
+                picked = torch.argmax(_finite(logits[plain]), dim=-1).tolist()
+            except Exception:  # then row by row, where a failure is that row's alone
+                plain = []
+            else:
+                for i, token in zip(plain, picked):
+                    tokens[i] = token
+        done = set(plain)
+        for i, seq in enumerate(seqs):
+            if i not in done:
+                try:
+                    tokens[i] = self._sample_row(logits[i], seq)
+                except Exception as e:  # reported to this request alone
+                    errors[i] = e
+        by_top: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            if i not in errors and seq.params.logprobs is not None:
+                by_top.setdefault(seq.params.logprobs, []).append(i)
+        for top, rows in by_top.items():
+            try:
+                got = _logprobs(logits[rows], [tokens[i] for i in rows], top)
+            except Exception as e:
+                for i in rows:
+                    errors[i], tokens[i] = e, 0
+            else:
+                for i, lp in zip(rows, got):
+                    logprobs[i] = lp
         return tokens, logprobs, errors
 
     def _sample_row(self, logits: torch.Tensor, seq: Sequence) -> int:
@@ -121,28 +150,27 @@ def _penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return logits
 
 
-def _logprob(logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
-    """The model's own log-probability of the chosen token (before penalties and
-    temperature), and of the `top` most likely tokens."""
-    if top is None:
-        return None
+def _plain_greedy(p) -> bool:
+    """Greedy with nothing that changes the logits first: the argmax of the batch."""
+    return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """For each row of `logits` `[n, V]`: the model's own log-probability of its chosen
+    token (before penalties and temperature), and of the `top` most likely tokens."""
     lp = torch.log_softmax(logits, dim=-1)
-    alternatives = {}
+    ids = torch.tensor(tokens, dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+    alternatives: list[dict[int, float]] = [{} for _ in tokens]
     if top > 0:
-        vals, ids = torch.topk(lp, top)
-        alternatives = dict(zip(ids.tolist(), vals.tolist()))
-    return TokenLogprob(token, float(lp[token]), alternatives)
+        vals, tops = torch.topk(lp, top, dim=-1)
+        alternatives = [dict(zip(t, v)) for t, v in zip(tops.tolist(), vals.tolist())]
+    return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alternatives)]
 
 
 def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], top: int
                     ) -> list[TokenLogprob]:
     """Row i of `logits` `[n, V]` scores `next_ids[i]`: the model's logprob of each prompt
     token given the ones before it, with the `top` most likely alternatives."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    ids = torch.tensor(next_ids, dtype=torch.long, device=lp.device)
-    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
-    alternatives: list[dict[int, float]] = [{} for _ in next_ids]
-    if top > 0:
-        vals, tops = torch.topk(lp, top, dim=-1)
-        alternatives = [dict(zip(t, v)) for t, v in zip(tops.tolist(), vals.tolist())]
-    return [TokenLogprob(t, c, a) for t, c, a in zip(next_ids, chosen, alternatives)]
+    return _logprobs(logits.float(), next_ids, top)
