@@ -73,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token budget of a step while requests decode: their tokens plus a "
                    "prefill chunk cut to the rest, a token's attention over a long prefix "
                    "counted too, so streams keep flowing during long prefills "
-                   "(default: 8192)")
+                   "(default: 4096)")
     g.add_argument("--token-chunk", type=int, metavar="N",
                    help="tokens per slice of token-wise work (projections, MLP) in a prefill "
-                   "(default: 8192)")
+                   "(default: 4096)")
     g.add_argument("--max-num-seqs", type=int, metavar="N",
                    help="sequences decoded together in one step (default: 64)")
     g.add_argument("--max-waiting", type=int, metavar="N",

@@ -48,7 +48,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None
     token_chunk: int = 8192
     prefill_chunk: int = 32768
-    max_num_batched_tokens: int | None = 8192
+    max_num_batched_tokens: int | None = 4096
     max_num_seqs: int = 64
     max_waiting: int = 256
     served_model_name: str | None = None

@@ -1,0 +1,128 @@
+"""Mixed steps through the engine: how long running streams wait while a long prompt
+prefills, and what that costs the prompt, for each token budget.
+
+    python benchmarks/mixed_steps.py [--layers 8] [--prompt 65536] [--streams 8]
+        [--budgets none,8192,4096] [--chunks 32768,8192,4096] [--out docs/PERFORMANCE.md]
+
+One GPU, the engine's own API (no HTTP), Llama-3.1-8B shape with --layers layers and random
+bf16 weights (benchmarks/prefill.py writes them). For each budget (none: whole
+--prefill-chunk chunks in every step): one engine; a warm-up prompt of --prompt tokens,
+then the same length alone (its TTFT), then --streams streams of 100-token prompts decode
+and a fresh prompt of --prompt tokens arrives. Every engine.step() is timed on the host (it
+ends with the sampler's host sync, so a step's time is its device time plus the host's):
+the calm decode step before the prompt, then each step until its first token. A stream's
+gap between two tokens is one step. For --chunks, the prompt alone with that prefill_chunk
+(no streams), which separates the cost of small chunks from the cost of mixing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import machine, today, write_section
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+STREAM_TOKENS = 3100  # a stream's prompt and output: it outlasts both prefills
+
+
+def ids(g: torch.Generator, n: int) -> list[int]:
+    return torch.randint(0, 30000, (n,), generator=g).tolist()
+
+
+def until_first_token(engine, tag: str, prompt: list[int], steps: list[float]) -> float:
+    from tr_engine import SamplingParams
+
+    engine.add_request(tag, prompt, SamplingParams(max_tokens=1, temperature=0))
+    t0 = time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        outs = engine.step()
+        steps.append(time.perf_counter() - t)
+        if any(o.request_id == tag for o in outs):
+            return time.perf_counter() - t0
+
+
+def run(path: str, args, budget: int | None, chunk: int, streams: int) -> dict:
+    from tr_engine import LLM, SamplingParams
+
+    g = torch.Generator().manual_seed(1)
+    with LLM(path, device="cuda", world_size=1, max_model_len=args.prompt + 4096,
+             max_num_batched_tokens=budget, prefill_chunk=chunk, max_num_seqs=16,
+             kv_cache_tokens=3 * args.prompt + streams * STREAM_TOKENS,
+             skip_kernel_self_check=True) as llm:
+        e = llm.engine
+        until_first_token(e, "warm", ids(g, args.prompt), [])
+        alone = until_first_token(e, "alone", ids(g, args.prompt), [])
+        row = dict(budget=budget, chunk=chunk, alone=alone)
+        if not streams:
+            return row
+        for i in range(streams):
+            e.add_request(f"s{i}", ids(g, 100), SamplingParams(
+                max_tokens=STREAM_TOKENS - 100, temperature=0, ignore_eos=True))
+        for _ in range(20):
+            e.step()
+        calm = []
+        for _ in range(20):
+            t = time.perf_counter()
+            e.step()
+            calm.append(time.perf_counter() - t)
+        steps: list[float] = []
+        loaded = until_first_token(e, "long", ids(g, args.prompt), steps)
+        row.update(loaded=loaded, calm=statistics.median(calm), steps=len(steps),
+                   largest=max(steps), median=statistics.median(steps))
+        return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=65536)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--budgets", default="none,8192,4096")
+    ap.add_argument("--chunks", default="32768,8192,4096")
+    ap.add_argument("--prefill-chunk", type=int, default=32768)
+    ap.add_argument("--ckpt", default="/tmp/llama31-8b-random-layers")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import prefill
+
+    prefill.LAYERS = args.layers
+    path = Path(f"{args.ckpt}{args.layers}")
+    prefill.write_checkpoint(path, args.prompt + 4096)
+    budgets = [None if b == "none" else int(b) for b in args.budgets.split(",") if b]
+    rows = [run(str(path), args, b, args.prefill_chunk, args.streams) for b in budgets]
+    alone = [run(str(path), args, None, int(c), 0) for c in args.chunks.split(",") if c]
+
+    lines = [
+        f"## Mixed steps: streams during a long prefill, 1 GPU — {today()}", "",
+        f"{machine()}. Llama-3.1-8B shape with {args.layers} layers, random bf16 weights, "
+        f"the engine's API. {args.streams} streams (100-token prompts) decode, then a "
+        f"{args.prompt}-token prompt arrives; every engine step timed on the host.", "",
+        f"Command: `python benchmarks/mixed_steps.py --layers {args.layers} --prompt "
+        f"{args.prompt} --streams {args.streams} --budgets {args.budgets} --chunks "
+        f"{args.chunks}`", "",
+        "| max_num_batched_tokens | prompt TTFT alone (ms) | with the streams (ms) | ratio "
+        "| calm step (ms) | steps | median step (ms) | largest step = longest gap (ms) |",
+        "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['budget'] or 'none'} | {r['alone'] * 1e3:.0f} | {r['loaded'] * 1e3:.0f} | "
+            f"{r['loaded'] / r['alone']:.2f}x | {r['calm'] * 1e3:.1f} | {r['steps']} | "
+            f"{r['median'] * 1e3:.0f} | {r['largest'] * 1e3:.0f} |")
+    lines += ["", "The prompt alone, by prefill chunk (no streams):", "",
+              "| prefill_chunk | TTFT (ms) |", "|---|---|"]
+    lines += [f"| {r['chunk']} | {r['alone'] * 1e3:.0f} |" for r in alone]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        write_section(args.out, "mixed-steps-1gpu", text)
+
+
+if __name__ == "__main__":
+    main()
