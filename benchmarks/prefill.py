@@ -36,16 +36,25 @@ WEIGHT_BYTES = 2 * (LINEAR_PARAMS + 2 * VOCAB * HIDDEN + (2 * LAYERS + 1) * HIDD
 KV_BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
 
 
+def reuse_checkpoint(path: Path, max_len: int) -> bool:
+    """Whether a checkpoint is already at `path`; its context limit is raised to `max_len`
+    if it was written for shorter prompts (the weights do not depend on it)."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        return False
+    config = json.loads(config_file.read_text())
+    if config["max_position_embeddings"] < max_len:
+        config["max_position_embeddings"] = max_len
+        config_file.write_text(json.dumps(config, indent=1))
+    return True
+
+
 def write_checkpoint(path: Path, max_len: int) -> None:
     """Write the checkpoint unless one is there; one written for shorter prompts gets its
     context limit raised (the weights do not depend on it)."""
-    config_file = path / "config.json"
-    if config_file.exists():
-        config = json.loads(config_file.read_text())
-        if config["max_position_embeddings"] < max_len:
-            config["max_position_embeddings"] = max_len
-            config_file.write_text(json.dumps(config, indent=1))
+    if reuse_checkpoint(path, max_len):
         return
+    config_file = path / "config.json"
     from checkpoints import make_tokenizer
     from safetensors.torch import save_file
 

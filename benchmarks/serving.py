@@ -87,12 +87,9 @@ class Stream:
 def write_tiny(path: Path, max_len: int) -> None:
     """A 2-layer Llama (hidden 64, 4 query / 2 KV heads, vocabulary 512) with the tests'
     byte-level tokenizer: ids above 258 decode to no text, as most of the 8B shape's do."""
-    config_file = path / "config.json"
-    if config_file.exists():
-        config = json.loads(config_file.read_text())
-        if config["max_position_embeddings"] < max_len:
-            config["max_position_embeddings"] = max_len
-            config_file.write_text(json.dumps(config, indent=1))
+    from prefill import reuse_checkpoint
+
+    if reuse_checkpoint(path, max_len):
         return
     from checkpoints import make_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig

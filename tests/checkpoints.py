@@ -44,6 +44,28 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int
                 for p in prompts]
 
 
+def byte_ids(n: int, seed: int) -> list[int]:
+    """n random byte tokens, the same for the same seed."""
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy_reference(path: str):
+    """transformers' model of `path` (float32) and its greedy continuations, cached:
+    `greedy(prompt_tuple, new_tokens)`; the model is `greedy.model`."""
+    import functools
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    @functools.cache
+    def greedy(prompt: tuple[int, ...], new: int) -> list[int]:
+        return hf_greedy(model, [list(prompt)], new)[0]
+
+    greedy.model = model
+    return greedy
+
+
 def matches_transformers(model, out, prompt: list[int], tokens: list[int]) -> bool:
     """An engine RequestOutput against transformers: its tokens equal `tokens` (the
     reference greedy continuation of `prompt`) and, where it gave logprobs, each chosen

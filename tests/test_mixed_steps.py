@@ -9,20 +9,14 @@ and shrink as its prefix grows.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-import torch
-from checkpoints import hf_greedy, make_checkpoint, matches_transformers
+from checkpoints import byte_ids as ids
+from checkpoints import greedy_reference, make_checkpoint, matches_transformers
 
 from tr_engine import SamplingParams
 from tr_engine.llm import LLM
 
 BLOCK, CHUNK, BUDGET = 4, 96, 40
-
-
-def ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +26,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(ckpt):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-
-    @functools.cache
-    def greedy(prompt: tuple[int, ...], new: int) -> list[int]:
-        return hf_greedy(model, [list(prompt)], new)[0]
-
-    greedy.model = model
-    return greedy
+    return greedy_reference(ckpt)
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda p: f"P{p}")

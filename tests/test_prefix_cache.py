@@ -10,11 +10,9 @@ eviction. The KV accounting is checked after each case.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-import torch
-from checkpoints import hf_greedy, make_checkpoint, matches_transformers
+from checkpoints import byte_ids as ids
+from checkpoints import greedy_reference, make_checkpoint, matches_transformers
 
 from tr_engine import LLM, SamplingParams
 
@@ -24,10 +22,6 @@ KV_TOKENS = 240  # per rank: a few documents, then eviction
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=0)
 
 
-def ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return str(make_checkpoint("qwen3", tmp_path_factory.mktemp("ckpt")))
@@ -35,16 +29,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(ckpt):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-
-    @functools.cache
-    def greedy(prompt: tuple[int, ...], new: int = NEW) -> list[int]:
-        return hf_greedy(model, [list(prompt)], new)[0]
-
-    greedy.model = model
-    return greedy
+    return greedy_reference(ckpt)
 
 
 def exact(out, prompt: list[int], hf) -> bool:
