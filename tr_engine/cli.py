@@ -18,7 +18,7 @@ import sys
 import time
 import types
 
-from .config import DEVICES, DTYPES, EngineConfig
+from .config import DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
 
 log = logging.getLogger("tr_engine.serve")
 
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="PATH",
                    help="local Hugging Face checkpoint folder (default: the embedded "
                    "SmolLM2-135M-Instruct)")
+    g.add_argument("--load-format", choices=LOAD_FORMATS,
+                   help="auto: read the folder's safetensors weights; dummy: read only its "
+                   "config.json (and tokenizer) and use seeded random weights made on the "
+                   "device, for benchmarks (default: auto)")
     g.add_argument("--served-model-name", metavar="NAME",
                    help="the model name clients send and /v1/models lists "
                    "(default: derived from the model)")
@@ -76,13 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 4096)")
     g.add_argument("--token-chunk", type=int, metavar="N",
                    help="tokens per slice of token-wise work (projections, MLP) in a prefill "
-                   "(default: 4096)")
+                   "(default: 8192)")
     g.add_argument("--max-num-seqs", type=int, metavar="N",
                    help="sequences decoded together in one step (default: 64)")
     g.add_argument("--max-waiting", type=int, metavar="N",
                    help="queued requests before new ones get 503 (default: 256)")
     g.add_argument("--seed", type=int, metavar="N",
-                   help="seed of requests that give none (default: 0)")
+                   help="seed of requests that give none, and of dummy weights "
+                   "(default: 0)")
     g.add_argument("--block-size", type=int, metavar="N",
                    help="tokens per KV block, a power of two up to 256; the prefix cache "
                    "reuses whole blocks (default: 16)")
@@ -227,7 +232,7 @@ def _serve(config: EngineConfig, settings, t0: float) -> int:
         except BackendUnavailable as e:
             print(f"tr-serve: {e.what}\n{e.fix}", file=sys.stderr)
             return 2
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:  # a bad setting or model folder
             print(f"tr-serve: {e}", file=sys.stderr)
             return 2
         log.info("engine ready in %.1f s", time.perf_counter() - t0)

@@ -9,6 +9,7 @@ from .attention import STRATEGIES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,9 @@ class EngineConfig:
     """What the engine needs to start.
 
     model: a local Hugging Face checkpoint folder; None serves the embedded SmolLM2 model.
+    load_format: `auto` reads the folder's safetensors weights; `dummy` reads only its
+      config.json and fills the weights with seeded random values on the device (`seed`),
+      the same on every rank: for benchmarks of shapes whose checkpoints are not at hand.
     world_size: ranks (cards) the sequence is sharded over.
     max_model_len: longest prompt + output; None = the model's own limit.
     kv_cache_fraction: share of the device memory left after weights and the prefill
@@ -39,6 +43,7 @@ class EngineConfig:
     """
 
     model: str | None = None
+    load_format: str = "auto"
     device: str = "auto"
     world_size: int = 1
     dtype: str = "auto"
@@ -63,6 +68,9 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got "
+                             f"{self.load_format!r}")
         if self.attention_strategy not in ("auto", *STRATEGIES):
             raise ValueError(f"attention_strategy must be auto or one of {', '.join(STRATEGIES)}"
                              f"; got {self.attention_strategy!r}")

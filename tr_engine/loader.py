@@ -3,11 +3,15 @@
 The model is built on the meta device, its parameters are allocated once on the target device
 in the target dtype, and the checkpoint's tensors are streamed into them one at a time from
 the memory-mapped safetensors files, so a large model never has a full copy in host memory.
+With load_format `dummy` no weight file is read: the parameters are filled in place on the
+device with seeded random values instead (`randomize`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,21 +62,28 @@ def safetensors_files(path: str | Path) -> list[Path]:
             "(pickles can run code when loaded). Convert once, e.g. with transformers: "
             "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path)"
         )
-    raise FileNotFoundError(f"{path} has no *.safetensors weights")
+    raise FileNotFoundError(f"{path} has no weight files: neither model.safetensors nor "
+                            "*.safetensors shards (with model.safetensors.index.json) are "
+                            "there; load_format dummy serves random weights without them")
 
 
 def load_model(path: str | Path, device: torch.device, dtype: str | torch.dtype = "auto",
-               max_positions: int | None = None) -> tuple[nn.Module, ModelConfig]:
+               max_positions: int | None = None, load_format: str = "auto", seed: int = 0
+               ) -> tuple[nn.Module, ModelConfig]:
     """Build the checkpoint's model on `device` in `dtype` and load its weights.
 
     max_positions: length of the RoPE table (default: the model's max_position_embeddings);
     positions at or beyond it cannot be embedded.
+    load_format: `auto` reads the safetensors weights; `dummy` reads only config.json and
+    gives the parameters random values drawn from `seed` (`randomize`).
     """
     path, device = Path(path), torch.device(device)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be auto or dummy; got {load_format!r}")
     config = ModelConfig.from_dir(path)
-    files = safetensors_files(path)
+    files = safetensors_files(path) if load_format == "auto" else []
     cls = model_class(config)
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
@@ -81,11 +92,43 @@ def load_model(path: str | Path, device: torch.device, dtype: str | torch.dtype 
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_cache(device, max_positions)
+    if load_format == "dummy":
+        randomize(model, seed)
+        return model.eval(), config
     try:
         model.load_weights(_tensors(files, device))
     except ValueError as e:
         raise type(e)(f"{path}: {e}") from None
     return model.eval(), config
+
+
+def randomize(model: nn.Module, seed: int) -> None:
+    """Fill every parameter in place, on its device and in its dtype, with random values
+    whose scales keep activations finite through any depth: norm scales near 1, small
+    biases, and every matrix (embedding included) of std 1/sqrt(its columns). Each layer then
+    adds about unit variance to the residual stream, and logits have about unit spread, tied
+    head or not (an embedding of unit variance as the head would make them sqrt(hidden) wide
+    and the model repeat its input).
+
+    Each parameter draws from its own generator, seeded by `seed` and the parameter's name,
+    so its values depend neither on the number of ranks nor on which other parameters a
+    rank holds: every rank of one device type makes the same model, and a rank that holds a
+    slice can draw the whole parameter and keep its part.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied parameters are listed once
+            gen = torch.Generator(device=param.device)
+            gen.manual_seed(_param_seed(seed, name))
+            if param.dim() == 1:  # RMSNorm scales (`*.weight`) and biases
+                mean, std = (1.0, 0.1) if name.endswith("weight") else (0.0, 0.1)
+            else:  # [out, in] projections; the embedding too, as it may be the lm_head
+                mean, std = 0.0, 1.0 / math.sqrt(param.shape[1])
+            param.normal_(mean, std, generator=gen)
+
+
+def _param_seed(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # below 2**63: any generator takes it
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -110,7 +110,9 @@ class ModelRunner:
         self.device = backend.set_device(local_rank)
 
         t = time.perf_counter()
-        self.model, self.model_config = load_model(model_path, self.device, config.dtype)
+        self.model, self.model_config = load_model(model_path, self.device, config.dtype,
+                                                   load_format=config.load_format,
+                                                   seed=config.seed)
         self.dtype = next(self.model.parameters()).dtype
         log.info("rank %d: weights loaded in %.1f s (%s, %s)", rank, time.perf_counter() - t,
                  self.model_config.architecture, self.dtype)

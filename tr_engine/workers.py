@@ -174,6 +174,10 @@ class Cluster:
     """Rank 0's view of all ranks."""
 
     def __init__(self, config: EngineConfig, model_path: str) -> None:
+        if config.load_format == "auto":  # missing weights: one error here, not one per rank
+            from .loader import safetensors_files
+
+            safetensors_files(model_path)
         t = time.perf_counter()
         self.backend = get_backend(config.device)
         log.info("backend %s (%s) ready in %.1f s", self.backend.name,
