@@ -49,6 +49,11 @@ class EngineStats:
     batched_tokens: tuple = ((), [0], 0.0)
 
 
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class AsyncEngine:
     """Start with `AsyncEngine.start(config)` (blocking: loads weights on every rank, plans
     memory, logs each phase with its time). Then, from the server's event loop:
@@ -113,8 +118,7 @@ class AsyncEngine:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out.error or out, done=out.finished)
+                self._deliver_step(self.engine.step())
                 self._stats = self._snapshot()
         except BaseException as e:  # the engine cannot go on: fail every open request
             if self._stop.is_set():  # the ranks were killed under a step: expected
@@ -178,6 +182,21 @@ class AsyncEngine:
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _deliver_step(self, outs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one call (one wake-up of the loop
+        per step, not one per request)."""
+        by_loop: dict = {}
+        with self._lock:
+            for out in outs:
+                target = self._streams.get(out.request_id)
+                if out.finished:
+                    self._live.discard(out.request_id)
+                if target is not None:
+                    loop, q = target
+                    by_loop.setdefault(loop, []).append((q, out.error or out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail(self, error: BaseException) -> None:
         self._dead = error
