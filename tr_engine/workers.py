@@ -155,6 +155,14 @@ def _spawned_worker(config, model_path, rank, world, init_method, log_level,
         os._exit(1)
     finally:
         beating.set()
+    # Its work is done and its process group destroyed: leave without the interpreter's
+    # teardown, where a native thread of the gloo or torch runtime still being destroyed
+    # can abort the process (std::terminate, exit status -6), on a loaded machine now and
+    # then.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_worker(config: EngineConfig) -> None:
