@@ -74,11 +74,16 @@ def _end(server: Server) -> None:
 
 
 def _stop_and_time(server: Server, sig: int, again_after: float | None = None,
-                   code_expected: int = 0, bound_s: float = BOUND_S) -> None:
-    """Send `sig` (twice if `again_after`); the server must exit with `code_expected`
+                   code_expected: int = 0, bound_s: float = BOUND_S,
+                   whole_group: bool = False) -> None:
+    """Send `sig` (twice if `again_after`; to every process of the server's group if
+    `whole_group`, as a terminal's Ctrl-C does); the server must exit with `code_expected`
     within `bound_s` with no process of its group left."""
     t = time.monotonic()
-    server.proc.send_signal(sig)
+    if whole_group:
+        os.killpg(server.proc.pid, sig)
+    else:
+        server.proc.send_signal(sig)
     if again_after is not None:
         time.sleep(again_after)
         server.proc.send_signal(sig)
@@ -158,6 +163,18 @@ def test_while_decoding(model, sig):
                                  "stream": True})
     _wait_for(lambda: scrape(server)["tr_engine:generation_tokens_total"] >= 5, 60, server)
     _stop_and_time(server, sig)
+
+
+def test_a_ctrl_c_in_a_terminal_reaches_every_rank(model):
+    # The terminal signals the whole foreground group: the other rank, waiting for the next
+    # plan, must leave that to rank 0 (it used to raise KeyboardInterrupt in the broadcast,
+    # print a traceback and be killed 5 s later).
+    server = _spawn(model)
+    _wait_for(lambda: _healthy(server), 300, server)
+    _post_in_background(server, {"prompt": [5, 6, 7], "max_tokens": 5000, "ignore_eos": True,
+                                 "stream": True})
+    _wait_for(lambda: scrape(server)["tr_engine:generation_tokens_total"] >= 5, 60, server)
+    _stop_and_time(server, signal.SIGINT, whole_group=True, bound_s=GRACE_S + 4)
 
 
 def test_a_second_ctrl_c_stops_at_once(model):

@@ -145,6 +145,10 @@ def _beat(heartbeat, period: float = 0.5) -> threading.Event:
 def _spawned_worker(config, model_path, rank, world, init_method, log_level,
                     heartbeat=None) -> None:
     _die_with_parent()
+    # Ctrl-C in a terminal reaches every process of the foreground group, these ranks too:
+    # rank 0 alone handles it and tells them to stop (the SIGTERM of a dead parent still
+    # ends them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     beating = _beat(heartbeat) if heartbeat is not None else threading.Event()
     logging.basicConfig(level=log_level, format=f"%(asctime)s rank{rank} %(message)s")
     try:
