@@ -118,7 +118,8 @@ class AsyncEngine:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                self._deliver_step(self.engine.step())
+                self._deliver_all((out.request_id, out.error or out, out.finished)
+                                  for out in self.engine.step())
                 self._stats = self._snapshot()
         except BaseException as e:  # the engine cannot go on: fail every open request
             if self._stop.is_set():  # the ranks were killed under a step: expected
@@ -175,26 +176,20 @@ class AsyncEngine:
             self._live.discard(request_id)
 
     def _deliver(self, request_id: str, item, done: bool = False) -> None:
-        with self._lock:
-            target = self._streams.get(request_id)
-            if done:
-                self._live.discard(request_id)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+        self._deliver_all([(request_id, item, done)])
 
-    def _deliver_step(self, outs: list[RequestOutput]) -> None:
-        """A step's outputs, handed to each event loop in one call (one wake-up of the loop
-        per step, not one per request)."""
+    def _deliver_all(self, entries) -> None:
+        """(request id, output or error, done) entries, handed to each event loop in one call
+        (a step's outputs wake the loop once, not once per request)."""
         by_loop: dict = {}
         with self._lock:
-            for out in outs:
-                target = self._streams.get(out.request_id)
-                if out.finished:
-                    self._live.discard(out.request_id)
+            for request_id, item, done in entries:
+                target = self._streams.get(request_id)
+                if done:
+                    self._live.discard(request_id)
                 if target is not None:
                     loop, q = target
-                    by_loop.setdefault(loop, []).append((q, out.error or out))
+                    by_loop.setdefault(loop, []).append((q, item))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 

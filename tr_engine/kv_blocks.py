@@ -70,26 +70,20 @@ def plan_pages(held: list[int], start: int, prompt_len: int, total: int, chunk: 
     A chunk with no padding (a multiple of 2P blocks that padded_len keeps) puts the same
     number of blocks on every rank, so only a prompt's last chunk is walked block by block."""
     counts = list(held)
-    need = [0] * world
     step = 2 * world * block_size
     a, n = start, first or chunk
     while a < prompt_len:
         n = min(n, prompt_len - a)
         if n % step == 0 and layout.padded_len(n, world, block_size) == n:
-            each = n // (world * block_size)
-            counts = [c + each for c in counts]
-            need = [c + each for c in need]
+            counts = [c + n // (world * block_size) for c in counts]
         else:
             for _, r in chunk_blocks(a, n, world, block_size):
                 counts[r] += 1
-                need[r] += 1
         a, n = a + n, chunk
     first_decode = -(-prompt_len // block_size) * block_size
     for _ in range(first_decode, total, block_size):
-        r = counts.index(min(counts))
-        counts[r] += 1
-        need[r] += 1
-    return need
+        counts[counts.index(min(counts))] += 1
+    return [c - h for c, h in zip(counts, held)]
 
 
 class RankPages:

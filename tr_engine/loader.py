@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .config import LOAD_FORMATS
 from .layers.rotary import RotaryEmbedding
 from .models import ModelConfig, model_class
 
@@ -80,8 +81,9 @@ def load_model(path: str | Path, device: torch.device, dtype: str | torch.dtype 
     path, device = Path(path), torch.device(device)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    if load_format not in ("auto", "dummy"):
-        raise ValueError(f"load_format must be auto or dummy; got {load_format!r}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got "
+                         f"{load_format!r}")
     config = ModelConfig.from_dir(path)
     files = safetensors_files(path) if load_format == "auto" else []
     cls = model_class(config)

@@ -60,12 +60,8 @@ class Scheduler:
         self.blocks = BlockManager(world, num_pages, block_size, enable_prefix_caching)
         self.max_model_len = max_model_len
         # whole blocks in every zigzag piece, and no padding inside a long prompt
-        step = 2 * world * block_size
-        chunk = max(step, prefill_chunk // step * step)
-        while layout.padded_len(chunk, world, block_size) != chunk:
-            chunk -= step
-        self.prefill_chunk = chunk
-        self.step_tokens = step
+        self.step_tokens = 2 * world * block_size
+        self.prefill_chunk = self._aligned(prefill_chunk)
         # the token budget of a mixed step (None: whole chunks, as with nothing decoding)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefix_cost = prefix_cost  # a key a new token attends, in units of its layers
@@ -227,19 +223,22 @@ class Scheduler:
         """Whose prompt the step prefills: see the module's policy."""
         if len(self.prefilling) == 1:
             return self.prefilling[0]
-        coming = {k for s in self.prefilling if s.started for k in s.keys[s.registered :]}
-        ready = []
-        for s in self.prefilling:
-            if not s.started and coming:
-                hits = len(self.blocks.lookup(s.keys))
-                if hits < len(s.keys) and s.keys[hits] in coming:
-                    continue  # another request is storing its next block
-            ready.append(s)
+        ready = self.prefilling
+        if not all(s.started for s in ready):  # then which of them wait for another's KV
+            coming = {k for s in ready if s.started for k in s.keys[s.registered :]}
+            ready = [s for s in ready if s.started or not self._waits_for(s, coming)]
         starved = [s for s in ready if s.passed_over >= MAX_PASSED_OVER]
         pick = starved[0] if starved else min(ready, key=lambda s: s.prompt_len - s.prefilled)
         for s in self.prefilling:
             s.passed_over = 0 if s is pick else s.passed_over + 1
         return pick
+
+    def _waits_for(self, seq: Sequence, coming: set[bytes]) -> bool:
+        """Whether the next block `seq` would compute is one another request is storing."""
+        if not coming:
+            return False
+        hits = len(self.blocks.lookup(seq.keys))
+        return hits < len(seq.keys) and seq.keys[hits] in coming
 
     def _budget_chunk(self, seq: Sequence) -> int:
         """The prefill tokens of a mixed step: what the token budget leaves after the decode
@@ -252,9 +251,14 @@ class Scheduler:
         if self.prefix_cost > 0:  # c + cost·(a·c + c²/2) = left
             lin = 1 + self.prefix_cost * a
             c = (2 * left) / (lin + (lin * lin + 2 * self.prefix_cost * left) ** 0.5)
+        return min(self.prefill_chunk, self._aligned(int(c)))
+
+    def _aligned(self, n: int) -> int:
+        """The largest chunk of at most n tokens (at least one block per zigzag piece) that
+        is a whole number of blocks in every piece and that padded_len leaves unpadded."""
         step = self.step_tokens
-        chunk = min(self.prefill_chunk, max(step, int(c) // step * step))
-        while chunk > step and layout.padded_len(chunk, self.world, self.block_size) != chunk:
+        chunk = max(step, n // step * step)
+        while layout.padded_len(chunk, self.world, self.block_size) != chunk:
             chunk -= step
         return chunk
 
