@@ -205,8 +205,8 @@ def replay_ms(engine, s: int) -> float | None:
     graphs = runner.graphs
     if graphs is None:
         return None
-    meta = torch.tensor([[1], [s], [0], [s], [runner.kv.spare]], dtype=torch.long)  # row 0
-    graph = graphs.get(1)
+    meta = torch.tensor([[1], [s], [0], [s], [runner.kv.spare], [0]], dtype=torch.long)
+    graph = graphs.get(1, runner.world > 1)  # row 0
     return time_ms(lambda: graphs.replay(graph, meta), warmup=2, reps=10, sync_ranks=False)
 
 

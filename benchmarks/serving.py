@@ -26,6 +26,9 @@ that window, and the long prompt's TTFT, against its TTFT alone on the idle serv
 prompt of the same length, after one untimed warm-up prompt of that length). How the server
 splits a long prefill decides the stalls: pass its flags with --server-args.
 
+lone: for each length in --lone, one request alone (--lone-output tokens); with
+--shard-mins 0,1048576 at --worlds 2 it shows where sharding a prompt starts to pay.
+
 throughput: for each C in --concurrency, C requests of --prompt tokens and --output tokens
 sent at once (after an untimed round of the same shape with max_tokens 2). Reported: output
 tokens per second (all generated tokens over first send to last token), median, mean and P99
@@ -255,7 +258,18 @@ async def throughput(client: Client, args, world: int, c: int) -> dict:
     }
 
 
-async def drive(url: str, args, world: int) -> list[dict]:
+async def lone(client: Client, args, world: int, n: int) -> dict:
+    """One request alone: a prompt of n tokens, --lone-output tokens; where sharding a
+    prompt starts to pay (compare servers with --shard-mins 0 and a large value)."""
+    await client.stream(n, 2)  # untimed: this length's shapes
+    rec = await client.stream(n, args.lone_output, Stream())
+    return {"world": world, "prompt": n, "output": args.lone_output, "ttft_s": rec.ttft(),
+            "itl_ms": statistics.median(rec.gaps()) * 1e3,
+            "total_s": rec.times[-1] - rec.sent,
+            "counted": check([rec], f"lone, {world} rank(s), {n} tokens", args)}
+
+
+async def drive(url: str, args, world: int, shard_min: int | None) -> list[dict]:
     client = Client(url, args)
     rows = []
     async with client.api:
@@ -268,6 +282,12 @@ async def drive(url: str, args, world: int) -> list[dict]:
                 rows.append({"scenario": "throughput", **await throughput(client, args, world,
                                                                           c)})
                 print(json.dumps(rows[-1]), flush=True)
+        if "lone" in args.scenarios:
+            for n in args.lone:
+                rows.append({"scenario": "lone", **await lone(client, args, world, n)})
+                print(json.dumps(rows[-1]), flush=True)
+    for r in rows:
+        r["shard_min"] = shard_min
     return rows
 
 
@@ -296,6 +316,11 @@ def main() -> None:
     ap.add_argument("--concurrency", default="16,64", help="throughput: requests at once")
     ap.add_argument("--prompt", type=int, default=1000, help="throughput: prompt tokens")
     ap.add_argument("--output", type=int, default=256, help="throughput: output tokens")
+    ap.add_argument("--lone", default="1024,4096,8192,16384,32768",
+                    help="lone: prompt lengths, one request at a time")
+    ap.add_argument("--lone-output", type=int, default=256, help="lone: output tokens")
+    ap.add_argument("--shard-mins", default=None,
+                    help="one server per world and per --shard-min-tokens value: 0,1048576")
     ap.add_argument("--bound-ms", type=float, default=None,
                     help="the weights' read time per step, instead of measuring the copy rate")
     ap.add_argument("--no-logprobs", action="store_true",
@@ -307,11 +332,14 @@ def main() -> None:
     args.worlds = [int(x) for x in args.worlds.split(",")]
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     args.scenarios = args.scenarios.split(",")
+    args.lone = [int(x) for x in args.lone.split(",")]
+    args.shard_mins = [None] if args.shard_mins is None else \
+        [int(x) for x in args.shard_mins.split(",")]
     ckpt = Path(args.ckpt or ("/tmp/llama-tiny-random" if args.tiny
                               else "/tmp/llama31-8b-random"))
     dtype = args.dtype or ("auto" if args.tiny else "bfloat16")
     need = max(args.long + 1, args.stall_prompt + args.stall_tokens, args.prompt + args.output,
-               64 + 4)
+               64 + 4, *(n + args.lone_output for n in args.lone))
     max_len = args.max_model_len or -(-need // 1024) * 1024
     if args.tiny:
         write_tiny(ckpt, max_len)
@@ -330,10 +358,12 @@ def main() -> None:
              "--max-model-len", str(max_len), "--max-num-seqs", str(args.max_num_seqs),
              *shlex.split(args.server_args)]
     rows = []
-    for i, world in enumerate(args.worlds):
-        with tr_serve([*flags, "--world-size", str(world)], args.port + i,
+    runs = [(w, m) for w in args.worlds for m in args.shard_mins]
+    for i, (world, shard_min) in enumerate(runs):
+        more = [] if shard_min is None else ["--shard-min-tokens", str(shard_min)]
+        with tr_serve([*flags, "--world-size", str(world), *more], args.port + i,
                       args.pythonpath) as (url, _):
-            rows += asyncio.run(drive(url, args, world))
+            rows += asyncio.run(drive(url, args, world, shard_min))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     text = report(rows, args, ckpt, dtype, weights, kv_per_token, bound_ms, copy)
@@ -418,6 +448,18 @@ def report(rows, args, ckpt, dtype, weights, kv_per_token, bound_ms, copy) -> st
                 line += (f" {bound_ms:.2f} | {with_kv:.2f} | "
                          f"{r['mean_itl_ms'] / with_kv:.2f}x |")
             lines.append(line)
+    alone = [r for r in rows if r["scenario"] == "lone"]
+    if alone:
+        lines += ["", "### One request alone: where sharding a prompt pays", "",
+                  f"One request at a time, {args.lone_output} output tokens, after an untimed "
+                  "one of the same length. shard-min: the server's --shard-min-tokens (a "
+                  "prompt under it runs on one rank).", "",
+                  "| ranks | shard-min | prompt | TTFT (s) | median ITL (ms) | total (s) | "
+                  "chunks = tokens |", "|---|---|---|---|---|---|---|"]
+        for r in alone:
+            lines.append(f"| {r['world']} | {r['shard_min']} | {r['prompt']} | "
+                         f"{r['ttft_s']:.3f} | {r['itl_ms']:.2f} | {r['total_s']:.2f} | "
+                         f"{'yes' if r['counted'] else '**NO**'} |")
     return "\n".join(lines)
 
 

@@ -207,3 +207,22 @@ def _write(family: str, path: Path, seed: int) -> None:
     shard = "200KB" if family == "qwen3" else "1GB"
     model.save_pretrained(path, max_shard_size=shard)
     make_tokenizer().save_pretrained(path)
+
+
+class Recorder:
+    """Every plan the engine's scheduler makes, in order."""
+
+    def __init__(self, scheduler) -> None:
+        self.plans, self._schedule = [], scheduler.schedule
+
+        def schedule():
+            plan = self._schedule()
+            if plan is not None:
+                self.plans.append(plan)
+            return plan
+
+        scheduler.schedule = schedule
+        self.scheduler = scheduler
+
+    def close(self) -> None:
+        del self.scheduler.schedule

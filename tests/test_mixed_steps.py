@@ -10,10 +10,11 @@ and shrink as its prefix grows.
 from __future__ import annotations
 
 import pytest
+from checkpoints import Recorder, greedy_reference, make_checkpoint, matches_transformers
 from checkpoints import byte_ids as ids
-from checkpoints import greedy_reference, make_checkpoint, matches_transformers
 
 from tr_engine import SamplingParams
+from tr_engine.attention import layout
 from tr_engine.llm import LLM
 
 BLOCK, CHUNK, BUDGET = 4, 96, 40
@@ -33,27 +34,8 @@ def hf(ckpt):
 def llm(request, ckpt):
     with LLM(ckpt, device="cpu", world_size=request.param, dtype="float32",
              block_size=BLOCK, prefill_chunk=CHUNK, max_num_batched_tokens=BUDGET,
-             kv_cache_tokens=600, max_model_len=400) as engine:
+             kv_cache_tokens=600, max_model_len=400, shard_min_tokens=0) as engine:
         yield engine
-
-
-class Recorder:
-    """Every plan the engine's scheduler makes, in order."""
-
-    def __init__(self, scheduler) -> None:
-        self.plans, self._schedule = [], scheduler.schedule
-
-        def schedule():
-            plan = self._schedule()
-            if plan is not None:
-                self.plans.append(plan)
-            return plan
-
-        scheduler.schedule = schedule
-        self.scheduler = scheduler
-
-    def close(self) -> None:
-        del self.scheduler.schedule
 
 
 def greedy(n: int) -> SamplingParams:
@@ -96,7 +78,10 @@ def test_streams_decode_in_every_step_of_long_prefills_and_all_stay_exact(llm, h
     assert all(n % step == 0 and n < engine.scheduler.prefill_chunk for n in sizes)
     if world < 3:  # deeper into a prompt, its chunks shrink (one size only at the floor)
         assert len(sizes) > 1
-    assert all(p.num_tokens <= max(BUDGET, step + len(p.decode.seq_ids)) for p in chunks)
+    # the budget is per rank: a rank's shard of the chunk and the decode tokens
+    for p in chunks:
+        shard = max(layout.local_len(len(p.prefill.tokens), world, r, BLOCK) for r in range(world))
+        assert shard + len(p.decode.seq_ids) <= max(BUDGET, step // world + len(p.decode.seq_ids))
     # the shorter long prompt went first, so it got its first token first
     done = [p.prefill.seq_id for p in chunks if p.prefill.sample]
     assert done == [seqs["long-b"].seq_id, seqs["long-a"].seq_id]

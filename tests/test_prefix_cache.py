@@ -40,7 +40,7 @@ def exact(out, prompt: list[int], hf) -> bool:
 def llm(request, ckpt):
     with LLM(ckpt, device="cpu", world_size=request.param, dtype="float32",
              block_size=BLOCK, prefill_chunk=CHUNK, kv_cache_tokens=KV_TOKENS,
-             max_model_len=256, attention_strategy="auto") as engine:
+             max_model_len=256, attention_strategy="auto", shard_min_tokens=0) as engine:
         yield engine
 
 

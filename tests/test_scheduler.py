@@ -16,9 +16,9 @@ B = 4  # block size in these tests
 
 
 def make(world=2, pages=25, max_len=1000, chunk=16, seqs=4, waiting=8, caching=True,
-         budget=None, prefix_cost=0.0):
+         budget=None, prefix_cost=0.0, short=0):
     return Scheduler(world, pages, B, max_len, chunk, seqs, waiting,
-                     lambda new, cached: "ring", caching, budget, prefix_cost)
+                     lambda new, cached: "ring", caching, budget, prefix_cost, short)
 
 
 def seq(i, prompt_len, max_tokens=4, first=1):
@@ -35,9 +35,9 @@ def drive(s: Scheduler, token=7):
 
 
 def sampled(plan) -> int:
-    """How many tokens a step samples: the prefill's first (if its chunk ends the prompt),
-    then one per decoding sequence."""
-    n = 1 if plan.prefill is not None and plan.prefill.sample else 0
+    """How many tokens a step samples: the first of each prompt a chunk ends (the sharded
+    one's, each short prompt's), then one per decoding sequence."""
+    n = sum(1 for p in [plan.prefill, *plan.local] if p is not None and p.sample)
     return n + (len(plan.decode.seq_ids) if plan.decode is not None else 0)
 
 
@@ -374,18 +374,21 @@ def test_two_sequences_opening_blocks_on_one_rank_in_one_step_each_get_theirs():
         assert tables.host[1][q.row] == q.table[1] and len(q.table[1]) == 1
 
 
-@pytest.mark.parametrize("world,budget", [(1, None), (2, None), (3, None), (1, 13), (2, 30),
-                                          (3, 40)])
-def test_rank_tables_follow_the_scheduler_under_random_traffic(world, budget):
+@pytest.mark.parametrize("world,budget,short", [
+    (1, None, 0), (2, None, 0), (3, None, 0), (1, 13, 0), (2, 30, 0), (3, 40, 0),
+    (2, None, 14), (2, 30, 14), (3, 40, 14)])
+def test_rank_tables_follow_the_scheduler_under_random_traffic(world, budget, short):
     """Random arrivals, lengths, shared prefixes and early stops (and, with a token budget,
-    mixed steps whose chunks shrink deeper into a prompt): after every step, the table each
-    rank built from the ops holds exactly each running sequence's pages there, and each
-    decode token's slot lies in a page of its owner's table."""
+    mixed steps whose chunks shrink deeper into a prompt; with `short`, prompts under it on
+    single ranks beside sharded ones): after every step, the table each rank built from
+    the ops holds exactly each running sequence's pages there, each decode token's slot
+    lies in a page of its owner's table, and a short request's pages all lie on its
+    home."""
     import random
 
-    rnd = random.Random(world)
+    rnd = random.Random(world + short)
     s = make(world=world, pages=40, max_len=200, chunk=2 * world * B * 4, seqs=6, waiting=64,
-             budget=budget, prefix_cost=0.02)
+             budget=budget, prefix_cost=0.02, short=short)
     tables = RankTables(world, 7)
     docs = [[rnd.randint(1, 50) for _ in range(24)] for _ in range(3)]
     pending = []
@@ -394,7 +397,7 @@ def test_rank_tables_follow_the_scheduler_under_random_traffic(world, budget):
                                                           for _ in range(rnd.randint(0, 9))]
         pending.append(Sequence(i, f"r{i}", prompt, SamplingParams(
             max_tokens=rnd.randint(1, 12), temperature=0)))
-    decode_steps = 0
+    decode_steps, homes = 0, set()
     for _ in range(5000):
         while pending and rnd.random() < 0.3:
             s.add(pending.pop(0))
@@ -416,7 +419,11 @@ def test_rank_tables_follow_the_scheduler_under_random_traffic(world, budget):
             if q.started:
                 for r in range(world):
                     assert tables.host[r][q.row] == q.table[r]
+            if q.home >= 0:
+                assert q.prompt_len < short and all(r == q.home for r, _ in q.blocks)
+                homes.add(q.home)
     assert not pending and not s.has_work() and decode_steps > 50
+    assert len(homes) == (world if short else 0)
     assert s.blocks.hits > 0 and s.blocks.pages_in_use() == [0] * world
     assert s.blocks.reserved() == [0] * world
 
@@ -435,11 +442,15 @@ def test_a_mixed_step_fills_the_token_budget_and_chunks_shrink_with_the_prefix()
         assert plan.kind == "mixed" and len(plan.decode.seq_ids) == 3
         p = plan.prefill
         sizes.append(len(p.tokens))
-        if not p.sample:  # whole zigzag blocks, and within the budget
+        if not p.sample:  # whole zigzag blocks that fill a rank's budget
             assert len(p.tokens) % (2 * 2 * B) == 0
             a, c = p.start, len(p.tokens)
-            assert c == 16 or c + 3 + (a * c + c * c / 2) / 256 <= 48
-    assert sizes[:3] == [32, 32, 32] and sizes[-2] == 16 and sum(sizes) == 300
+
+            def cost(n, a=a):  # a rank: 3 decode tokens, n/2 new ones over a + n/2 keys
+                return 3 + n / 2 + (n / 2) * (a + n / 2) / 256
+
+            assert (c == 16 or cost(c) <= 48) and cost(c + 16) > 48
+    assert sizes[0] > sizes[-2] and sum(sizes) == 300
     assert sizes == sorted(sizes, reverse=True)[: len(sizes) - 1] + sizes[-1:]
     run_all(s)
     assert s.blocks.reserved() == [0, 0] and s.kv_used() == [0, 0]
@@ -470,3 +481,101 @@ def test_a_short_prompt_goes_before_a_long_prefill_which_never_starves():
     assert order[MAX_PASSED_OVER] == 0
     assert sorted(order) == [0, 0] + list(range(1, 9))
     assert all(q.output_ids for q in shorts) and long.prefilled == 24
+
+
+def homes(s: Scheduler) -> dict[str, int]:
+    return {q.request_id: q.home for q in s.prefilling + s.decoding}
+
+
+def test_short_requests_live_on_one_rank_each_spread_by_load():
+    """Prompts under shard_min_tokens go whole to one rank each, the least loaded; every
+    rank prefills its own in the same step, and a long prompt still shards."""
+    s = make(world=3, pages=50, seqs=8, short=20)
+    for i in range(6):
+        s.add(seq(i, 5, max_tokens=4, first=10 * i + 1))
+    s.add(seq(9, 30, max_tokens=2, first=500))
+    plan = s.schedule()
+    assert homes(s) == {"r0": 0, "r1": 1, "r2": 2, "r3": 0, "r4": 1, "r5": 2, "r9": -1}
+    assert sorted(p.home for p in plan.local) == [0, 1, 2]  # one per rank, side by side
+    assert plan.prefill is not None and plan.prefill.home == -1
+    for p in plan.local:  # all of a short prompt, its pages on its home only
+        q = next(q for q in s.prefilling if q.seq_id == p.seq_id)
+        assert p.tokens == q.prompt_ids and p.strategy == "local"
+        assert [r for r, _ in q.blocks] == [p.home] * 2
+        assert {op.rank for op in plan.tables if op.row == q.row and op.pages} == {p.home}
+    for q in s.prefilling:  # what each reserved over its life: (5 + 4 - 1) / 4 blocks
+        if q.home >= 0:
+            held = [sum(1 for r, _ in q.blocks if r == k) for k in range(3)]
+            assert [h + n for h, n in zip(held, q.reserved)] == \
+                [2 if k == q.home else 0 for k in range(3)]
+    s.update(plan, [7] * sampled(plan))
+    decodes = 0
+    while s.has_work():
+        plan = drive(s)
+        if plan.decode is not None:
+            d = plan.decode
+            decodes += 1
+            assert all(o == h for o, h in zip(d.owner, d.home) if h >= 0)
+        for q in list(s.decoding):
+            if len(q.output_ids) >= q.params.max_tokens:
+                s.finish(q, "length")
+    assert decodes > 0
+    assert s.kv_used() == [0, 0, 0] and s.blocks.reserved() == [0, 0, 0]
+
+
+def test_a_follow_up_goes_to_the_rank_holding_its_prefix_unless_that_one_is_busier():
+    s = make(world=2, pages=50, seqs=8, short=40)
+    doc = list(range(100, 112))  # 3 blocks
+    f0 = seq(0, 3, max_tokens=50, first=1)
+    a = Sequence(1, "a", doc, SamplingParams(max_tokens=1, temperature=0))
+    s.add(f0)
+    s.add(a)
+    drive(s)
+    assert f0.home == 0 and a.home == 1
+    s.finish(a, "stop")  # its blocks stay cached on rank 1
+    g = seq(2, 3, max_tokens=50, first=300)
+    s.add(g)
+    drive(s)
+    assert g.home == 1  # the least loaded then
+    s.finish(f0, "stop")  # now rank 0 idles and rank 1 runs g: one request's load more
+    c = Sequence(3, "c", doc + [7, 8, 9], SamplingParams(max_tokens=2, temperature=0))
+    d = Sequence(4, "d", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0))
+    s.add(c)
+    s.add(d)
+    drive(s)
+    assert c.home == 1 and c.num_cached == 12  # the three blocks a stored
+    assert d.home == 0
+    s.add(h := seq(5, 3, max_tokens=50, first=700))
+    drive(s)
+    assert h.home == 0
+    s.add(e := Sequence(6, "e", doc + [4], SamplingParams(max_tokens=2, temperature=0)))
+    s.add(x := seq(7, 3, max_tokens=50, first=900))
+    drive(s)
+    # rank 1 (c, g) has one more than rank 0 (d, h): still the cache's rank; then x goes
+    # to rank 0, and with rank 1 two ahead a third follow-up computes its prefix afresh
+    assert e.home == 1 and e.num_cached == 12 and x.home == 0
+    s.finish(d, "stop")
+    s.finish(h, "stop")
+    s.add(y := Sequence(8, "y", doc + [5], SamplingParams(max_tokens=2, temperature=0)))
+    drive(s)
+    assert y.home == 0 and y.num_cached == 0
+
+
+def test_short_requests_too_big_for_one_rank_or_scored_are_sharded():
+    s = make(world=2, pages=5, short=40)
+    big = seq(0, 10, max_tokens=20)  # 29 KV tokens: 8 blocks, more than one rank's 5
+    scored = Sequence(1, "r1", [1, 2, 3], SamplingParams(max_tokens=2, prompt_logprobs=0))
+    s.add(big)
+    s.add(scored)
+    s.schedule()
+    assert big.home == -1 and scored.home == -1
+
+
+def test_a_short_request_no_rank_has_room_for_is_sharded_rather_than_kept_waiting():
+    s = make(world=2, pages=10, seqs=4, short=40)
+    s.add(a := seq(0, 3, max_tokens=22))  # 6 of rank 0's 10 pages
+    s.add(b := seq(1, 3, max_tokens=22, first=100))  # 6 of rank 1's
+    s.add(c := seq(2, 3, max_tokens=22, first=200))  # 6 more: on no rank, 3 + 3 sharded
+    drive(s)
+    assert (a.home, b.home, c.home) == (0, 1, -1)
+    assert c.status is Status.PREFILLING or c.status is Status.DECODING

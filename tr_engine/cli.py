@@ -74,10 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, metavar="N",
                    help="prefill longer prompts in pieces of N tokens (default: 32768)")
     g.add_argument("--max-num-batched-tokens", type=int, metavar="N",
-                   help="token budget of a step while requests decode: their tokens plus a "
-                   "prefill chunk cut to the rest, a token's attention over a long prefix "
-                   "counted too, so streams keep flowing during long prefills "
+                   help="token budget of a step per rank while requests decode: their "
+                   "tokens plus prefill work cut to the rest, a token's attention over a "
+                   "long prefix counted too, so streams keep flowing during long prefills "
                    "(default: 4096)")
+    g.add_argument("--shard-min-tokens", type=int, metavar="N",
+                   help="prompts shorter than N tokens are not sharded: each lives on one "
+                   "rank and the ranks serve different short requests side by side; 0 "
+                   "shards every prompt (default: 8192)")
     g.add_argument("--token-chunk", type=int, metavar="N",
                    help="tokens per slice of token-wise work (projections, MLP) in a prefill "
                    "(default: 8192)")

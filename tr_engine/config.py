@@ -27,10 +27,16 @@ class EngineConfig:
       per rank instead (tests use it for exact numbers).
     token_chunk: tokens per slice of token-wise work (projections, MLP) in a prefill.
     prefill_chunk: a prompt longer than this is prefilled in pieces of this many tokens.
-    max_num_batched_tokens: the token budget of a step while requests decode (vLLM's name):
-      every decoding sequence's token plus a prefill chunk cut to the rest, counting each
-      new prompt token's attention over the tokens before it as well (scheduler.py). It
-      bounds how long streams wait during a prefill. None: whole prefill_chunk chunks.
+    max_num_batched_tokens: the token budget of a step while requests decode (vLLM's name),
+      per rank: the decoding sequences' tokens a rank computes plus prefill work cut to the
+      rest, counting each new prompt token's attention over the tokens before it as well
+      (scheduler.py). It bounds how long streams wait during a prefill. None: whole
+      prefill_chunk chunks.
+    shard_min_tokens: prompts shorter than this are not sharded: each lives on one rank
+      (its KV, its prefill and decode), and the ranks serve different short requests side
+      by side; longer prompts shard over all ranks. 0 shards every prompt. The default is
+      about where sharding starts to pay for a lone request with a few hundred tokens to
+      generate (docs/serving.md).
     max_num_seqs: sequences decoded together in one step; max_waiting: queue bound.
     enforce_eager: run decode steps kernel by kernel instead of replaying them from device
       graphs recorded at start-up (graphs are used where the backend records them: CUDA).
@@ -54,6 +60,7 @@ class EngineConfig:
     token_chunk: int = 8192
     prefill_chunk: int = 32768
     max_num_batched_tokens: int | None = 4096
+    shard_min_tokens: int = 8192
     max_num_seqs: int = 64
     max_waiting: int = 256
     served_model_name: str | None = None
@@ -91,6 +98,9 @@ class EngineConfig:
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise ValueError(f"max_num_batched_tokens must be a positive integer; got "
                              f"{budget!r}")
+        if not isinstance(self.shard_min_tokens, int) or self.shard_min_tokens < 0:
+            raise ValueError(f"shard_min_tokens must be a non-negative integer; got "
+                             f"{self.shard_min_tokens!r}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be positive; got {self.kv_cache_tokens}")
 

@@ -92,7 +92,7 @@ class LLMEngine:
             self.config.world_size, runner.num_pages, runner.block_size, self.max_model_len,
             config.prefill_chunk, config.max_num_seqs, config.max_waiting,
             self._choose_strategy, config.enable_prefix_caching,
-            config.max_num_batched_tokens, prefix_cost(mc),
+            config.max_num_batched_tokens, prefix_cost(mc), config.shard_min_tokens,
         )
         self.sampler = Sampler(runner.device, config.seed)
         self._ids = itertools.count()
@@ -196,15 +196,19 @@ class LLMEngine:
             self.on_scheduled()
         t = time.perf_counter()
         seqs = self._plan_sequences(plan)
-        scored = plan.kind == "prefill" and seqs[0].params.prompt_logprobs is not None
-        if scored:
+        scored = None  # a prompt_logprobs request's chunk: a step of its own
+        if plan.kind == "prefill" and plan.prefill is not None and not plan.local:
+            scored = self._seqs[plan.prefill.seq_id]
+            if scored.params.prompt_logprobs is None:
+                scored = None
+        if scored is not None:
             plan.prefill.all_logits = True  # every position's logits come back, not the last
         logits = self.cluster.run(plan)
-        if scored:
+        if scored is not None:
             try:
-                logits = self._score_prompt(seqs[0], plan.prefill, logits)
+                logits = self._score_prompt(scored, plan.prefill, logits)
             except Exception as e:  # this request's alone
-                return [self.fail(seqs[0], e)]
+                return [self.fail(scored, e)]
         tokens, logprobs, errors = self.sampler(logits, seqs) if logits is not None \
             else ([], [], {})
         touched = self.scheduler.update(plan, tokens)
@@ -244,25 +248,20 @@ class LLMEngine:
                                  f"serving this request failed ({type(error).__name__})"))
 
     def _plan_sequences(self, plan: StepPlan) -> list[Sequence]:
-        """The sequences of the step's logits rows, in order: the prefill's, if its chunk
-        ends the prompt (or it scores the prompt), then the decoding ones."""
-        ids = []
-        if plan.prefill is not None:
-            seq = self._seqs[plan.prefill.seq_id]
-            seq.metrics.first_scheduled = seq.metrics.first_scheduled or time.time()
-            if plan.prefill.sample or plan.kind == "prefill":
-                ids.append(seq.seq_id)
-        if plan.decode is not None:
-            ids += plan.decode.seq_ids
-        return [self._seqs[i] for i in ids]
+        """The sequences of the step's logits rows, in order (StepPlan.sampled)."""
+        now = time.time()
+        for p in [plan.prefill, *plan.local]:
+            if p is not None:
+                seq = self._seqs[p.seq_id]
+                seq.metrics.first_scheduled = seq.metrics.first_scheduled or now
+        return [self._seqs[i] for i in plan.sampled()]
 
     def _account(self, plan: StepPlan, t: float) -> None:
         self.batched_tokens.observe(plan.num_tokens)
-        if plan.prefill is not None:
-            n = len(plan.prefill.tokens)
-            self.prompt_tokens_total += n
-            if plan.kind == "prefill":
-                self.last_prefill_tokens_per_s = n / max(time.perf_counter() - t, 1e-9)
+        n = sum(len(p.tokens) for p in [plan.prefill, *plan.local] if p is not None)
+        self.prompt_tokens_total += n
+        if n and plan.kind == "prefill":
+            self.last_prefill_tokens_per_s = n / max(time.perf_counter() - t, 1e-9)
 
     def _on_token(self, seq: Sequence, logprob) -> RequestOutput:
         """A new token for `seq`: stop checks, text, and the output to hand back."""

@@ -5,11 +5,14 @@ Python the host, not the device, sets the pace. So at start-up the runner record
 decode forward once per batch size bucket (1, 2, 4, ... up to max_num_seqs) and each step
 copies its inputs into the recorded buffers and replays the graph with one launch. The
 forward is graph-safe by construction: `DecodeContext` takes every per-step value (ids,
-positions, block-table rows, key counts, store slots) from one device tensor, and the decode
-attention kernel reads them there. A batch runs in the smallest bucket that holds it; the
-padding rows attend to nothing and store their K/V in the pool's spare slot.
+positions, block-table rows, key counts, store slots, own-row flags) from one device tensor,
+and the decode attention kernel reads them there. A batch runs in the smallest bucket that
+holds it; the padding rows attend to nothing and store their K/V in the pool's spare slot.
+A graph gives the final hidden states; the runner takes the logits of the rows it needs.
 
-Every rank records and replays the same steps in the same order, collectives included.
+With several ranks there are graphs that merge over the ranks, recorded and replayed by
+every rank in the same order, collectives included; and, when short requests live on
+single ranks, graphs without any collective for a step of a rank's own requests alone.
 """
 
 from __future__ import annotations
@@ -36,40 +39,34 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class _Graph:
-    def __init__(self, graph, meta: torch.Tensor, logits: torch.Tensor | None) -> None:
-        self.graph, self.meta, self.logits = graph, meta, logits
+    def __init__(self, graph, meta: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.graph, self.meta, self.hidden = graph, meta, hidden
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_batch: int) -> None:
+    def __init__(self, runner: ModelRunner, max_batch: int, merging: list[bool]) -> None:
         self.runner = runner
         self.sizes = buckets(max_batch)
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool = None
         t = time.perf_counter()
-        for b in reversed(self.sizes):  # the largest first: the others fit in its memory
-            self._graphs[b] = self._capture(b)
+        for merge in merging:
+            for b in reversed(self.sizes):  # the largest first: the others fit in its memory
+                self._graphs[b, merge] = self._capture(b, merge)
         runner.backend.synchronize()
-        log.info("rank %d: decode graphs for batch sizes %s recorded in %.1f s", runner.rank,
-                 self.sizes, time.perf_counter() - t)
+        log.info("rank %d: %d decode graphs for batch sizes %s recorded in %.1f s",
+                 runner.rank, len(self._graphs), self.sizes, time.perf_counter() - t)
 
-    def _blank_meta(self, b: int) -> torch.Tensor:
-        """Inputs of a step that computes nothing useful: token 0 at position 0 in every row,
-        no keys to attend, K/V stored in the spare slot."""
-        meta = torch.zeros((5, b), dtype=torch.long)
-        meta[4] = self.runner.kv.spare
-        return meta
-
-    def _capture(self, b: int) -> _Graph:
+    def _capture(self, b: int, merge: bool) -> _Graph:
         runner, backend = self.runner, self.runner.backend
-        meta = self._blank_meta(b).to(runner.device)
-        runner.decode_forward(meta)  # warm-up: kernel compilation, library handles, NCCL
+        meta = runner.blank_meta(b).to(runner.device)
+        runner.decode_forward(meta, merge=merge)  # warm-up: kernels, library handles, NCCL
         backend.synchronize()
         graph = backend.new_graph()
         with backend.graph_capture(graph, pool=self._pool):
-            logits = runner.decode_forward(meta)
+            hidden = runner.decode_forward(meta, merge=merge)
         self._pool = graph.pool()
-        return _Graph(graph, meta, logits)
+        return _Graph(graph, meta, hidden)
 
     def release(self) -> None:
         """Free the graphs and their memory. A graph that recorded collectives holds on to
@@ -82,18 +79,19 @@ class DecodeGraphs:
         self._pool = None
         self.runner.backend.synchronize()
 
-    def get(self, batch: int) -> _Graph | None:
+    def get(self, batch: int, merge: bool) -> _Graph | None:
         """The graph of the smallest bucket that holds `batch` rows (None: run eagerly)."""
         for b in self.sizes:
             if b >= batch:
-                return self._graphs[b]
+                return self._graphs.get((b, merge))
         return None
 
-    def replay(self, graph: _Graph, meta: torch.Tensor) -> torch.Tensor | None:
-        """Run one step: meta `[5, B]` on the host -> logits `[B, V]` on rank 0."""
+    def replay(self, graph: _Graph, meta: torch.Tensor) -> torch.Tensor:
+        """Run one step: meta `[6, B]` on the host -> hidden states `[B, hidden]` (the
+        graph's own buffer: read it before the next replay)."""
         n = meta.shape[1]
-        padded = self._blank_meta(graph.meta.shape[1])
+        padded = self.runner.blank_meta(graph.meta.shape[1])
         padded[:, :n] = meta
         graph.meta.copy_(padded)
         graph.graph.replay()
-        return None if graph.logits is None else graph.logits[:n].clone()
+        return graph.hidden[:n]

@@ -19,7 +19,9 @@ class TableOp:
 @dataclass
 class PrefillPlan:
     """One chunk of one sequence's prompt, zigzag-sharded over all ranks in pieces of whole
-    KV blocks (kv_blocks.chunk_blocks).
+    KV blocks (kv_blocks.chunk_blocks). A chunk of a short prompt (home >= 0) is not
+    sharded: rank `home` computes it all, with plain causal attention over its prefix there,
+    and the other ranks do nothing for it.
 
     tokens are the chunk's ids; start (a multiple of the block size) is the position of the
     first. The sequence's block table is row `row` on every rank; its first prefix_len[r]
@@ -35,13 +37,16 @@ class PrefillPlan:
     sample: bool  # the last chunk: rank 0 needs the logits of the final position
     strategy: str
     all_logits: bool = False  # return every position's logits (tests)
+    home: int = -1  # a short prompt's one rank (see below); -1: sharded over all ranks
 
 
 @dataclass
 class DecodePlan:
     """One new token for each of several sequences. For sequence i (block table row
     rows[i]), rank r attends to its kv_len[i][r] stored keys; rank owner[i] also stores the
-    new token's KV in the slot after them."""
+    new token's KV in the slot after them. A sequence with home[i] >= 0 lives on that rank
+    alone (its KV, its token's layers); the others (-1) are computed on every rank and
+    their partial attention results merged."""
 
     seq_ids: list[int]
     rows: list[int]
@@ -49,12 +54,33 @@ class DecodePlan:
     positions: list[int]
     kv_len: list[list[int]]
     owner: list[int]
+    home: list[int] = field(default_factory=list)  # empty: every sequence sharded
+
+    def rows_of(self, rank: int) -> list[int]:
+        """Indices of the sequences rank `rank` computes: the sharded ones (the same rows,
+        in the same order, on every rank), then the ones homed on it."""
+        home = self.home or [-1] * len(self.seq_ids)
+        return [i for i, h in enumerate(home) if h < 0] + \
+            [i for i, h in enumerate(home) if h == rank]
+
+    @property
+    def num_sharded(self) -> int:
+        return sum(1 for h in self.home if h < 0) if self.home else len(self.seq_ids)
+
+    def width(self, world: int) -> int:
+        """Rows every rank's merge buffer holds: the sharded sequences, then room for the
+        most sequences any one rank has of its own."""
+        home = self.home or []
+        most = max((sum(1 for h in home if h == r) for r in range(world)), default=0)
+        return self.num_sharded + most
 
 
 @dataclass
 class StepPlan:
-    kind: str  # "prefill" | "decode" | "mixed" (a prefill chunk and a decode) | "shutdown"
-    prefill: PrefillPlan | None = None
+    kind: str  # "prefill" | "decode" | "mixed" (prefill work and a decode) | "shutdown"
+    prefill: PrefillPlan | None = None  # a chunk sharded over every rank
+    # chunks of short prompts (PrefillPlan.home), at most one per rank
+    local: list[PrefillPlan] = field(default_factory=list)
     decode: DecodePlan | None = None
     tables: list[TableOp] = field(default_factory=list)  # block-table updates, run first
     info: dict = field(default_factory=dict)
@@ -63,7 +89,15 @@ class StepPlan:
     def num_tokens(self) -> int:
         """Tokens the step computes: its prefill chunk's and its decode tokens."""
         n = len(self.prefill.tokens) if self.prefill is not None else 0
+        n += sum(len(p.tokens) for p in self.local)
         return n + (len(self.decode.tokens) if self.decode is not None else 0)
+
+    def sampled(self) -> list[int]:
+        """The seq_ids whose logits rows the step returns, in order: the sharded chunk's
+        last position if it ends the prompt, then each short prompt's that ends, then the
+        decode tokens."""
+        ids = [p.seq_id for p in [self.prefill, *self.local] if p is not None and p.sample]
+        return ids + (list(self.decode.seq_ids) if self.decode is not None else [])
 
 
 SHUTDOWN = StepPlan("shutdown")

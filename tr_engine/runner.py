@@ -4,7 +4,18 @@ Every rank runs the same plan: a prefill chunk (zigzag-sharded over the ranks, a
 the plan's strategy, the chunk's KV stored where the plan says), a decode step (the same
 new tokens on every rank, each rank attending its own KV shard, one all-gather per layer to
 merge), or a mixed step: both in one forward, the chunk's shard of tokens followed by the
-decode tokens, so the weights are read once for both. Only rank 0 needs the logits.
+decode tokens, so the weights are read once for both.
+
+Short requests live on one rank (their *home*, see the scheduler): a rank also runs the
+chunk of a short prompt homed on it, and decodes its own short requests after the sharded
+ones. Their attention is plain and local, and in the decode merge their rows keep the
+rank's own result; every rank's merge buffer has the same rows (the sharded sequences,
+then room for the most any rank has of its own), so the collectives match. Ranks with no
+work of any kind in a step skip the forward.
+
+Only rank 0 needs logits: the rows it does not have (the last position of another rank's
+short prompt, another rank's short requests' tokens) come to it in one all-gather of hidden
+states at the end of the step.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import Rates, gather_merge, get_strategy, layout
-from .backends import Backend, Communicator
+from .backends import SOLO, Backend, Communicator
 from .config import EngineConfig
 from .context import ForwardContext, forward_context
 from .graphs import DecodeGraphs
@@ -31,6 +42,7 @@ class PrefillContext(ForwardContext):
     def __init__(self, runner: ModelRunner, plan: PrefillPlan, n_valid: int) -> None:
         self.runner, self.plan, self.n_valid = runner, plan, n_valid
         self.token_chunk = runner.config.token_chunk
+        self.group = runner.group if plan.home < 0 else SOLO  # a short prompt: this rank's
         cached = plan.prefix_len[runner.rank]
         tables = runner.tables
         # the same slots in every layer: worked out once per forward. Every rank passes a
@@ -45,7 +57,7 @@ class PrefillContext(ForwardContext):
         if self.prefix is not None:  # this rank's share of the prefix (order does not matter)
             prefix["k_prefix"], prefix["v_prefix"] = cache.gather(layer, self.prefix)
         strategy = get_strategy(self.plan.strategy)
-        out, _ = strategy(q, k, v, self.runner.group, causal=True, scale=scale, **prefix)
+        out, _ = strategy(q, k, v, self.group, causal=True, scale=scale, **prefix)
         cache.store(layer, self.store, k[: self.n_valid], v[: self.n_valid])
         return out
 
@@ -55,16 +67,20 @@ def _on(slots, device):
 
 
 class DecodeContext(ForwardContext):
-    """One new token per sequence, the same on every rank. Everything this rank needs is in
-    device tensors `[B]`: each sequence's block-table row, how many of its keys this rank
-    attends (the new one included on its owner), and the slot the new K/V goes to (a spare
-    slot on the ranks that do not keep it). No host value steers the kernels, so a graph
-    captured once replays every step."""
+    """One new token per sequence. Everything this rank needs is in one device tensor
+    `meta` `[6, B]` (`ModelRunner._decode_meta`): each sequence's block-table row, how many
+    of its keys this rank attends (the new one included on its owner), the slot the new K/V
+    goes to (a spare slot on the ranks that do not keep it), and whether the row is this
+    rank's own (a short request: no merge). No host value steers the kernels, so a graph
+    captured once replays every step. `merge`: the rows' partial results are merged over
+    the ranks (one all-gather per layer); else every row is this rank's alone."""
 
-    def __init__(self, runner: ModelRunner, rows: torch.Tensor, lens: torch.Tensor,
-                 slots: torch.Tensor, keys: list | None = None) -> None:
-        self.runner, self.rows, self.lens, self.slots = runner, rows, lens, slots
+    def __init__(self, runner: ModelRunner, meta: torch.Tensor, keys: list | None = None,
+                 merge: bool = True) -> None:
+        self.runner = runner
+        self.rows, self.lens, self.slots, self.own = meta[2], meta[3], meta[4], meta[5]
         self.keys = keys  # host-driven backends: each sequence's key slots, from the host
+        self.merge = merge and runner.world > 1
 
     def attention(self, layer, q, k, v, scale):
         # q [B, Hq, D], k/v [B, Hkv, D]
@@ -76,29 +92,35 @@ class DecodeContext(ForwardContext):
         args = (q, k_cache, v_cache, tables.device, self.rows, self.lens, tables.block_size,
                 scale)
         attend = runner.backend.decode_attention
-        if runner.world == 1:
+        if not self.merge:
             return attend(*args, keys=self.keys)[0]
         # out and lse go straight into the one float32 buffer the ranks all-gather
         b, h, d = q.shape
         packed = torch.empty((b, h, d + 1), dtype=torch.float32, device=q.device)
         attend(*args, packed[..., :d], packed[..., d], keys=self.keys)
-        return gather_merge(packed, q.dtype, runner.group)[0]
+        merged = gather_merge(packed, q.dtype, runner.group)[0]
+        if not runner.placement:
+            return merged
+        own = packed[..., :d].to(q.dtype)  # a short request's result is whole already
+        return torch.where(self.own.bool()[:, None, None], own, merged)
 
 
-class MixedContext(ForwardContext):
-    """A prefill chunk and a decode batch in one forward: the first `n` tokens are this
-    rank's shard of the chunk, the rest the decode tokens. Each part's attention runs as in
-    a step of its own (the chunk's collectives, then the decode merge, in that order on
-    every rank); the token-wise layers see them together."""
+class StepContext(ForwardContext):
+    """Several parts of one step in one forward (a sharded chunk's shard, a short prompt's
+    chunk, the decode tokens), `(context, tokens)` in that order. Each part's attention
+    runs as in a step of its own, in the same order on every rank (so the collectives
+    match); the token-wise layers see them together."""
 
-    def __init__(self, prefill: PrefillContext, decode: DecodeContext, n: int) -> None:
-        self.prefill, self.decode, self.n = prefill, decode, n
-        self.token_chunk = prefill.token_chunk
+    def __init__(self, parts: list[tuple[ForwardContext, int]]) -> None:
+        self.parts = parts
+        self.token_chunk = next((c.token_chunk for c, _ in parts if c.token_chunk), None)
 
     def attention(self, layer, q, k, v, scale):
-        n = self.n
-        out = self.prefill.attention(layer, q[:n], k[:n], v[:n], scale)
-        return torch.cat([out, self.decode.attention(layer, q[n:], k[n:], v[n:], scale)])
+        outs, a = [], 0
+        for ctx, n in self.parts:
+            outs.append(ctx.attention(layer, q[a : a + n], k[a : a + n], v[a : a + n], scale))
+            a += n
+        return torch.cat(outs)
 
 
 class ModelRunner:
@@ -133,13 +155,19 @@ class ModelRunner:
                                   self.block_size, self.device)
         backend.prepare_attention(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype,
                                   self.device)
+        # short requests may live on single ranks (their rows skip the decode merge)
+        self.placement = world > 1 and config.shard_min_tokens > 0
         self.rates = self._calibrate()
         self.graphs = None
         # whether decode attention reads the block tables on the device (else the host
         # works out each sequence's key slots once a step)
         self.device_decode = backend.graph_safe_decode(self.dtype, mc.head_dim)
         if not config.enforce_eager and self.device_decode:
-            self.graphs = DecodeGraphs(self, config.max_num_seqs)
+            # with several ranks, graphs that merge over them; with short requests placed on
+            # single ranks also graphs of a rank's own requests alone (no collective)
+            merging = [True] if world > 1 else [False]
+            self.graphs = DecodeGraphs(self, config.max_num_seqs,
+                                       [*merging, False] if self.placement else merging)
 
     # ---- set-up ------------------------------------------------------------------------
     def _plan_memory(self) -> int:
@@ -219,15 +247,16 @@ class ModelRunner:
     # ---- steps ---------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run one step; returns float32 logits on rank 0 (None elsewhere)."""
+        """Run one step; returns float32 logits on rank 0 (None elsewhere), one row per
+        entry of `plan.sampled()`."""
         for op in plan.tables:
             if op.rank == self.rank:
                 self.tables.apply(op)
-        if plan.kind == "prefill":
+        if plan.kind == "prefill" and not plan.local:
             return self.prefill(plan.prefill)
-        if plan.kind == "mixed":
-            return self.mixed(plan.prefill, plan.decode)
-        return self.decode(plan.decode)
+        if plan.kind == "decode":
+            return self.decode(plan)
+        return self.mixed(plan)
 
     def _prefill_inputs(self, p: PrefillPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of a chunk: token ids and positions, on the device."""
@@ -263,53 +292,165 @@ class ModelRunner:
         last = self._last_hidden(p, hidden)
         return self.model.compute_logits(last) if self.rank == 0 else None
 
-    def mixed(self, p: PrefillPlan, d: DecodePlan) -> torch.Tensor | None:
-        """A chunk and a decode batch in one forward (eager: the chunk's shapes vary).
-        Logits: the chunk's last position first if it ends the prompt, then the decode
-        tokens'."""
-        ids, positions = self._prefill_inputs(p)
-        meta = self._decode_meta(d)
-        keys = self._host_keys(d, meta)
-        ids_d, positions_d, rows, lens, slots = meta.to(self.device)
-        ctx = MixedContext(self._prefill_context(p),
-                           DecodeContext(self, rows, lens, slots, keys), len(ids))
+    def mixed(self, plan: StepPlan) -> torch.Tensor | None:
+        """Every part of a step this rank has in one forward (eager: the chunks' shapes
+        vary): the sharded chunk's shard, the chunk of a short prompt homed here, the
+        decode tokens (see StepContext)."""
+        parts = []  # (context, ids, positions)
+        p, d = plan.prefill, plan.decode
+        if p is not None:
+            parts.append((self._prefill_context(p), *self._prefill_inputs(p)))
+        mine = next((lp for lp in plan.local if lp.home == self.rank), None)
+        if mine is not None:
+            n = len(mine.tokens)
+            ids = torch.tensor(mine.tokens, dtype=torch.long, device=self.device)
+            positions = torch.arange(mine.start, mine.start + n, device=self.device)
+            parts.append((PrefillContext(self, mine, n), ids, positions))
+        idx: list[int] = []
+        if d is not None:
+            idx, width, merge = self._decode_rows(d)
+            if width:
+                meta = self._decode_meta(d, idx, width)
+                keys = self._host_keys(meta)
+                meta = meta.to(self.device)
+                parts.append((DecodeContext(self, meta, keys, merge), meta[0], meta[1]))
+        if not parts:  # nothing of this step is this rank's
+            return self._logits(plan, None, None, None, idx)
+        ctx = StepContext([(c, len(ids)) for c, ids, _ in parts])
         with forward_context(ctx):
-            hidden = self.model(torch.cat([ids, ids_d]), torch.cat([positions, positions_d]))
-        out = hidden[len(ids) :]
-        if p.sample:
-            out = torch.cat([self._last_hidden(p, hidden[: len(ids)]), out])
-        return self.model.compute_logits(out) if self.rank == 0 else None
+            hidden = self.model(torch.cat([ids for _, ids, _ in parts]),
+                                torch.cat([pos for _, _, pos in parts]))
+        a, shared_last, local_last, dec = 0, None, None, None
+        if p is not None:
+            n = len(parts[0][1])
+            if p.sample:
+                shared_last = self._last_hidden(p, hidden[:n])
+            a = n
+        if mine is not None:
+            a += len(mine.tokens)
+            local_last = hidden[a - 1 : a] if mine.sample else None
+        if idx:
+            dec = hidden[a : a + len(idx)]
+        return self._logits(plan, shared_last, local_last, dec, idx)
 
-    def decode(self, p: DecodePlan) -> torch.Tensor | None:
-        meta = self._decode_meta(p)
-        graph = self.graphs.get(len(p.tokens)) if self.graphs is not None else None
-        if graph is not None:
-            return self.graphs.replay(graph, meta)
-        return self.decode_forward(meta.to(self.device), self._host_keys(p, meta))
+    def decode(self, plan: StepPlan) -> torch.Tensor | None:
+        d = plan.decode
+        idx, width, merge = self._decode_rows(d)
+        dec = None
+        if width:
+            meta = self._decode_meta(d, idx, width)
+            graph = self.graphs.get(width, merge) if self.graphs is not None else None
+            if graph is not None:
+                dec = self.graphs.replay(graph, meta)
+            else:
+                dec = self.decode_forward(meta.to(self.device), self._host_keys(meta), merge)
+            dec = dec[: len(idx)]
+        return self._logits(plan, None, None, dec, idx)
 
-    def _host_keys(self, p: DecodePlan, meta: torch.Tensor) -> list | None:
+    def _decode_rows(self, d: DecodePlan) -> tuple[list[int], int, bool]:
+        """The decode sequences this rank computes (indices into the plan), the rows of its
+        batch (the merge buffer's, the same on every rank, when it merges), and whether
+        it merges (any sharded sequence on a world of several ranks)."""
+        idx = d.rows_of(self.rank)
+        merge = self.world > 1 and d.num_sharded > 0
+        return idx, d.width(self.world) if merge else len(idx), merge
+
+    def _logits(self, plan: StepPlan, shared_last: torch.Tensor | None,
+                local_last: torch.Tensor | None, dec: torch.Tensor | None,
+                idx: list[int]) -> torch.Tensor | None:
+        """Rank 0's logits for `plan.sampled()`, from this step's hidden states: the sharded
+        chunk's last position (every rank has it), this rank's short prompt's last position,
+        its decode rows `dec` (the plan's sequences `idx`). The rows of other ranks' short
+        requests come in one all-gather (every rank takes part when any is needed)."""
+        d = plan.decode
+        home = (d.home or [-1] * len(d.seq_ids)) if d is not None else []
+        ends = {lp.home for lp in plan.local if lp.sample}
+        # rows each rank alone has, in order: its short prompt's end, its decode rows
+        count = [(r in ends) + home.count(r) for r in range(self.world)]
+        pool = [t for t in (shared_last, local_last, dec) if t is not None]
+        gathered = None
+        if any(count[1:]):
+            size = self.model_config.hidden_size
+            mine = torch.zeros((max(count), size), dtype=self.dtype, device=self.device)
+            own = [t for t in (local_last, None if dec is None else
+                               dec[len(idx) - home.count(self.rank):]) if t is not None]
+            if own:
+                rows = torch.cat(own)
+                mine[: len(rows)] = rows
+            gathered = self.comm.all_gather(mine)  # [P, max(count), hidden]
+        if self.rank != 0:
+            return None
+        # where each sampled row lies in cat(pool) (rank 0's own) + gathered.flatten
+        base = sum(len(t) for t in pool)
+        width = max(count)
+        at: dict[int, int] = {}  # seq_id -> index
+        n = 0
+        if shared_last is not None:
+            at[plan.prefill.seq_id] = 0
+            n = 1
+        taken = [0] * self.world  # rows of each other rank's own used so far
+        for lp in plan.local:
+            if lp.sample:
+                if lp.home == 0:
+                    at[lp.seq_id] = n
+                else:
+                    at[lp.seq_id] = base + lp.home * width
+                    taken[lp.home] = 1
+        n += local_last is not None
+        for j, i in enumerate(idx):
+            at[d.seq_ids[i]] = n + j
+        for i, h in enumerate(home):
+            if h > 0:
+                at[d.seq_ids[i]] = base + h * width + taken[h]
+                taken[h] += 1
+        rows = [at[s] for s in plan.sampled()]
+        if not rows:
+            return None
+        hidden = (pool[0] if len(pool) == 1 else torch.cat(pool)) if pool else None
+        if gathered is not None:
+            flat = gathered.flatten(0, 1)
+            hidden = flat if hidden is None else torch.cat([hidden, flat])
+        if rows != list(range(len(rows))) or len(rows) != len(hidden):
+            hidden = hidden[torch.tensor(rows, device=self.device)]
+        return self.model.compute_logits(hidden)
+
+    def _host_keys(self, meta: torch.Tensor) -> list | None:
         """For a backend whose decode attention reads them from the host: the slots of each
-        sequence's keys, worked out once per step (None where the device reads the tables)."""
+        row's keys, worked out once per step (None where the device reads the tables)."""
         if self.device_decode:
             return None
         return [_on(self.tables.slots(row, 0, n), self.device)
-                for row, n in zip(p.rows, meta[3].tolist())]
+                for row, n in zip(meta[2].tolist(), meta[3].tolist())]
 
-    def _decode_meta(self, p: DecodePlan) -> torch.Tensor:
-        """`[5, B]` int64 on the host: token ids, positions, block-table rows, keys to
-        attend on this rank, and the slots the new K/V go to."""
+    def blank_meta(self, width: int) -> torch.Tensor:
+        """Decode inputs of rows that compute nothing useful: token 0 at position 0, no keys
+        to attend, K/V stored in the spare slot, the rank's own (merged with nothing)."""
+        meta = torch.zeros((6, width), dtype=torch.long)
+        meta[4] = self.kv.spare
+        meta[5] = 1
+        return meta
+
+    def _decode_meta(self, p: DecodePlan, idx: list[int], width: int) -> torch.Tensor:
+        """`[6, width]` int64 on the host for the plan's sequences `idx`, then blank rows:
+        token ids, positions, block-table rows, keys to attend on this rank, the slots the
+        new K/V go to, and whether the row is this rank's own (a short request)."""
         r, b, host = self.rank, self.block_size, self.tables.host
-        lens = [n[r] + (o == r) for n, o in zip(p.kv_len, p.owner)]
-        slots = [host[row][n[r] // b] * b + n[r] % b if o == r else self.kv.spare
-                 for row, n, o in zip(p.rows, p.kv_len, p.owner)]
-        return torch.tensor([p.tokens, p.positions, p.rows, lens, slots], dtype=torch.long)
+        meta = self.blank_meta(width)
+        if not idx:
+            return meta
+        home = p.home or [-1] * len(p.seq_ids)
+        cols = []
+        for i in idx:
+            n, o, row = p.kv_len[i][r], p.owner[i], p.rows[i]
+            slot = host[row][n // b] * b + n % b if o == r else self.kv.spare
+            cols.append((p.tokens[i], p.positions[i], row, n + (o == r), slot, home[i] >= 0))
+        meta[:, : len(idx)] = torch.tensor(cols, dtype=torch.long).T
+        return meta
 
-    def decode_forward(self, meta: torch.Tensor, keys: list | None = None
-                       ) -> torch.Tensor | None:
-        """The decode forward for `meta` (as `_decode_meta` lays it out, on the device);
-        `keys`: each sequence's key slots, for a backend whose decode attention reads them
-        on the host."""
-        ids, positions, rows, lens, slots = meta
-        with forward_context(DecodeContext(self, rows, lens, slots, keys)):
-            hidden = self.model(ids, positions)  # [B, hidden], the same on every rank
-        return self.model.compute_logits(hidden) if self.rank == 0 else None
+    def decode_forward(self, meta: torch.Tensor, keys: list | None = None,
+                       merge: bool = True) -> torch.Tensor:
+        """The decode forward for `meta` (as `_decode_meta` lays it out, on the device) ->
+        hidden states `[B, hidden]`; `keys`: each row's key slots, for a backend whose decode
+        attention reads them on the host; `merge`: see DecodeContext."""
+        with forward_context(DecodeContext(self, meta, keys, merge)):
+            return self.model(meta[0], meta[1])

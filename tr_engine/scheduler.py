@@ -11,18 +11,31 @@ Policy:
   the same document reuses that KV instead of storing it twice.
 - With nothing decoding, a prompt is prefilled in chunks of at most `prefill_chunk` tokens
   (a multiple of 2P blocks, so chunks stay block-aligned), one sequence per step.
+- Short prompts are not sharded (`shard_min_tokens`): a request whose prompt is shorter
+  lives on one rank, its *home*: its KV on that card alone, its prefill and decode computed
+  there only, so the ranks serve different short requests side by side (data parallel)
+  while long prompts shard over all of them. The home is the least loaded rank (load: the
+  rank's short requests, each a decode token per step plus `prefix_cost` x its KV), or the
+  rank holding its prompt's cached prefix (a chat's next turn) when that one has at most
+  one request's load more. Sharding a short prompt only makes every card compute every one
+  of its tokens; it is sharded all the same when no rank has room for all of its KV but
+  the ranks together have.
 - While any request decodes, every step is a *mixed* step: one forward carries every
-  decoding sequence's next token plus a prefill chunk cut to the step's token budget
-  (`max_num_batched_tokens`). The budget counts a new prompt token as its own layers plus
-  its attention over the tokens before it (`prefix_cost` per earlier token, from the
-  model's shape), so a chunk deep in a long prompt is shorter and every step costs about
-  the same: streams keep flowing at a bounded gap during any prefill.
-- Prefill turns: the prompt with the fewest tokens left goes first (a short prompt does
-  not wait for a long prefill), but one passed over `MAX_PASSED_OVER` turns in a row goes
-  next, so none starves. A prompt whose next block another prefilling request is about to
-  store waits for it rather than computing it again.
-- A request that wants its prompt logprobs prefills in steps of its own (they return every
-  position's logits), alternating with decode steps.
+  decoding sequence's next token plus prefill work cut to the step's token budget
+  (`max_num_batched_tokens`, per rank: the tokens each card computes). The budget counts a
+  new prompt token as its own layers plus its attention over the tokens before it
+  (`prefix_cost` per earlier token, from the model's shape), so a chunk deep in a long
+  prompt is shorter and every step costs about the same: streams keep flowing at a bounded
+  gap during any prefill.
+- Prefill turns: a step carries at most one sharded chunk and, on each rank, at most one
+  chunk of a short prompt homed there. The prompt with the fewest tokens left goes first
+  (a short prompt does not wait for a long prefill), but one passed over `MAX_PASSED_OVER`
+  turns in a row goes next, so none starves: short prompts take a rank's budget before the
+  sharded chunk, except after it has yielded `MAX_PASSED_OVER` steps in a row. A prompt
+  whose next block another prefilling request is about to store waits for it rather than
+  computing it again.
+- A request that wants its prompt logprobs is sharded and prefills in steps of its own
+  (they return every position's logits), alternating with the other steps.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         max_num_batched_tokens: int | None = None,
         prefix_cost: float = 0.0,
+        shard_min_tokens: int = 0,
     ) -> None:
         self.world, self.block_size = world, block_size
         self.blocks = BlockManager(world, num_pages, block_size, enable_prefix_caching)
@@ -65,6 +79,8 @@ class Scheduler:
         # the token budget of a mixed step (None: whole chunks, as with nothing decoding)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefix_cost = prefix_cost  # a key a new token attends, in units of its layers
+        # prompts shorter than this live on one rank (0: every prompt is sharded)
+        self.shard_min_tokens = shard_min_tokens if world > 1 else 0
         self.max_num_seqs = max_num_seqs
         self.max_waiting = max_waiting
         self.choose_strategy = choose_strategy  # (new tokens, cached tokens) -> strategy
@@ -73,7 +89,8 @@ class Scheduler:
         self.decoding: list[Sequence] = []
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.scratch_row = max_num_seqs  # for prompt_logits
-        self._last_kind = "decode"
+        self._last_kind = "other"  # or "scored": a prompt_logprobs request's own step
+        self._sharded_waits = 0  # steps in a row the sharded chunk yielded to short prompts
 
     # ---- admission -------------------------------------------------------------------
     def _pages(self, cached_ranks: list[int], prompt_len: int, max_tokens: int) -> list[int]:
@@ -138,13 +155,67 @@ class Scheduler:
         seq.table = [[] for _ in range(self.world)]
         self.waiting.append(seq)
 
+    def _one_rank_blocks(self, seq: Sequence) -> int:
+        """Blocks a short request's KV fills on its home rank over its life."""
+        return -(-(seq.prompt_len + seq.params.max_tokens - 1) // self.block_size)
+
+    def _is_short(self, seq: Sequence) -> bool:
+        """Whether `seq` runs on one rank: a prompt under shard_min_tokens, all of whose KV
+        fits one rank's pool (prompt logprobs come from the sharded prefill)."""
+        return (seq.prompt_len < self.shard_min_tokens and seq.params.prompt_logprobs is None
+                and self._one_rank_blocks(seq) <= self.blocks.num_pages)
+
+    def _usable(self, seq: Sequence, hits: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The cached blocks `seq` can attend: all (a sharded prefix may lie anywhere), or for
+        a short request the leading ones on its home rank."""
+        if seq.home < 0:
+            return hits
+        n = next((i for i, (r, _) in enumerate(hits) if r != seq.home), len(hits))
+        return hits[:n]
+
+    def _need(self, seq: Sequence, hits: list[tuple[int, int]]) -> list[int]:
+        """New pages per rank `seq` takes over its life after its cached blocks `hits`."""
+        if seq.home < 0:
+            return self._pages([r for r, _ in hits], seq.prompt_len, seq.params.max_tokens)
+        need = [0] * self.world
+        need[seq.home] = self._one_rank_blocks(seq) - len(hits)
+        return need
+
+    def loads(self) -> list[float]:
+        """Each rank's short requests: a decode token per step each, plus the attention over
+        their KV (prefix_cost per key), in tokens of work per step."""
+        load = [0.0] * self.world
+        for s in (*self.prefilling, *self.decoding):
+            if s.home >= 0:
+                load[s.home] += 1 + self.prefix_cost * s.num_tokens
+        return load
+
+    def _place(self, seq: Sequence, hits: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+        """Choose a short request's home (see the module's policy) among the ranks where its
+        pages fit; returns the cached blocks it uses there, None if no rank has room."""
+        load = self.loads()
+        order = sorted(range(self.world), key=lambda r: (load[r], r))
+        if hits and load[hits[0][0]] <= load[order[0]] + 1:
+            order.remove(hits[0][0])
+            order.insert(0, hits[0][0])
+        for r in order:
+            seq.home = r
+            mine = self._usable(seq, hits)
+            if self.blocks.can_reserve(self._need(seq, mine), mine):
+                return mine
+        seq.home = -1
+        return None
+
     def _admit(self) -> None:
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.blocks.lookup(seq.keys)
-            need = self._pages([r for r, _ in hits], seq.prompt_len, seq.params.max_tokens)
-            if not self.blocks.can_reserve(need, hits):
-                return
+            placed = self._place(seq, hits) if self._is_short(seq) else None
+            if placed is not None:
+                hits = placed
+            elif not self.blocks.can_reserve(self._need(seq, hits), hits):
+                return  # (a short one that no rank has room for is sharded if that fits)
+            need = self._need(seq, hits)
             self.waiting.popleft()
             for r, page in hits:
                 self.blocks.pin(r, page)
@@ -167,12 +238,12 @@ class Scheduler:
     def _relookup(self, seq: Sequence) -> None:
         """Just before a sequence's prefill starts: blocks cached since its admission (by a
         request on the same document that prefilled first) are used instead of computed."""
-        hits = self.blocks.lookup(seq.keys)
+        hits = self._usable(seq, self.blocks.lookup(seq.keys))
         if len(hits) <= len(seq.blocks):
             return
         extra = hits[len(seq.blocks) :]  # the first ones are seq's, pinned: still cached
         self.blocks.unreserve(seq.reserved)
-        need = self._pages([r for r, _ in hits], seq.prompt_len, seq.params.max_tokens)
+        need = self._need(seq, hits)
         if not self.blocks.can_reserve(need, extra):
             self.blocks.reserve(seq.reserved)
             return
@@ -200,36 +271,52 @@ class Scheduler:
         """The next step, or None when there is nothing to do."""
         self._admit()
         ops: Ops = {}
-        if self.prefilling:
-            seq = self._next_prefill()
-            if not self.decoding:
+        sharded = [s for s in self.prefilling if s.home < 0]
+        short = [s for s in self.prefilling if s.home >= 0]
+        seq = self._next_prefill(sharded) if sharded else None
+        if seq is not None and seq.params.prompt_logprobs is not None:
+            if (not self.decoding and not short) or self._last_kind != "scored":
+                self._last_kind = "scored"  # a scored prompt: steps of its own
                 plan = self._prefill_plan(seq, ops, self.prefill_chunk)
                 return StepPlan("prefill", prefill=plan, tables=list(ops.values()))
-            if seq.params.prompt_logprobs is None:
-                plan = self._prefill_plan(seq, ops, self._budget_chunk(seq))
-                decode = self._decode_plan(self.decoding, ops)
-                return StepPlan("mixed", prefill=plan, decode=decode, tables=list(ops.values()))
-            if self._last_kind == "decode":  # a scored prompt: steps of its own
-                self._last_kind = "prefill"
-                plan = self._prefill_plan(seq, ops, self.prefill_chunk)
-                return StepPlan("prefill", prefill=plan, tables=list(ops.values()))
-        if self.decoding:
-            self._last_kind = "decode"
-            plan = self._decode_plan(self.decoding, ops)
-            return StepPlan("decode", decode=plan, tables=list(ops.values()))
-        return None
+            seq = None  # this step is the others'
+        self._last_kind = "other"
+        # the tokens each rank computes so far: every decode token (the budget is per rank)
+        used = [0] * self.world
+        for s in self.decoding:
+            for r in (range(self.world) if s.home < 0 else (s.home,)):
+                used[r] += 1
+        budget = self.max_num_batched_tokens if self.decoding else None
+        first = seq is not None and (not short or self._sharded_waits >= MAX_PASSED_OVER)
+        prefill = self._sharded_chunk(seq, ops, budget, used, True) if first else None
+        local = self._short_chunks(short, ops, budget, used)
+        if seq is not None and not first:
+            prefill = self._sharded_chunk(seq, ops, budget, used, False)
+        if seq is not None:
+            self._sharded_waits = self._sharded_waits + 1 if local and not first else 0
+        decode = self._decode_plan(self.decoding, ops) if self.decoding else None
+        if prefill is None and not local:
+            if decode is None:
+                return None
+            return StepPlan("decode", decode=decode, tables=list(ops.values()))
+        kind = "prefill" if decode is None else "mixed"
+        return StepPlan(kind, prefill=prefill, local=local, decode=decode,
+                        tables=list(ops.values()))
 
-    def _next_prefill(self) -> Sequence:
-        """Whose prompt the step prefills: see the module's policy."""
-        if len(self.prefilling) == 1:
-            return self.prefilling[0]
-        ready = self.prefilling
-        if not all(s.started for s in ready):  # then which of them wait for another's KV
-            coming = {k for s in ready if s.started for k in s.keys[s.registered :]}
+    def _next_prefill(self, candidates: list[Sequence]) -> Sequence | None:
+        """Which of `candidates` (prefilling) the step prefills: see the module's policy;
+        None if all of them wait for KV another prefill is storing."""
+        if len(candidates) == 1 and candidates[0].started:
+            return candidates[0]
+        ready = candidates
+        if not all(s.started for s in ready):  # then which wait for another's KV
+            coming = {k for s in self.prefilling if s.started for k in s.keys[s.registered :]}
             ready = [s for s in ready if s.started or not self._waits_for(s, coming)]
+        if not ready:
+            return None
         starved = [s for s in ready if s.passed_over >= MAX_PASSED_OVER]
         pick = starved[0] if starved else min(ready, key=lambda s: s.prompt_len - s.prefilled)
-        for s in self.prefilling:
+        for s in candidates:
             s.passed_over = 0 if s is pick else s.passed_over + 1
         return pick
 
@@ -240,18 +327,54 @@ class Scheduler:
         hits = len(self.blocks.lookup(seq.keys))
         return hits < len(seq.keys) and seq.keys[hits] in coming
 
-    def _budget_chunk(self, seq: Sequence) -> int:
-        """The prefill tokens of a mixed step: what the token budget leaves after the decode
-        tokens, each new token counting 1 + prefix_cost x (keys before it), cut to whole
-        zigzag blocks (at least one block per piece) and to at most prefill_chunk."""
-        if self.max_num_batched_tokens is None:
-            return self.prefill_chunk
-        left = max(0, self.max_num_batched_tokens - len(self.decoding))
-        a, c = seq.prefilled, float(left)
-        if self.prefix_cost > 0:  # c + cost·(a·c + c²/2) = left
-            lin = 1 + self.prefix_cost * a
-            c = (2 * left) / (lin + (lin * lin + 2 * self.prefix_cost * left) ** 0.5)
-        return min(self.prefill_chunk, self._aligned(int(c)))
+    def _sharded_chunk(self, seq: Sequence, ops: Ops, budget: int | None, used: list[int],
+                       first: bool) -> PrefillPlan | None:
+        """A chunk of the sharded prompt `seq`: a whole prefill_chunk with nothing decoding,
+        else what the busiest rank's budget leaves (None if not even the smallest chunk
+        fits, unless it goes first); counts its tokens into `used`."""
+        chunk = self.prefill_chunk
+        if budget is not None:
+            left = budget - max(used)
+            if left < self.step_tokens // self.world and not first:
+                return None  # not even the smallest chunk fits
+            chunk = min(self.prefill_chunk, self._aligned(self._budget_tokens(seq, left,
+                                                                              self.world)))
+        plan = self._prefill_plan(seq, ops, chunk)
+        for r in range(self.world):
+            used[r] += layout.local_len(len(plan.tokens), self.world, r, self.block_size)
+        return plan
+
+    def _short_chunks(self, short: list[Sequence], ops: Ops, budget: int | None,
+                      used: list[int]) -> list[PrefillPlan]:
+        """On each rank, a chunk of one short prompt homed there, within the rank's budget."""
+        plans = []
+        for r in range(self.world):
+            mine = [s for s in short if s.home == r]
+            seq = self._next_prefill(mine) if mine else None
+            if seq is None:
+                continue
+            chunk = self.prefill_chunk
+            if budget is not None:
+                left = budget - used[r]
+                if left <= 0:
+                    continue
+                b = self.block_size  # whole blocks
+                chunk = min(self.prefill_chunk, max(b, self._budget_tokens(seq, left, 1) // b * b))
+            plan = self._prefill_plan(seq, ops, chunk)
+            used[r] += len(plan.tokens)
+            plans.append(plan)
+        return plans
+
+    def _budget_tokens(self, seq: Sequence, left: int, world: int) -> int:
+        """The prefill tokens of `seq` that fill `left` tokens of one rank's budget, in a
+        chunk over `world` ranks (all for a sharded prompt, 1 for a short one): each new
+        token counts 1 + prefix_cost x (keys before it) on the rank that computes it, and
+        each rank computes x = chunk / world of them. The callers cut it to whole blocks."""
+        x = float(max(left, 0))
+        if self.prefix_cost > 0:  # x + cost·(a·x + world·x²/2) = left
+            lin = 1 + self.prefix_cost * seq.prefilled
+            x = (2 * x) / (lin + (lin * lin + 2 * self.prefix_cost * world * x) ** 0.5)
+        return int(world * x)
 
     def _aligned(self, n: int) -> int:
         """The largest chunk of at most n tokens (at least one block per zigzag piece) that
@@ -272,13 +395,17 @@ class Scheduler:
             for r in range(self.world):
                 ops[r, seq.row] = TableOp(r, seq.row, 0, list(seq.table[r]))
         a = seq.prefilled
-        if chunk != self.prefill_chunk and a + chunk < seq.prompt_len \
+        if seq.home < 0 and chunk != self.prefill_chunk and a + chunk < seq.prompt_len \
                 and not self._replan(seq, chunk):
             chunk = self.prefill_chunk  # the planned chunk: its pages are reserved
         b = min(seq.prompt_len, a + chunk)
         prefix_len = list(seq.kv_len)
-        for _, rank in chunk_blocks(a, b - a, self.world, self.block_size):
-            self._take(seq, rank, ops)
+        if seq.home < 0:
+            for _, rank in chunk_blocks(a, b - a, self.world, self.block_size):
+                self._take(seq, rank, ops)
+        else:  # every block on its home (a is a whole number of blocks)
+            for _ in range(a // self.block_size, -(-b // self.block_size)):
+                self._take(seq, seq.home, ops)
         return PrefillPlan(
             seq_id=seq.seq_id,
             row=seq.row,
@@ -286,7 +413,8 @@ class Scheduler:
             start=a,
             prefix_len=prefix_len,
             sample=b == seq.prompt_len,
-            strategy=self.choose_strategy(b - a, a),
+            strategy=self.choose_strategy(b - a, a) if seq.home < 0 else "local",
+            home=seq.home,
         )
 
     def _decode_plan(self, seqs: list[Sequence], ops: Ops) -> DecodePlan:
@@ -295,7 +423,7 @@ class Scheduler:
             pos = s.num_tokens - 1  # the token fed now
             if pos // self.block_size == len(s.blocks):  # it opens a new block
                 counts = [len(t) for t in s.table]
-                self._take(s, counts.index(min(counts)), ops)
+                self._take(s, counts.index(min(counts)) if s.home < 0 else s.home, ops)
             owners.append(s.blocks[pos // self.block_size][0])
         return DecodePlan(
             seq_ids=[s.seq_id for s in seqs],
@@ -304,31 +432,38 @@ class Scheduler:
             positions=[s.num_tokens - 1 for s in seqs],
             kv_len=[list(s.kv_len) for s in seqs],
             owner=owners,
+            home=[s.home for s in seqs] if self.shard_min_tokens else [],
         )
 
     def update(self, plan: StepPlan, sampled: list[int]) -> list[Sequence]:
-        """Record a finished step: KV now cached, tokens sampled (the prefill's first, if
-        its chunk ended the prompt, then the decode tokens). Returns the sequences that got
-        a new token (the caller checks stop conditions and calls `finish`)."""
+        """Record a finished step: KV now cached, tokens sampled (in StepPlan.sampled's
+        order: the first token of each prompt the step ended, then the decode tokens).
+        Returns the sequences that got a new token (the caller checks stop conditions and
+        calls `finish`)."""
         by_id = {s.seq_id: s for s in self.prefilling + self.decoding}
         touched = []
-        if plan.prefill is not None:
-            p = plan.prefill
+        for p in [plan.prefill, *plan.local]:
+            if p is None:
+                continue
             seq = by_id.get(p.seq_id)
             if p.sample:
                 token, sampled = sampled[0], sampled[1:]
-            if seq is not None:  # else aborted while the step ran
-                n = len(p.tokens)
+            if seq is None:  # aborted while the step ran
+                continue
+            n = len(p.tokens)
+            if p.home >= 0:
+                seq.kv_len[p.home] += n
+            else:
                 for r in range(self.world):
                     seq.kv_len[r] += layout.local_len(n, self.world, r, self.block_size)
-                seq.prefilled += n
-                self._register(seq, seq.prefilled)
-                if p.sample:
-                    self.prefilling.remove(seq)
-                    seq.status = Status.DECODING
-                    self.decoding.append(seq)
-                    seq.output_ids.append(token)
-                    touched.append(seq)
+            seq.prefilled += n
+            self._register(seq, seq.prefilled)
+            if p.sample:
+                self.prefilling.remove(seq)
+                seq.status = Status.DECODING
+                self.decoding.append(seq)
+                seq.output_ids.append(token)
+                touched.append(seq)
         if plan.decode is not None:
             for seq_id, owner, token in zip(plan.decode.seq_ids, plan.decode.owner, sampled):
                 seq = by_id.get(seq_id)

@@ -34,6 +34,7 @@ class Sequence:
     # pages of each rank in that order (its block table, row `row` on that rank), pages
     # still reserved per rank, and the prefix-cache keys of the full blocks
     row: int = -1
+    home: int = -1  # the one rank a short prompt lives on (KV and compute); -1: sharded
     blocks: list[tuple[int, int]] = field(default_factory=list)
     table: list[list[int]] = field(default_factory=list)
     reserved: list[int] = field(default_factory=list)
