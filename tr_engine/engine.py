@@ -197,10 +197,9 @@ class LLMEngine:
         t = time.perf_counter()
         seqs = self._plan_sequences(plan)
         scored = None  # a prompt_logprobs request's chunk: a step of its own
-        if plan.kind == "prefill" and plan.prefill is not None and not plan.local:
-            scored = self._seqs[plan.prefill.seq_id]
-            if scored.params.prompt_logprobs is None:
-                scored = None
+        if plan.kind == "prefill" and not plan.local:
+            seq = self._seqs[plan.prefill.seq_id]
+            scored = seq if seq.params.prompt_logprobs is not None else None
         if scored is not None:
             plan.prefill.all_logits = True  # every position's logits come back, not the last
         logits = self.cluster.run(plan)

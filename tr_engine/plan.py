@@ -56,23 +56,26 @@ class DecodePlan:
     owner: list[int]
     home: list[int] = field(default_factory=list)  # empty: every sequence sharded
 
+    @property
+    def homes(self) -> list[int]:
+        """Each sequence's home rank, -1 for a sharded one."""
+        return self.home or [-1] * len(self.seq_ids)
+
     def rows_of(self, rank: int) -> list[int]:
         """Indices of the sequences rank `rank` computes: the sharded ones (the same rows,
         in the same order, on every rank), then the ones homed on it."""
-        home = self.home or [-1] * len(self.seq_ids)
-        return [i for i, h in enumerate(home) if h < 0] + \
-            [i for i, h in enumerate(home) if h == rank]
+        homes = self.homes
+        return [i for i, h in enumerate(homes) if h < 0] + \
+            [i for i, h in enumerate(homes) if h == rank]
 
     @property
     def num_sharded(self) -> int:
-        return sum(1 for h in self.home if h < 0) if self.home else len(self.seq_ids)
+        return self.homes.count(-1)
 
     def width(self, world: int) -> int:
         """Rows every rank's merge buffer holds: the sharded sequences, then room for the
         most sequences any one rank has of its own."""
-        home = self.home or []
-        most = max((sum(1 for h in home if h == r) for r in range(world)), default=0)
-        return self.num_sharded + most
+        return self.num_sharded + max(self.homes.count(r) for r in range(world))
 
 
 @dataclass

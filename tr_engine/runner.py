@@ -78,7 +78,8 @@ class DecodeContext(ForwardContext):
     def __init__(self, runner: ModelRunner, meta: torch.Tensor, keys: list | None = None,
                  merge: bool = True) -> None:
         self.runner = runner
-        self.rows, self.lens, self.slots, self.own = meta[2], meta[3], meta[4], meta[5]
+        self.rows, self.lens, self.slots = meta[2], meta[3], meta[4]
+        self.own = meta[5].bool()[:, None, None]  # once, not in every layer
         self.keys = keys  # host-driven backends: each sequence's key slots, from the host
         self.merge = merge and runner.world > 1
 
@@ -102,7 +103,7 @@ class DecodeContext(ForwardContext):
         if not runner.placement:
             return merged
         own = packed[..., :d].to(q.dtype)  # a short request's result is whole already
-        return torch.where(self.own.bool()[:, None, None], own, merged)
+        return torch.where(self.own, own, merged)
 
 
 class StepContext(ForwardContext):
@@ -363,46 +364,37 @@ class ModelRunner:
         its decode rows `dec` (the plan's sequences `idx`). The rows of other ranks' short
         requests come in one all-gather (every rank takes part when any is needed)."""
         d = plan.decode
-        home = (d.home or [-1] * len(d.seq_ids)) if d is not None else []
-        ends = {lp.home for lp in plan.local if lp.sample}
-        # rows each rank alone has, in order: its short prompt's end, its decode rows
-        count = [(r in ends) + home.count(r) for r in range(self.world)]
+        homes = d.homes if d is not None else []
+        # the seq_ids of the rows each rank alone has, in order: its short prompt's end,
+        # its decode rows
+        private = [[lp.seq_id for lp in plan.local if lp.sample and lp.home == r]
+                   + [d.seq_ids[i] for i, h in enumerate(homes) if h == r]
+                   for r in range(self.world)]
+        width = max(len(ids) for ids in private)
         pool = [t for t in (shared_last, local_last, dec) if t is not None]
         gathered = None
-        if any(count[1:]):
-            size = self.model_config.hidden_size
-            mine = torch.zeros((max(count), size), dtype=self.dtype, device=self.device)
+        if any(private[1:]):
+            mine = torch.zeros((width, self.model_config.hidden_size), dtype=self.dtype,
+                               device=self.device)
             own = [t for t in (local_last, None if dec is None else
-                               dec[len(idx) - home.count(self.rank):]) if t is not None]
+                               dec[len(idx) - homes.count(self.rank):]) if t is not None]
             if own:
                 rows = torch.cat(own)
                 mine[: len(rows)] = rows
-            gathered = self.comm.all_gather(mine)  # [P, max(count), hidden]
+            gathered = self.comm.all_gather(mine)  # [P, width, hidden]
         if self.rank != 0:
             return None
         # where each sampled row lies in cat(pool) (rank 0's own) + gathered.flatten
-        base = sum(len(t) for t in pool)
-        width = max(count)
         at: dict[int, int] = {}  # seq_id -> index
-        n = 0
         if shared_last is not None:
             at[plan.prefill.seq_id] = 0
-            n = 1
-        taken = [0] * self.world  # rows of each other rank's own used so far
-        for lp in plan.local:
-            if lp.sample:
-                if lp.home == 0:
-                    at[lp.seq_id] = n
-                else:
-                    at[lp.seq_id] = base + lp.home * width
-                    taken[lp.home] = 1
-        n += local_last is not None
-        for j, i in enumerate(idx):
-            at[d.seq_ids[i]] = n + j
-        for i, h in enumerate(home):
-            if h > 0:
-                at[d.seq_ids[i]] = base + h * width + taken[h]
-                taken[h] += 1
+        if local_last is not None:
+            at[private[0][0]] = len(at)
+        n = len(at)
+        at.update((d.seq_ids[i], n + j) for j, i in enumerate(idx))
+        base = sum(len(t) for t in pool)
+        for r in range(1, self.world):
+            at.update((s, base + r * width + j) for j, s in enumerate(private[r]))
         rows = [at[s] for s in plan.sampled()]
         if not rows:
             return None
@@ -438,12 +430,12 @@ class ModelRunner:
         meta = self.blank_meta(width)
         if not idx:
             return meta
-        home = p.home or [-1] * len(p.seq_ids)
+        homes = p.homes
         cols = []
         for i in idx:
             n, o, row = p.kv_len[i][r], p.owner[i], p.rows[i]
             slot = host[row][n // b] * b + n % b if o == r else self.kv.spare
-            cols.append((p.tokens[i], p.positions[i], row, n + (o == r), slot, home[i] >= 0))
+            cols.append((p.tokens[i], p.positions[i], row, n + (o == r), slot, homes[i] >= 0))
         meta[:, : len(idx)] = torch.tensor(cols, dtype=torch.long).T
         return meta
 
