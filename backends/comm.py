@@ -108,6 +108,12 @@ class Communicator:
             dist.broadcast(tensor, self._global[src], group=self.group)
         return tensor
 
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks, in place; returns `tensor`."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)

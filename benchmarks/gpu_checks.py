@@ -37,7 +37,7 @@ def reference(path: str) -> list[list[int]]:
 
 
 def check_engine(path: str, ref: list[list[int]], label: str, world: int, eager: bool,
-                 max_num_seqs: int, strategy: str) -> bool:
+                 max_num_seqs: int, strategy: str, tp: int = 1) -> bool:
     """Generate on CUDA, compare with `ref`, print the line, then shut the engine down (the
     line comes first, so a shutdown that hangs cannot hide it)."""
     from checkpoints import sample_prompts
@@ -46,13 +46,14 @@ def check_engine(path: str, ref: list[list[int]], label: str, world: int, eager:
 
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     t = time.perf_counter()
-    with LLM(path, device="cuda", world_size=world, dtype="float32", prefill_chunk=16,
+    with LLM(path, device="cuda", world_size=world, tensor_parallel_size=tp,
+             dtype="float32", prefill_chunk=16,
              kv_cache_tokens=1024, max_num_seqs=max_num_seqs, enforce_eager=eager,
              attention_strategy=strategy) as llm:
         graphs = llm.engine.cluster.runner.graphs
         assert (graphs is None) == eager, "graphs recorded unless eager"
         outs = llm.generate([{"prompt_token_ids": p} for p in sample_prompts()], params)
-        assert llm.engine.scheduler.kv_used() == [0] * world
+        assert llm.engine.scheduler.kv_used() == [0] * (world // tp)
         same = [o.token_ids == r for o, r in zip(outs, ref)]
         print(f"{label}: {sum(same)}/{len(same)} prompts equal to transformers "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
@@ -92,7 +93,8 @@ def main() -> int:
     from checkpoints import FAMILIES, make_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--worlds", default="1,2")
+    ap.add_argument("--worlds", default="1,2",
+                    help="world sizes; W:T for W GPUs with tensor_parallel_size T")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--eager-families", default="llama3.1,qwen3",
                     help="families also run eagerly on the largest world")
@@ -101,7 +103,7 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=8,
                     help="decode batch limit (graphs are recorded for 1, 2, 4, ... up to it)")
     args = ap.parse_args()
-    worlds = [int(w) for w in args.worlds.split(",")]
+    worlds = [tuple(map(int, (w + ":1").split(":")[:2])) for w in args.worlds.split(",")]
     failures = 0 if check_kernels() else 1
     with tempfile.TemporaryDirectory() as root:
         for family in args.families.split(","):
@@ -111,10 +113,11 @@ def main() -> int:
             runs = [(w, mode == "eager") for w in worlds for mode in modes]
             if "eager" not in modes and family in args.eager_families.split(","):
                 runs.append((max(worlds), True))
-            for world, eager in runs:
-                label = f"{family:>9} P={world} {'eager' if eager else 'graphs':>6}"
+            for (world, tp), eager in runs:
+                label = (f"{family:>9} P={world}{f' T={tp}' if tp > 1 else ''} "
+                         f"{'eager' if eager else 'graphs':>6}")
                 failures += not check_engine(path, ref, label, world, eager, args.max_num_seqs,
-                                             args.strategy)
+                                             args.strategy, tp)
     print("all equal, clean shutdowns" if not failures else f"{failures} runs failed")
     return 1 if failures else 0
 

@@ -82,9 +82,10 @@ def matches_transformers(model, out, prompt: list[int], tokens: list[int]) -> bo
     return bool((got - ref).abs().max() < 1e-4)
 
 
-# The families, as the checkpoints of each look; EXTRA_FAMILIES add RoPE scalings.
+# The families, as the checkpoints of each look; EXTRA_FAMILIES add RoPE scalings and a
+# vocabulary of odd size.
 FAMILIES = ("llama2", "llama3.1", "llama3.2", "qwen2", "qwen3", "mistral")
-EXTRA_FAMILIES = ("llama-linear", "qwen2-yarn")
+EXTRA_FAMILIES = ("llama-linear", "qwen2-yarn", "llama-oddvocab")
 
 VOCAB = 320  # 256 byte tokens, 3 special tokens, the rest unused
 BOS, EOS, PAD = 256, 257, 258
@@ -112,6 +113,8 @@ def _config(family: str):
         return LlamaConfig(**_SMALL, head_dim=16,
                            rope_parameters={"rope_type": "linear", "factor": 4.0,
                                             "rope_theta": 10000.0})
+    if family == "llama-oddvocab":  # a vocabulary no tensor-parallel size above 1 divides
+        return LlamaConfig(**{**_SMALL, "vocab_size": VOCAB + 1}, head_dim=16)
     if family == "qwen2":  # real Qwen2.5 configs name a window but leave it off
         return Qwen2Config(**_SMALL, sliding_window=32, use_sliding_window=False,
                            max_window_layers=1, tie_word_embeddings=True)

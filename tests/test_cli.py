@@ -99,15 +99,33 @@ def test_missing_backend_exits_2_with_what_and_fix(capsys):
     assert len(lines) == 2 and "CUDA" in lines[0] and "Traceback" not in err
 
 
-@pytest.mark.parametrize("name, device, world_size", [
-    ("cpu-demo.yaml", "cpu", 2),
-    ("gpu-1.yaml", "cuda", 1),
-    ("gpu-8.yaml", "cuda", 8),
-    ("ascend-910b-8.yaml", "npu", 8),
+@pytest.mark.parametrize("name, device, world_size, tp", [
+    ("cpu-demo.yaml", "cpu", 2, 1),
+    ("gpu-1.yaml", "cuda", 1, 1),
+    ("gpu-8.yaml", "cuda", 8, 1),
+    ("ascend-910b-8.yaml", "npu", 8, 1),
+    ("ascend-910b-8-tp.yaml", "npu", 8, 4),
 ])
-def test_presets_load(name, device, world_size):
+def test_presets_load(name, device, world_size, tp):
     config, server = load_settings(["--config", str(CONFIGS / name)])
     assert (config.device, config.world_size) == (device, world_size)
+    assert config.tensor_parallel_size == tp
     if device != "cpu":
         assert config.dtype == "bfloat16"
     assert isinstance(server, ServerSettings)
+
+
+def test_tensor_parallel_flags(capsys, monkeypatch):
+    config, _ = load_settings(["-tp", "2", "--world-size", "4"])
+    assert (config.tensor_parallel_size, config.sequence_parallel_size) == (2, 2)
+    assert serve_main(["--device", "cpu", "--world-size", "4",
+                       "--tensor-parallel-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor_parallel_size 3 does not divide world_size 4" in err
+    assert "Traceback" not in err
+    # under torchrun the world size is torchrun's unless given, so -tp alone is enough
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    config, _ = load_settings(["-tp", "2"])
+    assert (config.world_size, config.sequence_parallel_size) == (4, 2)

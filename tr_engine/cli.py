@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICES,
                    help="platform backend (default: auto = npu, else cuda, else cpu)")
     g.add_argument("--world-size", type=int, metavar="N",
-                   help="ranks (cards) the sequence is sharded over (default: 1; under "
-                   "torchrun: WORLD_SIZE)")
+                   help="ranks (cards) in all (default: 1; under torchrun: WORLD_SIZE)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, metavar="T",
+                   help="consecutive ranks that split the weights between them (default: "
+                   "1); the sequence is sharded over world-size / T groups of them")
     g.add_argument("--attention-strategy", choices=("auto", "tokenring", "ring", "allgather_kv"),
                    help="prefill attention across ranks (default: auto, chosen per request "
                    "by a cost model)")
@@ -142,6 +144,11 @@ def load_settings(argv: list[str] | None = None):
     server_fields = {f.name for f in dataclasses.fields(ServerSettings)}
     engine = {k: v for k, v in fields.items() if k not in server_fields}
     server = {k: v for k, v in fields.items() if k in server_fields}
+    from . import envs
+
+    started = envs.torchrun()
+    if started is not None and "world_size" not in engine:  # torchrun's, unless given
+        engine["world_size"] = started[1]
     try:
         return EngineConfig(**engine), ServerSettings(**server)
     except (TypeError, ValueError) as e:
@@ -215,7 +222,11 @@ def serve_main(argv: list[str] | None = None) -> int:
             print(f"tr-serve: --world-size {config.world_size} but torchrun started "
                   f"{world_size} ranks", file=sys.stderr)
             return 2
-        config = config.replace(world_size=world_size)
+        try:
+            config = config.replace(world_size=world_size)
+        except ValueError as e:
+            print(f"tr-serve: {e}", file=sys.stderr)
+            return 2
         if rank != 0:
             _stop_on_sigterm()
             with contextlib.suppress(KeyboardInterrupt):

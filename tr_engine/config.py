@@ -20,7 +20,10 @@ class EngineConfig:
     load_format: `auto` reads the folder's safetensors weights; `dummy` reads only its
       config.json and fills the weights with seeded random values on the device (`seed`),
       the same on every rank: for benchmarks of shapes whose checkpoints are not at hand.
-    world_size: ranks (cards) the sequence is sharded over.
+    world_size: ranks (cards) in all.
+    tensor_parallel_size: consecutive ranks that split the model's weights between them
+      (Megatron-style, vLLM's name); the sequence is sharded over the
+      world_size / tensor_parallel_size groups of them (`sequence_parallel_size`).
     max_model_len: longest prompt + output; None = the model's own limit.
     kv_cache_fraction: share of the device memory left after weights and the prefill
       workspace that the KV pool takes. kv_cache_tokens, if set, fixes the pool's capacity
@@ -52,6 +55,7 @@ class EngineConfig:
     load_format: str = "auto"
     device: str = "auto"
     world_size: int = 1
+    tensor_parallel_size: int = 1
     dtype: str = "auto"
     max_model_len: int | None = None
     attention_strategy: str = "auto"
@@ -81,12 +85,15 @@ class EngineConfig:
         if self.attention_strategy not in ("auto", *STRATEGIES):
             raise ValueError(f"attention_strategy must be auto or one of {', '.join(STRATEGIES)}"
                              f"; got {self.attention_strategy!r}")
-        positive = ("world_size", "token_chunk", "prefill_chunk", "max_num_seqs", "max_waiting",
-                    "block_size")
+        positive = ("world_size", "tensor_parallel_size", "token_chunk", "prefill_chunk",
+                    "max_num_seqs", "max_waiting", "block_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.world_size % self.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} does not "
+                             f"divide world_size {self.world_size}")
         if self.block_size > 256 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two up to 256; got "
                              f"{self.block_size}")
@@ -103,6 +110,11 @@ class EngineConfig:
                              f"{self.shard_min_tokens!r}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be positive; got {self.kv_cache_tokens}")
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        """The ranks (each a tensor-parallel group) the sequence is sharded over."""
+        return self.world_size // self.tensor_parallel_size
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)

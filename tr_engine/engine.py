@@ -89,7 +89,7 @@ class LLMEngine:
         self.model_name = config.served_model_name or (config.model or "SmolLM2-135M-Instruct")
         self.eos_ids = set(mc.eos_token_ids)
         self.scheduler = Scheduler(
-            self.config.world_size, runner.num_pages, runner.block_size, self.max_model_len,
+            self.world, runner.num_pages, runner.block_size, self.max_model_len,
             config.prefill_chunk, config.max_num_seqs, config.max_waiting,
             self._choose_strategy, config.enable_prefix_caching,
             config.max_num_batched_tokens, prefix_cost(mc), config.shard_min_tokens,
@@ -111,12 +111,14 @@ class LLMEngine:
 
     @property
     def world(self) -> int:
-        return self.config.world_size
+        """The sequence-parallel ranks: those the plans and the KV cache are laid out over
+        (each a group of tensor_parallel_size ranks)."""
+        return self.config.sequence_parallel_size
 
     def _choose_strategy(self, new: int, cached: int) -> str:
         if self.config.attention_strategy != "auto":
             return self.config.attention_strategy
-        mc = self.model_config
+        mc = self.cluster.runner.shard_config  # a rank's heads
         return choose(new=new, cached=cached, world=self.world, hq=mc.num_heads,
                       hkv=mc.num_kv_heads, d=mc.head_dim,
                       elem=self.cluster.runner.dtype.itemsize, rates=self.cluster.runner.rates)

@@ -26,14 +26,17 @@ import time
 import torch
 import torch.distributed as dist
 
+from . import tensor_parallel
 from .attention import Rates, gather_merge, get_strategy, layout
 from .backends import SOLO, Backend, Communicator
 from .config import EngineConfig
 from .context import ForwardContext, forward_context
 from .graphs import DecodeGraphs
 from .kv_cache import BlockTables, KVCache
-from .loader import load_model
+from .loader import load_model, read_config, resolve_dtype
+from .models import ModelConfig
 from .plan import DecodePlan, PrefillPlan, StepPlan
+from .tensor_parallel import Mesh, Split
 
 log = logging.getLogger("tr_engine")
 
@@ -125,20 +128,31 @@ class StepContext(ForwardContext):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str, backend: Backend, rank: int,
-                 world: int, local_rank: int, group: dist.ProcessGroup | None) -> None:
-        self.config, self.backend = config, backend
-        self.rank, self.world, self.group = rank, world, group
+    """`rank` and `world` are this rank's place on the sequence ring and the ring's size
+    (the sequence-parallel ranks, which the plans index); with tensor parallelism
+    (`mesh.tp` > 1) each of them is a group of ranks splitting the weights, all running
+    the same plans on the same tokens."""
+
+    def __init__(self, config: EngineConfig, model_path: str, backend: Backend, mesh: Mesh,
+                 local_rank: int, group: dist.ProcessGroup | None, tp_group=SOLO) -> None:
+        self.config, self.backend, self.mesh = config, backend, mesh
+        self.rank, self.world, self.group = mesh.sp_rank, mesh.sp_size, group
         self.comm = Communicator(group)
         self.device = backend.set_device(local_rank)
 
         t = time.perf_counter()
-        self.model, self.model_config = load_model(model_path, self.device, config.dtype,
+        full = read_config(model_path)
+        self.dtype = resolve_dtype(config.dtype, full)
+        self._check_fits(full)
+        split = Split(mesh.tp, mesh.tp_rank, Communicator(tp_group))
+        self.model, self.model_config = load_model(model_path, self.device, self.dtype,
                                                    load_format=config.load_format,
-                                                   seed=config.seed)
-        self.dtype = next(self.model.parameters()).dtype
-        log.info("rank %d: weights loaded in %.1f s (%s, %s)", rank, time.perf_counter() - t,
-                 self.model_config.architecture, self.dtype)
+                                                   seed=config.seed, split=split)
+        # this rank's share of the model: its heads (of the KV cache too), MLP, vocabulary
+        self.shard_config = tensor_parallel.shard_config(self.model_config, mesh.tp)
+        log.info("rank %d: weights loaded in %.1f s (%s, %s%s)", mesh.rank,
+                 time.perf_counter() - t, self.model_config.architecture, self.dtype,
+                 f", tensor-parallel {mesh.tp_rank} of {mesh.tp}" if mesh.tp > 1 else "")
 
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
@@ -147,7 +161,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_pages = self._plan_memory() // self.block_size
         self.capacity = self.num_pages * self.block_size
-        mc = self.model_config
+        mc = self.shard_config
         self.kv = KVCache(mc.num_layers, self.num_pages, self.block_size, mc.num_kv_heads,
                           mc.head_dim, self.dtype, self.device)
         # a row per running sequence and one for prompt_logits
@@ -157,7 +171,7 @@ class ModelRunner:
         backend.prepare_attention(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype,
                                   self.device)
         # short requests may live on single ranks (their rows skip the decode merge)
-        self.placement = world > 1 and config.shard_min_tokens > 0
+        self.placement = self.world > 1 and config.shard_min_tokens > 0
         self.rates = self._calibrate()
         self.graphs = None
         # whether decode attention reads the block tables on the device (else the host
@@ -166,15 +180,25 @@ class ModelRunner:
         if not config.enforce_eager and self.device_decode:
             # with several ranks, graphs that merge over them; with short requests placed on
             # single ranks also graphs of a rank's own requests alone (no collective)
-            merging = [True] if world > 1 else [False]
+            merging = [True] if self.world > 1 else [False]
             self.graphs = DecodeGraphs(self, config.max_num_seqs,
                                        [*merging, False] if self.placement else merging)
 
     # ---- set-up ------------------------------------------------------------------------
+    def _check_fits(self, full: ModelConfig) -> None:
+        """Refuse, before loading, weights that would not fit this device at this
+        tensor-parallel size, naming the smallest size at which they do."""
+        if self.backend.device_type == "cpu":
+            return
+        free, _ = self.backend.mem_get_info()
+        error = tensor_parallel.fit_error(full, self.dtype.itemsize, self.mesh.tp, free)
+        if error is not None:
+            raise ValueError(error)
+
     def _plan_memory(self) -> int:
         """KV slots per rank: a share of the free memory after the prefill workspace, no more
         than the configured limits can ever use, and the same on every rank."""
-        mc, cfg = self.model_config, self.config
+        mc, cfg = self.shard_config, self.config
         per_token = KVCache.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim,
                                             self.dtype)
         # a sequence's share of the pool, plus the blocks an uneven last chunk may add
@@ -185,12 +209,12 @@ class ModelRunner:
         else:
             free, _ = self.backend.mem_get_info()
             if self.backend.device_type == "cpu":
-                free //= self.world  # the ranks share the host's memory
+                free //= self.mesh.world  # the ranks share the host's memory
             budget = (free - self._workspace_bytes()) * cfg.kv_cache_fraction
             capacity = min(useful, max(0, int(budget // per_token)))
         cap = torch.tensor([capacity], dtype=torch.int64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(cap, op=dist.ReduceOp.MIN, group=self.group)
+        if self.mesh.world > 1:  # every rank of the world: a TP group's pools match too
+            dist.all_reduce(cap, op=dist.ReduceOp.MIN)
         capacity = int(cap.item())
         if capacity < 2 * cfg.block_size:
             raise RuntimeError(
@@ -198,13 +222,13 @@ class ModelRunner:
                 f"blocks of {cfg.block_size}); lower "
                 "prefill_chunk/token_chunk, use more ranks, or set kv_cache_tokens"
             )
-        log.info("rank %d: KV cache %d tokens per rank (%.2f GiB), %d in all", self.rank,
+        log.info("rank %d: KV cache %d tokens per rank (%.2f GiB), %d in all", self.mesh.rank,
                  capacity, capacity * per_token / 2**30, capacity * self.world)
         return capacity
 
     def _workspace_bytes(self) -> int:
         """An upper estimate of prefill activations for one chunk on one rank."""
-        mc, cfg = self.model_config, self.config
+        mc, cfg = self.shard_config, self.config
         e = torch.empty((), dtype=self.dtype).element_size()
         n = layout.padded_len(min(cfg.prefill_chunk, self.max_model_len), self.world,
                               cfg.block_size) // self.world
@@ -213,12 +237,12 @@ class ModelRunner:
         qkv = n * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * e
         attn = n * mc.num_heads * (mc.head_dim * (3 * e + 4) + 8)  # out, fp32 acc, buffers
         mlp = 3 * c * mc.intermediate_size * e
-        logits = 4 * mc.vocab_size * 4
+        logits = 4 * self.model_config.vocab_size * 4
         return int(1.3 * (hidden + qkv + attn + mlp + logits))
 
     def _calibrate(self) -> Rates:
         """Measure this platform's attention rate and link bandwidth for the cost model."""
-        mc, dev = self.model_config, self.device
+        mc, dev = self.shard_config, self.device
         n = 1024 if self.backend.device_type != "cpu" else 128
         q = torch.randn(n, mc.num_heads, mc.head_dim, dtype=self.dtype, device=dev)
         k = torch.randn(n, mc.num_kv_heads, mc.head_dim, dtype=self.dtype, device=dev)

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -29,6 +30,7 @@ from . import envs
 from .backends import SOLO, Backend, get_backend
 from .config import EngineConfig
 from .plan import SHUTDOWN, StepPlan
+from .tensor_parallel import Mesh
 
 log = logging.getLogger("tr_engine")
 
@@ -45,19 +47,45 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _init_groups(backend: Backend, rank: int, world: int, init_method: str):
-    """The device group (the default group) and the host group for plans."""
+def _init_groups(backend: Backend, mesh: Mesh, init_method: str) -> Groups:
+    """The device groups (the sequence ring's and the tensor-parallel group's, hccl / nccl
+    / gloo) and the host group for plans."""
     timeout = timedelta(seconds=envs.dist_timeout_s())
-    if world == 1:
-        return SOLO, SOLO
+    if mesh.world == 1:
+        return Groups(SOLO, SOLO, SOLO)
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized in this process (another "
                            "engine of several ranks?); close it before starting this one")
-    dist.init_process_group(backend.dist_backend, init_method=init_method, rank=rank,
-                            world_size=world, timeout=timeout)
-    if backend.dist_backend == "gloo":
-        return None, None
-    return None, dist.new_group(backend="gloo", timeout=timeout)
+    dist.init_process_group(backend.dist_backend, init_method=init_method, rank=mesh.rank,
+                            world_size=mesh.world, timeout=timeout)
+    # every rank creates every group, in the same order; the default group where one
+    # spans the world, SOLO where one is this rank alone
+    sp = tp = None
+    if 1 < mesh.tp < mesh.world:
+        for ranks in mesh.sp_groups():
+            group = dist.new_group(ranks, timeout=timeout)
+            if mesh.rank in ranks:
+                sp = group
+        for ranks in mesh.tp_groups():
+            group = dist.new_group(ranks, timeout=timeout)
+            if mesh.rank in ranks:
+                tp = group
+    elif mesh.tp == 1:
+        tp = SOLO
+    else:
+        sp = SOLO
+    host = None if backend.dist_backend == "gloo" else dist.new_group(backend="gloo",
+                                                                     timeout=timeout)
+    return Groups(sp, tp, host)
+
+
+@dataclass(frozen=True)
+class Groups:
+    """A rank's process groups (None: the default group; SOLO: this rank alone)."""
+
+    sp: object  # the ranks its sequence is sharded over
+    tp: object  # the ranks it splits the weights with
+    host: object  # gloo on the host, for plans
 
 
 class PlanChannel:
@@ -99,12 +127,12 @@ def _set_threads(local_world: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
-def _make_runner(config, model_path, backend, rank, world, local_rank, group):
+def _make_runner(config, model_path, backend, mesh, local_rank, groups):
     from .runner import ModelRunner  # imports the model code only where it runs
 
     if not config.skip_kernel_self_check:  # on this rank's card, before any kernel serves
         backend.self_check(backend.set_device(local_rank))
-    return ModelRunner(config, model_path, backend, rank, world, local_rank, group)
+    return ModelRunner(config, model_path, backend, mesh, local_rank, groups.sp, groups.tp)
 
 
 def worker_loop(config: EngineConfig, model_path: str, rank: int, world: int, local_rank: int,
@@ -113,9 +141,10 @@ def worker_loop(config: EngineConfig, model_path: str, rank: int, world: int, lo
     backend = get_backend(config.device)
     if backend.device_type == "cpu":
         _set_threads(local_world)
-    group, host_group = _init_groups(backend, rank, world, init_method)
-    runner = _make_runner(config, model_path, backend, rank, world, local_rank, group)
-    channel = PlanChannel(host_group)
+    mesh = Mesh(rank, world, config.tensor_parallel_size)
+    groups = _init_groups(backend, mesh, init_method)
+    runner = _make_runner(config, model_path, backend, mesh, local_rank, groups)
+    channel = PlanChannel(groups.host)
     while True:
         plan = channel.recv()
         if plan.kind == "shutdown":
@@ -175,11 +204,22 @@ def run_worker(config: EngineConfig) -> None:
     if env is None:
         raise RuntimeError("run_worker needs torchrun's RANK/WORLD_SIZE/MASTER_ADDR")
     rank, world, local_rank = env
+    _check_nodes(config, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     from .engine import resolve_model_path
 
     model_path = resolve_model_path(config.model)
     worker_loop(config.replace(world_size=world), model_path, rank, world, local_rank,
                 "env://", int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def _check_nodes(config: EngineConfig, world: int, local_world: int) -> None:
+    """Under torchrun: a tensor-parallel group must lie inside one node (its all-reduces
+    run twice per layer), and the ranks must split into whole groups."""
+    tp = config.tensor_parallel_size
+    if world % tp or local_world % tp:
+        raise ValueError(f"tensor_parallel_size {tp} must divide the ranks per node "
+                         f"({local_world}) and in all ({world}): a tensor-parallel group "
+                         "lies within one node")
 
 
 class Cluster:
@@ -190,6 +230,11 @@ class Cluster:
             from .loader import safetensors_files
 
             safetensors_files(model_path)
+        if config.tensor_parallel_size > 1:  # a model it cannot split: refused here, once
+            from .loader import read_config
+            from .tensor_parallel import check
+
+            check(read_config(model_path), config.tensor_parallel_size)
         t = time.perf_counter()
         self.backend = get_backend(config.device)
         log.info("backend %s (%s) ready in %.1f s", self.backend.name,
@@ -202,6 +247,7 @@ class Cluster:
             if rank != 0:
                 raise RuntimeError("under torchrun only rank 0 builds the engine")
             init_method, local_world = "env://", int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            _check_nodes(config, world, local_world)
         else:
             rank, world, local_rank = 0, config.world_size, 0
             local_world = world
@@ -215,10 +261,11 @@ class Cluster:
         try:
             if self.backend.device_type == "cpu":
                 _set_threads(local_world)
-            self.group, self.host_group = _init_groups(self.backend, 0, world, init_method)
-            self.channel = PlanChannel(self.host_group)
-            self.runner = _make_runner(self.config, model_path, self.backend, 0, world,
-                                       local_rank, self.group)
+            mesh = Mesh(0, world, config.tensor_parallel_size)
+            self.groups = _init_groups(self.backend, mesh, init_method)
+            self.channel = PlanChannel(self.groups.host)
+            self.runner = _make_runner(self.config, model_path, self.backend, mesh,
+                                       local_rank, self.groups)
         except BaseException:
             self._kill()
             raise
