@@ -117,6 +117,21 @@ def write_section(path: str, name: str, body: str) -> None:
         f.write(text)
 
 
+def llama31_config(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                   mlp: int, vocab: int, max_len: int) -> dict:
+    """config.json of a Llama-3.1-shaped model (llama3 RoPE, bf16, untied head)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": hidden, "intermediate_size": mlp, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": max_len, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 256,
+        "eos_token_id": 257, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    }
+
+
 def today() -> str:
     return datetime.date.today().isoformat()
 

@@ -26,7 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import copy_gbps, machine, matmul_tflops, time_ms, today, write_section
+from common import (
+    copy_gbps,
+    llama31_config,
+    machine,
+    matmul_tflops,
+    time_ms,
+    today,
+    write_section,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -59,16 +67,7 @@ def write_checkpoint(path: Path, max_len: int) -> None:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB,
-        "hidden_size": HIDDEN, "intermediate_size": MLP, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
-        "rms_norm_eps": 1e-5, "max_position_embeddings": max_len, "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 256,
-        "eos_token_id": 257, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-    }
+    config = llama31_config(LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, max_len)
     config_file.write_text(json.dumps(config, indent=1))
     g = torch.Generator(device="cuda").manual_seed(0)
 

@@ -15,7 +15,8 @@ such in the table; it is not a tensor-parallel run.
 
 MFU counts 2·params·tokens of the linear layers plus causal attention 2·S²·Hq·D per layer,
 per GPU, against the bf16 matmul rate measured in the same run. The decode bound is a
-rank's weights plus its KV shard read once per token at the measured copy bandwidth.
+rank's weights (the embedding table apart) plus its KV shard read once per token at the
+measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import copy_gbps, machine, matmul_tflops, today, write_section
+from common import copy_gbps, llama31_config, machine, matmul_tflops, today, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -48,16 +49,7 @@ def write_config(path: Path, shape: str, share: int, max_len: int) -> dict:
     if share > 1:
         hq, hkv, mlp = hq // share, max(1, hkv // share), mlp // share
         vocab = -(-vocab // share)
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-        "hidden_size": h, "intermediate_size": mlp, "num_hidden_layers": layers,
-        "num_attention_heads": hq, "num_key_value_heads": hkv, "head_dim": d,
-        "rms_norm_eps": 1e-5, "max_position_embeddings": max_len, "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 256,
-        "eos_token_id": 257, "hidden_act": "silu",
-    }
+    config = llama31_config(layers, h, hq, hkv, d, mlp, vocab, max_len)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     make_tokenizer().save_pretrained(path)
@@ -65,14 +57,16 @@ def write_config(path: Path, shape: str, share: int, max_len: int) -> dict:
 
 
 def counts(config: dict, tp: int) -> tuple[float, float, float]:
-    """(linear parameters, weight bytes, KV bytes per token) of one rank at `tp`."""
+    """(linear parameters, bytes of the weights a decode step reads — all but the token
+    embedding, of which it reads a row a token —, KV bytes per token) of one rank at
+    `tp`."""
     layers, h, d = config["num_hidden_layers"], config["hidden_size"], config["head_dim"]
     hq = config["num_attention_heads"] // tp
     hkv = max(1, config["num_key_value_heads"] // tp)
     mlp = config["intermediate_size"] // tp
     vocab = -(-config["vocab_size"] // tp)
     linear = layers * (2 * h * hq * d + 2 * h * hkv * d + 3 * h * mlp)
-    weights = 2 * (linear + 2 * vocab * h + (2 * layers + 1) * h)
+    weights = 2 * (linear + vocab * h + (2 * layers + 1) * h)
     return linear, weights, 2 * layers * hkv * d * 2
 
 

@@ -1,0 +1,151 @@
+"""Where a decode step's time goes, at batch 1, 16 and 64: the engine's phases timed one by
+one on the host.
+
+    python benchmarks/step_profile.py --batches 1,16,64 --out docs/PERFORMANCE.md
+
+Llama-3.1-8B shape, random weights (load_format dummy), one GPU or --world GPUs with
+--tp. Requests of 1000-token prompts decode together; once every prompt is prefilled, each
+of --steps decode steps is cut into: schedule (the scheduler's plan), run (the plan sent to
+the other ranks, the forward — a graph replay — and the logits; synchronised at its end),
+sample (synchronised too), update (the scheduler's bookkeeping) and outputs (stop checks,
+detokenizing, RequestOutputs), host work alone. The
+bound is the weights (the embedding table apart) plus the batch's KV read once at the
+measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import copy_gbps, machine, today, write_section
+from tensor_parallel import counts, write_config
+
+PHASES = ("schedule", "run", "sample", "update", "outputs")
+
+
+def profile(engine, batch: int, steps: int, prompt: int) -> dict[str, float]:
+    from tr_engine.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(batch)
+    params = SamplingParams(max_tokens=steps + 1500, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"b{batch}-{i}", torch.randint(0, 256, (prompt,), generator=g)
+                           .tolist(), params)
+    while any(s.prefilled < len(s.prompt_ids) for s in engine._seqs.values()):
+        engine.step()  # the prefills
+    spent = {p: [] for p in PHASES}
+    sched, run, sampler, update = (engine.scheduler.schedule, engine.cluster.run,
+                                   engine.sampler.__call__, engine.scheduler.update)
+    on_token = engine._on_token
+    clock = {"t": 0.0}
+
+    def timed(name, fn, gpu=False):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            if gpu:
+                torch.cuda.synchronize()
+            clock[name] = clock.get(name, 0.0) + time.perf_counter() - t
+            return out
+        return wrapper
+
+    engine.scheduler.schedule = timed("schedule", sched)
+    engine.cluster.run = timed("run", run, gpu=True)
+    engine.sampler = _Timed(sampler.__self__, timed("sample", sampler, gpu=True))
+    engine.scheduler.update = timed("update", update)
+    engine._on_token = timed("outputs", on_token)
+    walls = []
+    try:
+        for _ in range(steps):
+            for p in PHASES:
+                clock[p] = 0.0
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs = engine.step()
+            wall = time.perf_counter() - t
+            failed = [o.error for o in outs if o.error is not None]
+            assert not failed, failed
+            if len(outs) != batch:  # a step that was not the whole batch's decode
+                continue
+            walls.append(wall)
+            for p in PHASES:
+                spent[p].append(clock[p])
+    finally:
+        del engine.scheduler.schedule, engine.cluster.run, engine.scheduler.update
+        del engine._on_token
+        engine.sampler = sampler.__self__
+    for r in list(engine._seqs.values()):
+        engine.abort(r.request_id)
+    while engine.has_work():
+        engine.step()
+    row = {p: statistics.median(v) * 1e3 for p, v in spent.items()}
+    row["step"] = statistics.median(walls) * 1e3
+    return row
+
+
+class _Timed:
+    """The sampler, its calls timed."""
+
+    def __init__(self, sampler, fn) -> None:
+        self.sampler, self.fn = sampler, fn
+
+    def __call__(self, *a, **k):
+        return self.fn(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--prompt", type=int, default=1000)
+    ap.add_argument("--world", type=int, default=1)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dir", default="/tmp/profile-bench")
+    ap.add_argument("--section", default="step-profile")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.cuda.set_device(0)
+    gbps = copy_gbps()
+    from tr_engine.config import EngineConfig
+    from tr_engine.engine import LLMEngine
+
+    path = Path(args.dir) / "8b"
+    config = write_config(path, "8b", 1, 8192)
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = LLMEngine(EngineConfig(
+        model=str(path), load_format="dummy", device="cuda", world_size=args.world,
+        tensor_parallel_size=args.tp, dtype="bfloat16", max_model_len=4096,
+        max_num_seqs=max(batches), enable_prefix_caching=False))
+    _, weights, kv = counts(config, args.tp)
+    lines = [f"## Decode step profile — {today()}", "",
+             f"Machine: {machine()}. Device copy {gbps:.0f} GB/s in the same run.", "",
+             "Command: `python benchmarks/step_profile.py " + " ".join(sys.argv[1:]) + "`", "",
+             f"Llama-3.1-8B shape, random bf16 weights, {args.world} GPU(s), tensor "
+             f"parallel {args.tp}; {args.prompt}-token prompts, median of {args.steps} decode "
+             "steps, ms (the phases that launch GPU work synchronised at their end).", "",
+             "| batch | step | schedule | run (forward, logits) | sample | update | outputs "
+             "| bound |", "|---|---|---|---|---|---|---|---|"]
+    for b in batches:
+        row = profile(engine, b, args.steps, args.prompt)
+        bound = (weights + b * (args.prompt + args.steps) * kv / (args.world // args.tp)) \
+            / (gbps * 1e9) * 1e3
+        lines.append(f"| {b} | {row['step']:.2f} | " + " | ".join(f"{row[p]:.2f}" for p in
+                                                                  PHASES) + f" | {bound:.2f} |")
+        print(lines[-1], flush=True)
+    engine.shutdown()
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        write_section(args.out, args.section, text)
+
+
+if __name__ == "__main__":
+    main()
