@@ -101,6 +101,45 @@ class _Timed:
         return getattr(self.sampler, name)
 
 
+def kernel_table(engine, prompt: int, reps: int = 10) -> list[str]:
+    """The GPU kernels of batch-1 decode steps (one request of `prompt` tokens decoding,
+    the graph replayed as in serving) under the profiler, by total time per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from tr_engine.sampling_params import SamplingParams
+
+    ids = torch.randint(0, 256, (prompt,), generator=torch.Generator().manual_seed(5))
+    engine.add_request("kernels", ids.tolist(), SamplingParams(max_tokens=reps + 8,
+                                                               ignore_eos=True))
+    while engine._seqs and next(iter(engine._seqs.values())).prefilled < prompt:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            engine.step()
+        torch.cuda.synchronize()
+    engine.abort("kernels")
+    while engine.has_work():
+        engine.step()
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals.setdefault(e.name, [0.0, 0])
+            t[0] += e.device_time / reps / 1e3
+            t[1] += 1 / reps
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    total = sum(t for t, _ in totals.values())
+    out = [f"GPU kernels of a batch-1 decode step ({prompt}-token context, graph replayed, "
+           f"profiler), {total:.2f} ms of kernel time a step:", "",
+           "| kernel | calls a step | ms a step | share |", "|---|---|---|---|"]
+    for name, (t, n) in rows[:14]:
+        out.append(f"| `{name[:70]}` | {n:.0f} | {t:.3f} | {t / total:.0%} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,16,64")
@@ -140,6 +179,7 @@ def main() -> None:
         lines.append(f"| {b} | {row['step']:.2f} | " + " | ".join(f"{row[p]:.2f}" for p in
                                                                   PHASES) + f" | {bound:.2f} |")
         print(lines[-1], flush=True)
+    lines += ["", *kernel_table(engine, args.prompt)]
     engine.shutdown()
     text = "\n".join(lines)
     print(text)
