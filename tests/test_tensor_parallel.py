@@ -59,7 +59,8 @@ def reference(path: str):
 
 # (family, world, T, shard_min_tokens): every family on T = world = 2; TP x sequence on 4
 # ranks, with short prompts on single tensor-parallel groups; T = 4 over 2 KV heads
-# (each replicated twice), tied embeddings among them; a vocabulary T does not divide.
+# (each replicated twice), tied embeddings among them; a vocabulary T does not divide. On
+# 4 ranks a follow-up turn also reuses the first turn's cached KV.
 CASES = [(f, 2, 2, 0) for f in FAMILIES] + [
     ("llama3.1", 4, 2, 0),
     ("qwen3", 4, 2, 20),
@@ -98,6 +99,13 @@ def test_matches_transformers(ckpt_root, family, world, tp, short):
         sharded = [plan.prefill for plan in rec.plans if plan.prefill is not None]
         assert homes == ({0, 1} if short else set())
         assert len({p.seq_id for p in sharded}) == (1 if short else len(PROMPT_LENS))
+        if world == 4:  # a follow-up reuses the cached KV of the longest prompt's turn
+            p = sample_prompts()[-1]
+            follow = p + outs[-1].token_ids + [5, 6, 7]
+            out = llm.generate([{"prompt_token_ids": follow}], params)[0]
+            assert out.num_cached_tokens >= 48
+            assert matches_transformers(greedy.model, out, follow,
+                                        greedy(tuple(follow), NEW_TOKENS))
         assert engine.scheduler.kv_used() == [0] * (world // tp)
         assert engine.scheduler.blocks.reserved() == [0] * (world // tp)
         workers = list(engine.cluster.procs)
