@@ -143,3 +143,28 @@ def test_load_format_setting(tmp_path):
     with pytest.raises(SystemExit) as e:
         serve_main(["--load-format", "bogus"])
     assert e.value.code == 2
+
+
+def test_dummy_weights_split_for_tensor_parallel_ranks(root):
+    """Each rank of T = 2 makes its share: the parameters every rank holds whole are the
+    same on both, the split ones differ, and a row-parallel matrix keeps the whole model's
+    scale (its partial products add up over the ranks)."""
+    from tr_engine.backends import SOLO, Communicator
+
+    from tr_engine.tensor_parallel import Split, is_split
+
+    path = _bare(root, "qwen2")  # biases on q/k/v: split with their rows
+    whole = load_model(path, CPU, "float32", load_format="dummy", seed=3)[0].state_dict()
+    ranks = [load_model(path, CPU, "float32", load_format="dummy", seed=3,
+                        split=Split(2, r, Communicator(SOLO)))[0].state_dict() for r in (0, 1)]
+    assert set(ranks[0]) == set(whole)
+    for name, p in ranks[0].items():
+        q = ranks[1][name]
+        if is_split(name):
+            assert p.shape != whole[name].shape and not torch.equal(p, q), name
+        else:
+            assert torch.equal(p, q) and torch.equal(p, whole[name]), name
+    o = "model.layers.0.self_attn.o_proj.weight"
+    assert ranks[0][o].shape[1] * 2 == whole[o].shape[1]
+    ratio = ranks[0][o].std().item() / whole[o].std().item()
+    assert 0.85 < ratio < 1.15, ratio
