@@ -117,6 +117,21 @@ def write_section(path: str, name: str, body: str) -> None:
         f.write(text)
 
 
+def drain(engine, t0: float) -> tuple[float | None, list[float], list]:
+    """Step an LLMEngine until it has no work: (seconds from `t0` to the end of the first
+    step that gave outputs — the time to first token of requests added at `t0` —, the
+    durations of the later steps that gave outputs, that first step's outputs)."""
+    ttft, steps, first = None, [], []
+    while engine.has_work():
+        t = time.perf_counter()
+        outs = engine.step()
+        if outs and ttft is None:
+            ttft, first = time.perf_counter() - t0, outs
+        elif outs:
+            steps.append(time.perf_counter() - t)
+    return ttft, steps, first
+
+
 def llama31_config(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
                    mlp: int, vocab: int, max_len: int) -> dict:
     """config.json of a Llama-3.1-shaped model (llama3 RoPE, bf16, untied head)."""

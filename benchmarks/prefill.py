@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from common import (
     copy_gbps,
+    drain,
     llama31_config,
     machine,
     matmul_tflops,
@@ -168,14 +169,7 @@ def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
         except RequestTooLong as e:
             rows.append({"world": world, "S": s, "error": str(e)})
             continue
-        ttft, steps = None, []
-        while engine.has_work():
-            t = time.perf_counter()
-            outs = engine.step()
-            if outs and ttft is None:
-                ttft = time.perf_counter() - t0
-            elif outs:
-                steps.append(time.perf_counter() - t)
+        ttft, steps, _ = drain(engine, t0)
         decode = statistics.median(steps)
         replay = replay_ms(engine, s) if world == 1 else None
         bare = bare_step_ms(engine, s)

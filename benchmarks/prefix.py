@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import copy_gbps, machine, today, tr_serve, write_section
+from common import copy_gbps, drain, machine, today, tr_serve, write_section
 from prefill import KV_BYTES_PER_TOKEN, VOCAB, WEIGHT_BYTES, write_checkpoint
 
 
@@ -41,16 +41,8 @@ def serve(engine, ids: list[int], decode_steps: int = 0) -> tuple[float, list[fl
     params = SamplingParams(max_tokens=decode_steps + 1, temperature=0, ignore_eos=True)
     t0 = time.perf_counter()
     engine.add_request(f"r{t0}", ids, params)
-    ttft, steps, cached = None, [], 0
-    while engine.has_work():
-        t = time.perf_counter()
-        outs = engine.step()
-        if outs and ttft is None:
-            ttft = time.perf_counter() - t0
-            cached = outs[0].num_cached_tokens
-        elif outs:
-            steps.append(time.perf_counter() - t)
-    return ttft, steps, cached
+    ttft, steps, first = drain(engine, t0)
+    return ttft, steps, first[0].num_cached_tokens
 
 
 def main() -> None:

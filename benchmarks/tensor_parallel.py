@@ -30,7 +30,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import copy_gbps, llama31_config, machine, matmul_tflops, today, write_section
+from common import (
+    copy_gbps,
+    drain,
+    llama31_config,
+    machine,
+    matmul_tflops,
+    today,
+    write_section,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -96,15 +104,7 @@ def bench(path: Path, config: dict, world: int, tp: int, args) -> dict:
         t0 = time.perf_counter()
         for i, ids in enumerate(prompts):
             engine.add_request(f"r{time.perf_counter()}-{i}", ids, params)
-        ttft, step_times = None, []
-        while engine.has_work():
-            t1 = time.perf_counter()
-            outs = engine.step()
-            if outs and ttft is None:
-                ttft = time.perf_counter() - t0
-            elif outs:
-                step_times.append(time.perf_counter() - t1)
-        return ttft, step_times
+        return drain(engine, t0)[:2]
 
     long_ids = torch.randint(0, vocab, (s,), generator=g).tolist()
     run([long_ids[: min(s, 8192)]], 2)  # warm-up of the kernels' shapes
