@@ -204,12 +204,13 @@ def run_worker(config: EngineConfig) -> None:
     if env is None:
         raise RuntimeError("run_worker needs torchrun's RANK/WORLD_SIZE/MASTER_ADDR")
     rank, world, local_rank = env
-    _check_nodes(config, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    _check_nodes(config, world, local_world)
     from .engine import resolve_model_path
 
     model_path = resolve_model_path(config.model)
     worker_loop(config.replace(world_size=world), model_path, rank, world, local_rank,
-                "env://", int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+                "env://", local_world)
 
 
 def _check_nodes(config: EngineConfig, world: int, local_world: int) -> None:
