@@ -228,7 +228,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             print(f"tr-serve: {e}", file=sys.stderr)
             return 2
         if rank != 0:
-            _stop_on_sigterm()
+            _stop_on_signals(signal.SIGTERM)
             with contextlib.suppress(KeyboardInterrupt):
                 run_worker(config)
             return 0
@@ -239,7 +239,10 @@ def _serve(config: EngineConfig, settings, t0: float) -> int:
     from tr_engine.async_engine import AsyncEngine
     from tr_engine.backends import BackendUnavailable
 
-    _stop_on_sigterm()  # so SIGTERM during start-up unwinds like Ctrl-C and stops the ranks
+    # SIGTERM during start-up unwinds like Ctrl-C and stops the ranks; SIGINT does so too
+    # where the process was started with it ignored (a job started in the background by a
+    # script), as it does once the server runs (uvicorn takes both then)
+    _stop_on_signals(signal.SIGTERM, signal.SIGINT)
     engine = None
     try:
         try:
@@ -315,8 +318,9 @@ def _run_http(engine, settings, t0: float) -> None:
     server.run()  # returns after SIGINT / SIGTERM, once open requests drained or timed out
 
 
-def _stop_on_sigterm() -> None:
-    signal.signal(signal.SIGTERM, _interrupt)
+def _stop_on_signals(*signals: int) -> None:
+    for sig in signals:
+        signal.signal(sig, _interrupt)
 
 
 def _interrupt(signum, frame) -> None:
