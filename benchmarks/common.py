@@ -132,6 +132,18 @@ def drain(engine, t0: float) -> tuple[float | None, list[float], list]:
     return ttft, steps, first
 
 
+def kernel_totals(prof, per: float = 1.0) -> dict[str, list[float]]:
+    """GPU kernels a torch profiler saw: name -> [milliseconds, calls], each divided by
+    `per` (the steps profiled, for per-step figures)."""
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals.setdefault(e.name, [0.0, 0.0])
+            t[0] += e.device_time / per / 1e3
+            t[1] += 1 / per
+    return totals
+
+
 def llama31_config(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
                    mlp: int, vocab: int, max_len: int) -> dict:
     """config.json of a Llama-3.1-shaped model (llama3 RoPE, bf16, untied head)."""

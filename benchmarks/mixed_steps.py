@@ -13,18 +13,24 @@ ends with the sampler's host sync, so a step's time is its device time plus the 
 the calm decode step before the prompt, then each step until its first token. A stream's
 gap between two tokens is one step. For --chunks, the prompt alone with that prefill_chunk
 (no streams), which separates the cost of small chunks from the cost of mixing.
+
+--profile B,C: where the time of mixing goes. The prompt's prefill with the streams under
+budget B and alone in chunks of C, each under the torch profiler (CUDA kernels): every
+kernel's total time in both, the GPU's busy time against the wall clock, and the host's
+time to queue a step's work (the forward's launches, until the sampler waits).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import machine, today, write_section
+from common import kernel_totals, machine, today, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -48,7 +54,38 @@ def until_first_token(engine, tag: str, prompt: list[int], steps: list[float]) -
             return time.perf_counter() - t0
 
 
-def run(path: str, args, budget: int | None, chunk: int, streams: int) -> dict:
+@contextlib.contextmanager
+def profiled(engine, row: dict, enabled: bool):
+    """With `enabled`: the CUDA kernels of the block (row["kernels"], kernel_totals), and
+    the host's time in each step's cluster.run, which queues the forward's work and returns
+    before the device ends it (row["launch"], seconds per step)."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    launch: list[float] = []
+    run = engine.cluster.run
+
+    def timed(plan):
+        t = time.perf_counter()
+        out = run(plan)
+        launch.append(time.perf_counter() - t)
+        return out
+
+    engine.cluster.run = timed
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            yield
+            torch.cuda.synchronize()
+    finally:
+        del engine.cluster.run
+    row["kernels"], row["launch"] = kernel_totals(prof), launch
+
+
+def run(path: str, args, budget: int | None, chunk: int, streams: int,
+        profile: bool = False) -> dict:
     from tr_engine import LLM, SamplingParams
 
     g = torch.Generator().manual_seed(1)
@@ -58,8 +95,9 @@ def run(path: str, args, budget: int | None, chunk: int, streams: int) -> dict:
              skip_kernel_self_check=True) as llm:
         e = llm.engine
         until_first_token(e, "warm", ids(g, args.prompt), [])
-        alone = until_first_token(e, "alone", ids(g, args.prompt), [])
-        row = dict(budget=budget, chunk=chunk, alone=alone)
+        row = dict(budget=budget, chunk=chunk)
+        with profiled(e, row, profile and not streams):
+            row["alone"] = until_first_token(e, "alone", ids(g, args.prompt), [])
         if not streams:
             return row
         for i in range(streams):
@@ -73,7 +111,8 @@ def run(path: str, args, budget: int | None, chunk: int, streams: int) -> dict:
             e.step()
             calm.append(time.perf_counter() - t)
         steps: list[float] = []
-        loaded = until_first_token(e, "long", ids(g, args.prompt), steps)
+        with profiled(e, row, profile):
+            loaded = until_first_token(e, "long", ids(g, args.prompt), steps)
         row.update(loaded=loaded, calm=statistics.median(calm), steps=len(steps),
                    largest=max(steps), median=statistics.median(steps))
         return row
@@ -88,6 +127,9 @@ def main() -> None:
     ap.add_argument("--chunks", default="32768,8192,4096")
     ap.add_argument("--prefill-chunk", type=int, default=32768)
     ap.add_argument("--ckpt", default="/tmp/llama31-8b-random-layers")
+    ap.add_argument("--profile", default=None,
+                    help="B,C: profile the prefill under budget B with the streams and alone "
+                    "in chunks of C (and nothing else)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import prefill
@@ -95,6 +137,12 @@ def main() -> None:
     prefill.LAYERS = args.layers
     path = Path(f"{args.ckpt}{args.layers}")
     prefill.write_checkpoint(path, args.prompt + 4096)
+    if args.profile:
+        budget, chunk = (int(x) for x in args.profile.split(","))
+        print("\n".join(profile_report(run(str(path), args, budget, args.prefill_chunk,
+                                            args.streams, profile=True),
+                                        run(str(path), args, None, chunk, 0, profile=True))))
+        return
     budgets = [None if b == "none" else int(b) for b in args.budgets.split(",") if b]
     rows = [run(str(path), args, b, args.prefill_chunk, args.streams) for b in budgets]
     alone = [run(str(path), args, None, int(c), 0) for c in args.chunks.split(",") if c]
@@ -122,6 +170,28 @@ def main() -> None:
     print(text)
     if args.out:
         write_section(args.out, "mixed-steps-1gpu", text)
+
+
+def profile_report(mixed: dict, alone: dict) -> list[str]:
+    """The two profiled prefills side by side: totals, then kernels by the time mixing
+    adds."""
+    lines = ["| prefill | wall (ms) | GPU kernels (ms) | steps | host queueing a step, median "
+             "/ largest (ms) |", "|---|---|---|---|---|"]
+    for name, r, wall in ((f"budget {mixed['budget']}, {len(mixed['launch'])} steps with the "
+                           "streams", mixed, mixed["loaded"]),
+                          (f"alone, chunks of {alone['chunk']}", alone, alone["alone"])):
+        busy = sum(t for t, _ in r["kernels"].values())
+        lines.append(f"| {name} | {wall * 1e3:.0f} | {busy:.0f} | {len(r['launch'])} | "
+                     f"{statistics.median(r['launch']) * 1e3:.1f} / "
+                     f"{max(r['launch']) * 1e3:.1f} |")
+    names = set(mixed["kernels"]) | set(alone["kernels"])
+    diff = sorted(names, key=lambda n: -(mixed["kernels"].get(n, [0, 0])[0]
+                                         - alone["kernels"].get(n, [0, 0])[0]))
+    lines += ["", "| kernel | with streams: ms, calls | alone: ms, calls |", "|---|---|---|"]
+    for n in diff[:25]:
+        a, b = mixed["kernels"].get(n, [0, 0]), alone["kernels"].get(n, [0, 0])
+        lines.append(f"| `{n[:80]}` | {a[0]:.1f}, {a[1]:.0f} | {b[0]:.1f}, {b[1]:.0f} |")
+    return lines
 
 
 if __name__ == "__main__":

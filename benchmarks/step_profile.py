@@ -22,17 +22,19 @@ import time
 from pathlib import Path
 
 import torch
-from common import copy_gbps, machine, today, write_section
+from common import copy_gbps, kernel_totals, machine, today, write_section
 from tensor_parallel import counts, write_config
 
 PHASES = ("schedule", "run", "sample", "update", "outputs")
 
 
-def profile(engine, batch: int, steps: int, prompt: int) -> dict[str, float]:
+def profile(engine, batch: int, steps: int, prompt: int, logprobs: int | None = None
+            ) -> dict[str, float]:
     from tr_engine.sampling_params import SamplingParams
 
     g = torch.Generator().manual_seed(batch)
-    params = SamplingParams(max_tokens=steps + 1500, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 1500, temperature=0, ignore_eos=True,
+                            logprobs=logprobs)
     for i in range(batch):
         engine.add_request(f"b{batch}-{i}", torch.randint(0, 256, (prompt,), generator=g)
                            .tolist(), params)
@@ -101,18 +103,21 @@ class _Timed:
         return getattr(self.sampler, name)
 
 
-def kernel_table(engine, prompt: int, reps: int = 10) -> list[str]:
-    """The GPU kernels of batch-1 decode steps (one request of `prompt` tokens decoding,
-    the graph replayed as in serving) under the profiler, by total time per step."""
+def kernel_table(engine, prompt: int, batch: int = 1, reps: int = 10) -> list[str]:
+    """The GPU kernels of decode steps of `batch` requests of `prompt` tokens (the graph
+    replayed as in serving) under the profiler, by total time per step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from tr_engine.sampling_params import SamplingParams
 
-    ids = torch.randint(0, 256, (prompt,), generator=torch.Generator().manual_seed(5))
-    engine.add_request("kernels", ids.tolist(), SamplingParams(max_tokens=reps + 8,
-                                                               ignore_eos=True))
-    while engine._seqs and next(iter(engine._seqs.values())).prefilled < prompt:
+    g = torch.Generator().manual_seed(5)
+    names = [f"kernels-{i}" for i in range(batch)]
+    for name in names:
+        engine.add_request(name, torch.randint(0, 256, (prompt,), generator=g).tolist(),
+                           SamplingParams(max_tokens=reps + 1500, temperature=0,
+                                          ignore_eos=True))
+    while any(s.prefilled < prompt for s in engine._seqs.values()):
         engine.step()
     for _ in range(3):
         engine.step()
@@ -121,19 +126,15 @@ def kernel_table(engine, prompt: int, reps: int = 10) -> list[str]:
         for _ in range(reps):
             engine.step()
         torch.cuda.synchronize()
-    engine.abort("kernels")
+    for name in names:
+        engine.abort(name)
     while engine.has_work():
         engine.step()
-    totals: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            t = totals.setdefault(e.name, [0.0, 0])
-            t[0] += e.device_time / reps / 1e3
-            t[1] += 1 / reps
+    totals = kernel_totals(prof, reps)
     rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
     total = sum(t for t, _ in totals.values())
-    out = [f"GPU kernels of a batch-1 decode step ({prompt}-token context, graph replayed, "
-           f"profiler), {total:.2f} ms of kernel time a step:", "",
+    out = [f"GPU kernels of a batch-{batch} decode step ({prompt}-token contexts, graph "
+           f"replayed, profiler), {total:.2f} ms of kernel time a step:", "",
            "| kernel | calls a step | ms a step | share |", "|---|---|---|---|"]
     for name, (t, n) in rows[:14]:
         out.append(f"| `{name[:70]}` | {n:.0f} | {t:.3f} | {t / total:.0%} |")
@@ -148,6 +149,10 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=1)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--dir", default="/tmp/profile-bench")
+    ap.add_argument("--logprobs", type=int, default=None,
+                    help="the requests ask for this many top logprobs (as the serving "
+                    "benchmark's streams do, with 0)")
+    ap.add_argument("--kernel-batches", default="1", help="batches of the kernel tables")
     ap.add_argument("--section", default="step-profile")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -159,10 +164,11 @@ def main() -> None:
     path = Path(args.dir) / "8b"
     config = write_config(path, "8b", 1, 8192)
     batches = [int(b) for b in args.batches.split(",")]
+    kernel_batches = [int(b) for b in args.kernel_batches.split(",") if b]
     engine = LLMEngine(EngineConfig(
         model=str(path), load_format="dummy", device="cuda", world_size=args.world,
         tensor_parallel_size=args.tp, dtype="bfloat16", max_model_len=4096,
-        max_num_seqs=max(batches), enable_prefix_caching=False))
+        max_num_seqs=max(batches + kernel_batches), enable_prefix_caching=False))
     _, weights, kv = counts(config, args.tp)
     lines = [f"## Decode step profile — {today()}", "",
              f"Machine: {machine()}. Device copy {gbps:.0f} GB/s in the same run.", "",
@@ -173,13 +179,14 @@ def main() -> None:
              "| batch | step | schedule | run (forward, logits) | sample | update | outputs "
              "| bound |", "|---|---|---|---|---|---|---|---|"]
     for b in batches:
-        row = profile(engine, b, args.steps, args.prompt)
+        row = profile(engine, b, args.steps, args.prompt, args.logprobs)
         bound = (weights + b * (args.prompt + args.steps) * kv / (args.world // args.tp)) \
             / (gbps * 1e9) * 1e3
         lines.append(f"| {b} | {row['step']:.2f} | " + " | ".join(f"{row[p]:.2f}" for p in
                                                                   PHASES) + f" | {bound:.2f} |")
         print(lines[-1], flush=True)
-    lines += ["", *kernel_table(engine, args.prompt)]
+    for b in kernel_batches:
+        lines += ["", *kernel_table(engine, args.prompt, b)]
     engine.shutdown()
     text = "\n".join(lines)
     print(text)

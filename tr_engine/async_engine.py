@@ -6,6 +6,12 @@ come back on an asyncio queue of the event loop that asked. A watchdog marks the
 dead if a rank process dies or stops answering (its heartbeat goes quiet), so /health can
 say so even while a step hangs.
 
+A decode step's outputs reach the event loop once the next step's device work is queued (on
+CUDA and NPU, where queueing returns before the work ends; envs.overlap_outputs): the event
+loop's work on them, a chunk per stream, then runs while the device computes, instead of
+holding the GIL while this thread prepares the next step. A step of prefill work, a request
+or abort arriving, or no next step hands them over at once.
+
 Only the engine thread talks to the other ranks. Shutdown sets a flag; the engine thread
 sends the stop plan between two steps (a long prompt is prefilled in chunks, each a step),
 so the stop never meets a collective of the work it stops. If a step does not end in time
@@ -98,7 +104,11 @@ class AsyncEngine:
         self._live: set[str] = set()  # accepted and not finished: the admission count
         self.max_open_requests = engine.config.max_num_seqs + engine.config.max_waiting
         self._stats = self._snapshot()
+        # a decode step's outputs, held until the next step's device work is queued
+        self._held: list[tuple[str, object, bool]] = []
+        self._overlap = envs.overlap_outputs(engine.sampler.device.type)
         engine.on_scheduled = self._on_scheduled
+        engine.on_launched = self._release
         self._thread = threading.Thread(target=self._run, name="tr-engine-loop", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="tr-engine-watchdog",
                                           daemon=True)
@@ -115,13 +125,21 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_inbox()
                 if not self.engine.has_work():
+                    self._release()
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                self._deliver_all((out.request_id, out.error or out, out.finished)
-                                  for out in self.engine.step())
+                outs = self.engine.step()
+                self._release()  # a step that queued no device work (nothing planned)
+                entries = [(out.request_id, out.error or out, out.finished) for out in outs]
+                if self._overlap and self.engine.has_work():
+                    self._held = entries
+                else:
+                    self._deliver_all(entries)
                 self._stats = self._snapshot()
+            self._release()
         except BaseException as e:  # the engine cannot go on: fail every open request
+            self._release()  # what the steps before gave comes first
             if self._stop.is_set():  # the ranks were killed under a step: expected
                 log.info("the step in progress ended with the ranks: %s", type(e).__name__)
             else:
@@ -137,11 +155,21 @@ class AsyncEngine:
         self._closing.set()
         self.engine.shutdown(timeout=_RANKS_EXIT_S)
 
-    def _on_scheduled(self) -> None:
+    def _on_scheduled(self, plan) -> None:
         # the scheduler has just admitted: /metrics shows the step now, not after it ends
         self._stats = self._snapshot()
+        if plan.kind != "decode":  # queueing prefill work can take the host a while
+            self._release()
+
+    def _release(self) -> None:
+        """Hand the held outputs to the event loops."""
+        if self._held:
+            held, self._held = self._held, []
+            self._deliver_all(held)
 
     def _drain_inbox(self) -> None:
+        if not self._inbox.empty():
+            self._release()  # a request's outputs before what its abort gives
         while True:
             try:
                 kind, args = self._inbox.get_nowait()

@@ -104,7 +104,9 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.last_prefill_tokens_per_s = 0.0
         self.batched_tokens = Counts(BATCHED_TOKENS_BUCKETS)  # tokens per step
-        self.on_scheduled: Callable[[], None] | None = None  # called once a step is planned
+        self.on_scheduled: Callable[[StepPlan], None] | None = None  # once a step is planned
+        # once the step's device work is queued, before the host waits for it
+        self.on_launched: Callable[[], None] | None = None
         log.info("engine ready in %.1f s: %s on %d %s rank(s), context %d tokens, KV cache %d "
                  "tokens", time.perf_counter() - t, mc.architecture, self.config.world_size,
                  self.cluster.backend.name, self.max_model_len, self.kv_capacity * self.world)
@@ -195,7 +197,7 @@ class LLMEngine:
         if plan is None:
             return []
         if self.on_scheduled is not None:  # the step may take minutes (a long prefill chunk)
-            self.on_scheduled()
+            self.on_scheduled(plan)
         t = time.perf_counter()
         seqs = self._plan_sequences(plan)
         scored = None  # a prompt_logprobs request's chunk: a step of its own
@@ -205,6 +207,8 @@ class LLMEngine:
         if scored is not None:
             plan.prefill.all_logits = True  # every position's logits come back, not the last
         logits = self.cluster.run(plan)
+        if self.on_launched is not None:
+            self.on_launched()
         if scored is not None:
             try:
                 logits = self._score_prompt(scored, plan.prefill, logits)

@@ -28,6 +28,17 @@ def heartbeat_timeout_s() -> float:
     return float(value) if value else 10.0
 
 
+def overlap_outputs(device_type: str) -> bool:
+    """TR_ENGINE_OVERLAP_OUTPUTS: 1 or 0. With 1, the server hands a decode step's outputs to
+    its event loop once the next step's device work is queued, so that turning them into
+    chunks overlaps the device's work. Default: 1 on CUDA and NPU, 0 on the CPU (whose
+    "queued" work is already done, so holding outputs would only delay them)."""
+    value = os.environ.get("TR_ENGINE_OVERLAP_OUTPUTS")
+    if value in (None, ""):
+        return device_type != "cpu"
+    return value not in ("0", "false", "no")
+
+
 def torchrun() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) when started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
     with MASTER_ADDR/MASTER_PORT for the rendezvous), else None."""

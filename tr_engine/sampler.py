@@ -8,8 +8,9 @@ largest float32, NaN to -inf), the first token of the top-p order is always kept
 the filters leave no probability mass the row falls back to greedy.
 
 A decode step's batch is sampled with one host synchronisation where it can: the greedy rows
-that need no bias or penalty take one argmax over the batch, and the logprobs of every row
-come from one log-softmax per `logprobs` value. Other rows go one by one.
+that need no bias or penalty take one argmax over the batch, the logprobs of every row come
+from one log-softmax and one top-k, and all of it reaches the host in one transfer. Other
+rows are drawn one by one.
 """
 
 from __future__ import annotations
@@ -55,36 +56,30 @@ class Sampler:
         tokens: list[int] = [0] * n
         logprobs: list[TokenLogprob | None] = [None] * n
         errors: dict[int, Exception] = {}
-        plain = [i for i, s in enumerate(seqs) if _plain_greedy(s.params)]
-        if plain:
-            try:
-                picked = torch.argmax(_finite(logits[plain]), dim=-1).tolist()
-            except Exception:  # then row by row, where a failure is that row's alone
-                plain = []
-            else:
-                for i, token in zip(plain, picked):
-                    tokens[i] = token
-        done = set(plain)
+        plain = [_plain_greedy(s.params) for s in seqs]
         for i, seq in enumerate(seqs):
-            if i not in done:
+            if not plain[i]:
                 try:
                     tokens[i] = self._sample_row(logits[i], seq)
                 except Exception as e:  # reported to this request alone
                     errors[i] = e
-        by_top: dict[int, list[int]] = {}
-        for i, seq in enumerate(seqs):
-            if i not in errors and seq.params.logprobs is not None:
-                by_top.setdefault(seq.params.logprobs, []).append(i)
-        for top, rows in by_top.items():
+        tops = [None if i in errors else seq.params.logprobs for i, seq in enumerate(seqs)]
+        if any(plain) or any(t is not None for t in tops):
             try:
-                got = _logprobs(logits[rows], [tokens[i] for i in rows], top)
-            except Exception as e:
-                for i in rows:
-                    errors[i], tokens[i] = e, 0
-            else:
-                for i, lp in zip(rows, got):
-                    logprobs[i] = lp
+                _batched(logits, plain, tops, tokens, logprobs)
+            except Exception:  # then row by row, where a failure is that row's alone
+                self._one_by_one(logits, seqs, plain, tops, tokens, logprobs, errors)
         return tokens, logprobs, errors
+
+    def _one_by_one(self, logits, seqs, plain, tops, tokens, logprobs, errors) -> None:
+        for i, seq in enumerate(seqs):
+            try:
+                if plain[i]:
+                    tokens[i] = self._sample_row(logits[i], seq)
+                if tops[i] is not None:
+                    logprobs[i] = _logprobs(logits[i : i + 1], [tokens[i]], tops[i])[0]
+            except Exception as e:
+                errors[i], tokens[i] = e, 0
 
     def _sample_row(self, logits: torch.Tensor, seq: Sequence) -> int:
         p = seq.params
@@ -154,6 +149,41 @@ def _plain_greedy(p) -> bool:
     """Greedy with nothing that changes the logits first: the argmax of the batch."""
     return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0
             and not p.presence_penalty and not p.frequency_penalty)
+
+
+def _batched(logits: torch.Tensor, plain: list[bool], tops: list[int | None],
+             tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
+    """The plain greedy rows' tokens (one argmax over the batch) and the logprobs of the
+    rows that ask for them (one log-softmax, one top-k), brought to the host in one
+    transfer: a decode step waits for the device once. Fills `tokens` and `logprobs`."""
+    n = len(plain)
+    picked = torch.argmax(_finite(logits), dim=-1)
+    parts = [picked.double()]
+    want = [i for i in range(n) if tops[i] is not None]
+    k = max((tops[i] for i in want), default=0)
+    if want:
+        chosen = picked
+        if not all(plain):  # the rows sampled on the host bring their tokens
+            host = torch.tensor(tokens, dtype=torch.long).to(logits.device, non_blocking=True)
+            mask = torch.tensor(plain).to(logits.device, non_blocking=True)
+            chosen = torch.where(mask, picked, host)
+        lp = torch.log_softmax(logits, dim=-1)
+        parts.append(lp.gather(1, chosen[:, None])[:, 0].double())
+        if k > 0:
+            vals, ids = torch.topk(lp, k, dim=-1)
+            parts += [vals.double().flatten(), ids.double().flatten()]
+    got = torch.cat(parts).tolist()
+    for i in range(n):
+        if plain[i]:
+            tokens[i] = int(got[i])
+    if not want:
+        return
+    lps, vals, ids = got[n : 2 * n], got[2 * n : 2 * n + n * k], got[2 * n + n * k :]
+    for i in want:
+        top = tops[i]
+        alternatives = {int(t): v for t, v in zip(ids[i * k : i * k + top],
+                                                  vals[i * k : i * k + top])}
+        logprobs[i] = TokenLogprob(tokens[i], lps[i], alternatives)
 
 
 def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
