@@ -132,6 +132,20 @@ def drain(engine, t0: float) -> tuple[float | None, list[float], list]:
     return ttft, steps, first
 
 
+class Calling:
+    """An object whose calls go to `fn` instead (a wrapper of its __call__: timed,
+    labelled), its other attributes to the object."""
+
+    def __init__(self, inner, fn) -> None:
+        self.inner, self.fn = inner, fn
+
+    def __call__(self, *a, **k):
+        return self.fn(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def kernel_totals(prof, per: float = 1.0) -> dict[str, list[float]]:
     """GPU kernels a torch profiler saw: name -> [milliseconds, calls], each divided by
     `per` (the steps profiled, for per-step figures)."""

@@ -17,7 +17,11 @@ gap between two tokens is one step. For --chunks, the prompt alone with that pre
 --profile B,C: where the time of mixing goes. The prompt's prefill with the streams under
 budget B and alone in chunks of C, each under the torch profiler (CUDA kernels): every
 kernel's total time in both, the GPU's busy time against the wall clock, and the host's
-time to queue a step's work (the forward's launches, until the sampler waits).
+time to queue a step's work (the forward's launches, until the sampler waits). With
+--trace FILE, one more prompt's prefill with the streams is traced (host ops and kernels,
+the engine's phases labelled) to FILE (Chrome trace, gzipped), and the GPU's idle gaps are
+put down to what the host was doing meanwhile (`python benchmarks/mixed_steps.py --gaps
+FILE` reads a trace again).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import kernel_totals, machine, today, write_section
+from common import Calling, kernel_totals, machine, today, write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -84,6 +88,101 @@ def profiled(engine, row: dict, enabled: bool):
     row["kernels"], row["launch"] = kernel_totals(prof), launch
 
 
+# what the trace labels: (object path on the engine or a class, method)
+_PHASES = (("scheduler", "schedule"), ("cluster", "run"), ("sampler", "__call__"),
+           ("scheduler", "update"), ("", "_on_token"))
+
+
+@contextlib.contextmanager
+def traced(engine, path: str):
+    """The block under the torch profiler, host ops and kernels, with the engine's phases
+    and each part's attention labelled; the trace goes to `path` (gzipped JSON)."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from tr_engine import runner
+
+    def labelled(name, fn):
+        def wrapper(*a, **k):
+            with record_function(name):
+                return fn(*a, **k)
+        return wrapper
+
+    patched = []
+    for owner, name in _PHASES:
+        target = getattr(engine, owner) if owner else engine
+        if name == "__call__":  # a call goes to the class's method: wrap the object
+            engine.sampler = Calling(target, labelled("sample", target))
+            patched.append((engine, "sampler", target))
+            continue
+        patched.append((target, name, None))
+        setattr(target, name, labelled(name, getattr(target, name)))
+    for cls in (runner.PrefillContext, runner.DecodeContext):
+        patched.append((cls, "attention", cls.attention))
+        cls.attention = labelled(f"{cls.__name__}.attention", cls.attention)
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            yield
+            torch.cuda.synchronize()
+    finally:
+        for target, name, old in reversed(patched):
+            if old is None:
+                delattr(target, name)
+            else:
+                setattr(target, name, old)
+    raw = path + ".json"
+    prof.export_chrome_trace(raw)
+    with open(raw, "rb") as f, gzip.open(path, "wb") as g:
+        shutil.copyfileobj(f, g)
+    Path(raw).unlink()
+
+
+def gap_report(path: str, least_ms: float = 0.1) -> list[str]:
+    """The GPU's idle gaps of at least `least_ms` in a trace of `traced`, by the engine phase
+    the host was in at the gap's middle, and the host calls that overlapped them most."""
+    import gzip
+    import json
+
+    with gzip.open(path, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    phases = [e for e in events if e.get("cat") == "user_annotation"]
+    calls = [e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")]
+    gaps, end = [], gpu[0]["ts"] if gpu else 0
+    for e in gpu:
+        if e["ts"] - end >= least_ms * 1e3:
+            gaps.append((end, e["ts"]))
+        end = max(end, e["ts"] + e["dur"])
+    span = (gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]) / 1e3 if gpu else 0.0
+    busy = sum(e["dur"] for e in gpu) / 1e3
+    by_phase: dict[str, list[float]] = {}
+    by_call: dict[str, float] = {}
+    for a, b in gaps:
+        mid = (a + b) / 2
+        inside = [p for p in phases if p["ts"] <= mid <= p["ts"] + p["dur"]]
+        name = " > ".join(p["name"] for p in sorted(inside, key=lambda p: p["ts"])) or "(none)"
+        t = by_phase.setdefault(name, [0.0, 0])
+        t[0] += (b - a) / 1e3
+        t[1] += 1
+        for c in calls:
+            overlap = min(b, c["ts"] + c["dur"]) - max(a, c["ts"])
+            if overlap > 0:
+                by_call[c["name"]] = by_call.get(c["name"], 0.0) + overlap / 1e3
+    lines = [f"GPU span {span:.1f} ms, kernels {busy:.1f} ms, {len(gaps)} idle gaps of "
+             f"{least_ms} ms or more, {sum(b - a for a, b in gaps) / 1e3:.1f} ms in all", "",
+             "| host phase at the gap's middle | idle (ms) | gaps |", "|---|---|---|"]
+    for name, (t, n) in sorted(by_phase.items(), key=lambda kv: -kv[1][0])[:15]:
+        lines.append(f"| {name} | {t:.1f} | {n} |")
+    lines += ["", "| host call overlapping the gaps | ms |", "|---|---|"]
+    for name, t in sorted(by_call.items(), key=lambda kv: -kv[1])[:20]:
+        lines.append(f"| `{name[:70]}` | {t:.1f} |")
+    return lines
+
+
 def run(path: str, args, budget: int | None, chunk: int, streams: int,
         profile: bool = False) -> dict:
     from tr_engine import LLM, SamplingParams
@@ -115,6 +214,9 @@ def run(path: str, args, budget: int | None, chunk: int, streams: int,
             loaded = until_first_token(e, "long", ids(g, args.prompt), steps)
         row.update(loaded=loaded, calm=statistics.median(calm), steps=len(steps),
                    largest=max(steps), median=statistics.median(steps))
+        if profile and args.trace:
+            with traced(e, args.trace):
+                until_first_token(e, "traced", ids(g, args.prompt), [])
         return row
 
 
@@ -130,8 +232,14 @@ def main() -> None:
     ap.add_argument("--profile", default=None,
                     help="B,C: profile the prefill under budget B with the streams and alone "
                     "in chunks of C (and nothing else)")
+    ap.add_argument("--trace", default=None,
+                    help="with --profile: trace one more prefill with the streams to this file")
+    ap.add_argument("--gaps", default=None, help="report the idle gaps of a trace, and stop")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.gaps:
+        print("\n".join(gap_report(args.gaps)))
+        return
     import prefill
 
     prefill.LAYERS = args.layers
@@ -142,6 +250,8 @@ def main() -> None:
         print("\n".join(profile_report(run(str(path), args, budget, args.prefill_chunk,
                                             args.streams, profile=True),
                                         run(str(path), args, None, chunk, 0, profile=True))))
+        if args.trace:
+            print("\n".join(["", *gap_report(args.trace)]))
         return
     budgets = [None if b == "none" else int(b) for b in args.budgets.split(",") if b]
     rows = [run(str(path), args, b, args.prefill_chunk, args.streams) for b in budgets]

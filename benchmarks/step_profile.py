@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import copy_gbps, kernel_totals, machine, today, write_section
+from common import Calling, copy_gbps, kernel_totals, machine, today, write_section
 from tensor_parallel import counts, write_config
 
 PHASES = ("schedule", "run", "sample", "update", "outputs")
@@ -58,7 +58,7 @@ def profile(engine, batch: int, steps: int, prompt: int, logprobs: int | None = 
 
     engine.scheduler.schedule = timed("schedule", sched)
     engine.cluster.run = timed("run", run, gpu=True)
-    engine.sampler = _Timed(sampler.__self__, timed("sample", sampler, gpu=True))
+    engine.sampler = Calling(sampler.__self__, timed("sample", sampler, gpu=True))
     engine.scheduler.update = timed("update", update)
     engine._on_token = timed("outputs", on_token)
     walls = []
@@ -88,19 +88,6 @@ def profile(engine, batch: int, steps: int, prompt: int, logprobs: int | None = 
     row = {p: statistics.median(v) * 1e3 for p, v in spent.items()}
     row["step"] = statistics.median(walls) * 1e3
     return row
-
-
-class _Timed:
-    """The sampler, its calls timed."""
-
-    def __init__(self, sampler, fn) -> None:
-        self.sampler, self.fn = sampler, fn
-
-    def __call__(self, *a, **k):
-        return self.fn(*a, **k)
-
-    def __getattr__(self, name):
-        return getattr(self.sampler, name)
 
 
 def kernel_table(engine, prompt: int, batch: int = 1, reps: int = 10) -> list[str]:
