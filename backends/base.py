@@ -125,36 +125,51 @@ class Backend(ABC):
         if tq < tk:
             # Bottom-right causal = the queries against the prefix (no mask) merged with a
             # square causal block; only square causal blocks reach the kernel.
-            from tr_engine.attention.merge import merge
-
             p = tk - tq
-            out, lse = self._attention(q, k[:p], v[:p], False, scale)
-            out_b, lse_b = self._attention(q, k[p:], v[p:], True, scale)
-            out, lse = merge(out.float(), lse, out_b, lse_b)
-            return out.to(q.dtype), lse
+            return self.attention_prefixed(q, k[:p], v[:p], k[p:], v[p:], True, scale)
         # More queries than keys: the first tq - tk rows see nothing.
         out, lse = empty_result(q)
         out[tq - tk :], lse[tq - tk :] = self._attention(q[tq - tk :], k, v, True, scale)
         return out, lse
 
-    def attention_in_pieces(self, fixed, rest, q, k, v, scale: float, piece: int,
-                            rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_prefixed(self, q: torch.Tensor, k_prefix: torch.Tensor,
+                           v_prefix: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attention(q, cat(k_prefix, k), cat(v_prefix, v), causal, scale)` without the
+        concatenation: q against the prefix with no mask (every query comes after all of
+        it), merged with q against k, v (the mask, if causal, bottom-right aligned)."""
+        if k_prefix.shape[0] == 0:
+            return self.attention(q, k, v, causal, scale)
+        out, lse = self.attention(q, k_prefix, v_prefix, False, scale)
+        if k.shape[0] == 0:
+            return out, lse
+        out, lse = out.float().contiguous(), lse.float().contiguous()
+        out_b, lse_b = self.attention(q, k, v, causal, scale)
+        self.merge_(out, lse, out_b, lse_b)
+        return out.to(q.dtype), lse
+
+    def attention_in_pieces(self, fixed, rest, q, k, v, scale: float,
+                            pieces: tuple[int, ...], rows: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-causal attention of q over many keys, in pieces whose shapes come from a small
         fixed set: `fixed(q, k, v, scale)` sees q padded with zero rows to `rows` and exactly
-        `piece` keys at a time, `rest(...)` the unpadded q and the keys left over (fewer than
-        `piece`); the parts merge by their LSE in float32. Exact: padded query rows are
-        dropped, and key order does not matter without a mask. A kernel that builds a plan
-        per shape (cuDNN) then meets one shape per query bucket, whatever the key count."""
-        tq = q.shape[0]
+        one of `pieces` keys at a time (the largest first, while that many are left),
+        `rest(...)` the unpadded q and the keys left over (fewer than the smallest piece);
+        the parts merge by their LSE in float32. Exact: padded query rows are dropped, and
+        key order does not matter without a mask. A kernel that builds a plan per shape
+        (cuDNN) then meets one shape per query bucket and piece, whatever the key count."""
+        tq, tk = q.shape[0], k.shape[0]
         q_pad = torch.cat([q, q.new_zeros((rows - tq, *q.shape[1:]))]) if rows > tq else q
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        whole = k.shape[0] // piece * piece
-        for a in range(0, whole, piece):
-            o, s = fixed(q_pad, k[a : a + piece], v[a : a + piece], scale)
-            self.merge_(out, lse, o[:tq], s[:tq])
-        if whole < k.shape[0]:
-            o, s = rest(q, k[whole:], v[whole:], scale)
+        a = 0
+        for piece in sorted(pieces, reverse=True):
+            while tk - a >= piece:
+                o, s = fixed(q_pad, k[a : a + piece], v[a : a + piece], scale)
+                self.merge_(out, lse, o[:tq], s[:tq])
+                a += piece
+        if a < tk:
+            o, s = rest(q, k[a:], v[a:], scale)
             self.merge_(out, lse, o, s)
         return out.to(q.dtype), lse
 

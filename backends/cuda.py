@@ -9,6 +9,7 @@ tensors, so nothing is copied on the way in. float32 inputs use the math path.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -47,21 +48,29 @@ class CudaBackend(Backend):
     device_type = "cuda"
     dist_backend = "nccl"
 
-    # cuDNN is the fastest on big blocks but builds an execution graph (~0.1 s) for every new
-    # shape; flash needs no build. Real traffic brings a new prompt length (and a new cached
-    # prefix length) almost every request, so blocks of up to SMALL_QUERY_BLOCK queries go to
-    # flash: there attention is a small share of a prefill, and a build would cost more than
-    # cuDNN saves. Bigger blocks come from long prompts, whose chunks the block-aligned layout
-    # pads to a bounded set of lengths (layout.padded_len); each new cuDNN shape is logged.
+    # cuDNN is the fastest on big blocks (about 1.7x flash) but builds an execution graph
+    # (~0.1 s) for every new shape; flash needs no build. Real traffic brings a new prompt
+    # length (and a new cached prefix length) almost every request, and a step under a token
+    # budget a new chunk length, so blocks of up to SMALL_QUERY_BLOCK queries meet cuDNN
+    # only in shapes built at start-up (prepare_attention), the queries padded up to the
+    # next of QUERY_BUCKETS (four a doubling from 512: at most a quarter of padding):
+    # - against many keys without a mask (a chunk's queries over its cached prefix, a
+    #   follow-up on a document), the keys go in pieces of KEY_PIECES keys, the largest while
+    #   that many are left (a long prefix in few calls, a short one still on cuDNN); flash
+    #   takes the keys left over;
+    # - a causal square block of CAUSAL_MIN queries or more (a chunk over its own keys) is
+    #   padded at its end, queries and keys alike: no real query sees a pad key under the
+    #   mask, and the pad rows are dropped.
+    # Other small blocks go to flash. Bigger blocks come from long prompts, whose chunks the
+    # block-aligned layout pads to a bounded set of lengths (layout.padded_len); each new
+    # cuDNN shape is logged.
     _BIG = (("cudnn", _cudnn), ("flash", _flash), ("math", _math))
     _SMALL = (("flash", _flash), ("cudnn", _cudnn), ("math", _math))
     SMALL_QUERY_BLOCK = 8192
-    # A few new queries over a long cached prefix (a follow-up on a document) is the one
-    # small-query case where cuDNN's speed matters: there the keys go to cuDNN in pieces of
-    # KEY_PIECE, with the queries padded to a power of two (QUERY_BUCKETS), shapes built at
-    # start-up (prepare_attention); flash takes the keys left over.
-    KEY_PIECE = 16384
-    QUERY_BUCKETS = tuple(64 << i for i in range(8))  # 64 .. 8192
+    KEY_PIECES = (16384, 4096)
+    CAUSAL_MIN = 1024
+    QUERY_BUCKETS = (64, 128, 256, 512, *(b * m // 4 for b in (512, 1024, 2048, 4096)
+                                          for m in (5, 6, 7, 8)))  # 64 .. 8192
 
     def __init__(self) -> None:
         super().__init__()
@@ -139,37 +148,50 @@ class CudaBackend(Backend):
         else:
             super().merge_(out, lse, out_b, lse_b)
 
+    def prepare_shapes(self) -> list[tuple[int, int, bool]]:
+        """The (queries, keys, causal) blocks prepare_attention builds."""
+        return [(rows, keys, False) for keys in self.KEY_PIECES
+                for rows in self.QUERY_BUCKETS] + \
+            [(rows, rows, True) for rows in self.QUERY_BUCKETS if rows >= self.CAUSAL_MIN]
+
     def prepare_attention(self, hq, hkv, d, dtype, device):
-        if dtype == torch.float32 or ("cudnn", dtype, d, hq // hkv, False,
-                                      self.SMALL_QUERY_BLOCK + 1) in self._refused:
+        if (dtype == torch.float32 or all(name != "cudnn" for name, _ in self._BIG)
+                or ("cudnn", dtype, d, hq // hkv, False, self.SMALL_QUERY_BLOCK + 1)
+                in self._refused):  # no cuDNN: float32, or the self-check turned it off
             return
-        k = torch.randn((self.KEY_PIECE, hkv, d), dtype=dtype, device=device)
-        for rows in self.QUERY_BUCKETS:
-            q = torch.randn((rows, hq, d), dtype=dtype, device=device)
+        t = time.perf_counter()
+        shapes = self.prepare_shapes()
+        k = torch.randn((max(n for _, n, _ in shapes), hkv, d), dtype=dtype, device=device)
+        q = torch.randn((max(self.QUERY_BUCKETS), hq, d), dtype=dtype, device=device)
+        for rows, keys, causal in shapes:
             try:
-                _cudnn(q, k, k, False, d**-0.5)
-            except RuntimeError as e:  # this build refuses the shape: no pieces then
-                log.info("cuDNN attention refused %d x %d keys (%s); prefix attention stays "
-                         "on flash", rows, self.KEY_PIECE, e)
+                _cudnn(q[:rows], k[:keys], k[:keys], causal, d**-0.5)
+            except RuntimeError as e:  # this build refuses the shape: flash then
+                log.info("cuDNN attention refused %d x %d keys (%s); small blocks stay on "
+                         "flash", rows, keys, e)
                 self._piece_rows = ()
                 return
-            self.cudnn_shapes.add((rows, self.KEY_PIECE, hq, hkv, d, False, dtype))
+            self.cudnn_shapes.add((rows, keys, hq, hkv, d, causal, dtype))
         self._piece_rows = self.QUERY_BUCKETS
         torch.cuda.synchronize()
+        log.info("cuDNN attention: %d block shapes built in %.1f s", len(shapes),
+                 time.perf_counter() - t)
 
     def _attention(self, q, k, v, causal, scale):
         tq = q.shape[0]
-        if (not causal and k.shape[0] >= self.KEY_PIECE and tq <= self.SMALL_QUERY_BLOCK
-                and q.dtype != torch.float32 and getattr(self, "_piece_rows", ())):
-            rows = next(r for r in self._piece_rows if r >= tq)
+        rows = next((r for r in getattr(self, "_piece_rows", ()) if r >= tq), None)
+        if rows is not None and q.dtype != torch.float32:
             try:
-                return self.attention_in_pieces(
-                    lambda *a: _cudnn(*a[:3], False, a[3]),
-                    lambda *a: _flash(*a[:3], False, a[3]), q, k, v, scale, self.KEY_PIECE,
-                    rows)
+                if causal and tq >= self.CAUSAL_MIN:
+                    return self._padded_causal(q, k, v, scale, rows)
+                if not causal and k.shape[0] >= min(self.KEY_PIECES):
+                    return self.attention_in_pieces(
+                        lambda *a: _cudnn(*a[:3], False, a[3]),
+                        lambda *a: _flash(*a[:3], False, a[3]), q, k, v, scale,
+                        self.KEY_PIECES, rows)
             except RuntimeError as e:  # refused after all: plain blocks from now on
-                log.warning("cuDNN attention in key pieces failed (%s); prefix attention "
-                            "goes to flash from now on", e)
+                log.warning("cuDNN attention in prepared shapes failed (%s); small blocks "
+                            "go to flash from now on", e)
                 self._piece_rows = ()
         shape_class = (q.dtype, q.shape[-1], q.shape[1] // k.shape[1], causal,
                        min(q.shape[0], self.SMALL_QUERY_BLOCK + 1))
@@ -184,6 +206,19 @@ class CudaBackend(Backend):
                          "dim %d, causal %s, %s): it builds an execution graph for it once "
                          "(%d shapes so far)", *shape, len(self.cudnn_shapes))
         return self._first_accepting(kernels, shape_class, q, k, v, causal, scale)
+
+    @staticmethod
+    def _padded_causal(q, k, v, scale, rows):
+        """Causal attention of a square block padded at its end to `rows` (a prepared
+        shape): queries and keys of the pad come after every real one, so the causal mask
+        keeps them out of every real row, and the pad rows are dropped."""
+        tq = q.shape[0]
+
+        def pad(x):
+            return torch.cat([x, x.new_zeros((rows - tq, *x.shape[1:]))])
+
+        out, lse = _cudnn(pad(q), pad(k), pad(v), True, scale)
+        return out[:tq], lse[:tq]
 
     # Kernel self-check (Backend.self_check): the attention kernels and the Triton merge.
     _NAMES = {"cudnn": "cuDNN attention", "flash": "flash attention"}

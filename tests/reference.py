@@ -19,8 +19,8 @@ def attention64(q, k, v, *, causal=True, q_offset=0, scale=None, kv_valid=None):
     scale = scale or d**-0.5
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
     if causal:
-        qpos = torch.arange(tq).unsqueeze(1) + q_offset
-        kpos = torch.arange(k.shape[0]).unsqueeze(0)
+        qpos = torch.arange(tq, device=q.device).unsqueeze(1) + q_offset
+        kpos = torch.arange(k.shape[0], device=q.device).unsqueeze(0)
         s = s.masked_fill(kpos > qpos, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [H, Tq]
     p = torch.exp(s - lse.unsqueeze(-1))

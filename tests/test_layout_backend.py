@@ -76,11 +76,13 @@ def test_npu_backend_reports_what_is_missing():
     assert "torch_npu" in e.value.what and e.value.fix
 
 
-@pytest.mark.parametrize(("tq", "tk", "piece", "rows"), [(5, 40, 16, 8), (8, 32, 16, 8),
-                                                        (3, 7, 16, 4), (1, 50, 8, 64)])
-def test_attention_in_key_pieces_is_exact(tq, tk, piece, rows):
-    """Queries padded to a bucket, keys in fixed pieces plus a remainder, merged by LSE:
-    the same as one non-causal block (what the CUDA backend runs with cuDNN and flash)."""
+@pytest.mark.parametrize(("tq", "tk", "pieces", "rows"), [
+    (5, 40, (16,), 8), (8, 32, (16,), 8), (3, 7, (16,), 4), (1, 50, (8,), 64),
+    (5, 77, (32, 8), 8), (6, 23, (32, 8), 8), (4, 64, (8, 32), 4)])
+def test_attention_in_key_pieces_is_exact(tq, tk, pieces, rows):
+    """Queries padded to a bucket, keys in fixed pieces (the largest first) plus a
+    remainder, merged by LSE: the same as one non-causal block (what the CUDA backend runs
+    with cuDNN and flash)."""
     backend = get_backend("cpu")
     g = torch.Generator().manual_seed(tq * tk)
     q = torch.randn(tq, 6, 16, generator=g)
@@ -95,12 +97,16 @@ def test_attention_in_key_pieces_is_exact(tq, tk, piece, rows):
         calls.append(("rest", q_.shape[0], k_.shape[0]))
         return backend.attention(q_, k_, v_, False, scale)
 
-    out, lse = backend.attention_in_pieces(fixed, rest, q, k, v, 0.25, piece, rows)
+    out, lse = backend.attention_in_pieces(fixed, rest, q, k, v, 0.25, pieces, rows)
     ref, ref_lse = attention64(q, k, v, causal=False, scale=0.25)
     assert (out.double() - ref).abs().max() < 1e-5
     assert (lse.double() - ref_lse).abs().max() < 1e-5
-    assert {c for c in calls if c[0] == "fixed"} <= {("fixed", rows, piece)}
-    assert len(calls) == -(-tk // piece)
+    # the largest piece while it fits, then the smaller, then the rest
+    want, left = [], tk
+    for piece in sorted(pieces, reverse=True):
+        want += [("fixed", rows, piece)] * (left // piece)
+        left %= piece
+    assert calls == want + ([("rest", tq, left)] if left else [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -120,3 +126,42 @@ def test_cuda_prefix_attention_in_pieces():
     ref, ref_lse = attention64(q.cpu(), k.cpu(), v.cpu(), causal=False, scale=128**-0.5)
     assert (out.cpu().double() - ref).abs().max() < 2e-2
     assert (lse.cpu().double() - ref_lse).abs().max() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_chunks_take_prepared_shapes(monkeypatch):
+    """On a GPU: a prompt chunk of up to 8192 queries over its cached prefix and its own
+    keys (the local strategy, bottom-right causal) meets cuDNN only in the shapes built at
+    start-up (the causal block padded at its end, the prefix in key pieces with the queries
+    padded) and matches float64 within bfloat16 rounding."""
+    from tr_engine.backends import cuda
+
+    from tr_engine.attention import local_attention
+
+    backend = get_backend("cuda")
+    backend.prepare_attention(4, 1, 128, torch.bfloat16, torch.device("cuda"))
+    prepared = {(r, k, c) for r, k, c in backend.prepare_shapes()}
+    built = len(backend.cudnn_shapes)
+    met = []
+    real = cuda._cudnn
+
+    def recorded(q, k, v, causal, scale):
+        met.append((q.shape[0], k.shape[0], causal))
+        return real(q, k, v, causal, scale)
+
+    monkeypatch.setattr(cuda, "_cudnn", recorded)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for tq, cached in [(1000, 0), (1024, 0), (1100, 5000), (2300, 9000), (5000, 17000),
+                       (8192, 4096)]:
+        q = torch.randn(tq, 4, 128, device="cuda", generator=g).bfloat16()
+        k = torch.randn(cached + tq, 1, 128, device="cuda", generator=g).bfloat16()
+        v = torch.randn(cached + tq, 1, 128, device="cuda", generator=g).bfloat16()
+        out, lse = local_attention(q, k[cached:], v[cached:], causal=True, scale=128**-0.5,
+                                   k_prefix=k[:cached], v_prefix=v[:cached])
+        ref, ref_lse = attention64(q, k, v, causal=True, q_offset=cached, scale=128**-0.5)
+        assert (out.double() - ref).abs().max() < 2e-2, (tq, cached)
+        assert (lse.double() - ref_lse).abs().max() < 1e-2, (tq, cached)
+    assert len(backend.cudnn_shapes) == built  # nothing built on the request path
+    assert met and set(met) <= prepared
+    assert (1280, 1280, True) in met and (2560, 4096, False) in met
+    assert (1024, 16384, False) in met or (5120, 16384, False) in met

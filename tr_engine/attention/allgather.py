@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from tr_engine.backends import backend_for
 
-from .common import check_and_prepare, communicator, shard_sizes
+from .common import check, check_and_prepare, communicator, shard_sizes
 
 
 def allgather_kv_attention(
@@ -85,9 +85,15 @@ def local_attention(
     k_prefix: torch.Tensor | None = None,
     v_prefix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention on one rank. The whole sequence must be here: a world of one rank."""
+    """Attention on one rank. The whole sequence must be here: a world of one rank. A
+    prefix is attended where it lies (a gathered or sliced view of the cache), not copied
+    in front of the new keys."""
     world = communicator(group).world_size
     if world != 1:
         raise ValueError(f"'local' attention needs a world of one rank; this one has {world}")
-    kv, scale = check_and_prepare(q, k, v, 1, causal, scale, kv_len, k_prefix, v_prefix)
-    return backend_for(q.device).attention(q, kv.k_all, kv.v_all, causal, scale)
+    valid, scale = check(q, k, v, 1, causal, scale, kv_len, k_prefix, v_prefix)
+    backend = backend_for(q.device)
+    if k_prefix is None:
+        return backend.attention(q, k[:valid], v[:valid], causal, scale)
+    return backend.attention_prefixed(q, k_prefix.to(k.dtype), v_prefix.to(v.dtype),
+                                      k[:valid], v[:valid], causal, scale)

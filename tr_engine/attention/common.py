@@ -48,7 +48,7 @@ class LocalKV:
         return self.v_all[: self.n_prefix]
 
 
-def check_and_prepare(
+def check(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -58,8 +58,9 @@ def check_and_prepare(
     kv_len: int | None,
     k_prefix: torch.Tensor | None,
     v_prefix: torch.Tensor | None,
-) -> tuple[LocalKV, float]:
-    """Validate shapes and build the rank's LocalKV; returns it and the softmax scale."""
+) -> tuple[int, float]:
+    """Validate shapes; returns how many of the rank's own keys are valid, and the softmax
+    scale."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"expected q, k, v as [T, H, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -76,14 +77,29 @@ def check_and_prepare(
         raise ValueError("pass both k_prefix and v_prefix, or neither")
     if kv_len is not None and not 0 <= kv_len <= n:
         raise ValueError(f"kv_len must lie in [0, {n}]; got {kv_len}")
-    valid = n if kv_len is None or causal else kv_len
+    return (n if kv_len is None or causal else kv_len), scale or 1.0 / math.sqrt(d)
+
+
+def check_and_prepare(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    world_size: int,
+    causal: bool,
+    scale: float | None,
+    kv_len: int | None,
+    k_prefix: torch.Tensor | None,
+    v_prefix: torch.Tensor | None,
+) -> tuple[LocalKV, float]:
+    """Validate shapes and build the rank's LocalKV; returns it and the softmax scale."""
+    valid, scale = check(q, k, v, world_size, causal, scale, kv_len, k_prefix, v_prefix)
     if k_prefix is not None and k_prefix.shape[0] > 0:
         k_all = torch.cat([k_prefix.to(k.dtype), k[:valid]])
         v_all = torch.cat([v_prefix.to(v.dtype), v[:valid]])
         n_prefix = k_prefix.shape[0]
     else:
         k_all, v_all, n_prefix = k[:valid].contiguous(), v[:valid].contiguous(), 0
-    return LocalKV(k_all, v_all, n_prefix, n // 2), scale or 1.0 / math.sqrt(d)
+    return LocalKV(k_all, v_all, n_prefix, q.shape[0] // 2), scale
 
 
 def shard_sizes(comm: Communicator, kv: LocalKV, device: torch.device) -> list[list[int]]:
