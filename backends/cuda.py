@@ -215,7 +215,7 @@ class CudaBackend(Backend):
         tq = q.shape[0]
 
         def pad(x):
-            return torch.cat([x, x.new_zeros((rows - tq, *x.shape[1:]))])
+            return x if rows == tq else torch.cat([x, x.new_zeros((rows - tq, *x.shape[1:]))])
 
         out, lse = _cudnn(pad(q), pad(k), pad(v), True, scale)
         return out[:tq], lse[:tq]
