@@ -66,6 +66,15 @@ def greedy_reference(path: str):
     return greedy
 
 
+def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """float64 log-probabilities of `tokens` after `prompt` from `model`'s forward over the
+    whole sequence, one per token."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0].double()
+    lp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+    return lp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
 def matches_transformers(model, out, prompt: list[int], tokens: list[int]) -> bool:
     """An engine RequestOutput against transformers: its tokens equal `tokens` (the
     reference greedy continuation of `prompt`) and, where it gave logprobs, each chosen
@@ -74,10 +83,7 @@ def matches_transformers(model, out, prompt: list[int], tokens: list[int]) -> bo
         return False
     if out.outputs[0].logprobs is None:
         return True
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens])).logits[0].double()
-    ref = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
-    ref = ref.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    ref = reference_logprobs(model, prompt, tokens)
     got = torch.tensor([e.logprob for e in out.outputs[0].logprobs], dtype=torch.float64)
     return bool((got - ref).abs().max() < 1e-4)
 

@@ -19,7 +19,13 @@ import httpx
 import openai
 import pytest
 import torch
-from checkpoints import byte_ids, greedy_reference, make_checkpoint, make_tokenizer
+from checkpoints import (
+    byte_ids,
+    greedy_reference,
+    make_checkpoint,
+    make_tokenizer,
+    reference_logprobs,
+)
 from test_server import _command, _free_port, _group_members
 
 NEW_TOKENS = 12
@@ -90,10 +96,7 @@ def test_two_torchrun_nodes_serve_exactly(tmp_path):
                                         extra_body={"ignore_eos": True})
         tokens = greedy(tuple(prompt), NEW_TOKENS)
         assert out.choices[0].text == make_tokenizer().decode(tokens)
-        with torch.no_grad():
-            logits = greedy.model(torch.tensor([prompt + tokens])).logits[0].double()
-        ref = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
-        ref = ref.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        ref = reference_logprobs(greedy.model, prompt, tokens)
         got = torch.tensor(out.choices[0].logprobs.token_logprobs, dtype=torch.float64)
         assert (got - ref).abs().max() < 1e-4
 

@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from checkpoints import byte_ids, greedy_reference, make_checkpoint
+from checkpoints import byte_ids, greedy_reference, make_checkpoint, reference_logprobs
 from test_server import running_server, wait_idle
 
 MODEL = "overlap-test"
@@ -55,13 +55,6 @@ def server(ckpt):
             del os.environ["TR_ENGINE_OVERLAP_OUTPUTS"]
         else:
             os.environ["TR_ENGINE_OVERLAP_OUTPUTS"] = before
-
-
-def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens])).logits[0].double()
-    lp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
-    return lp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 async def stream(client, prompt: list[int], n: int) -> dict:
