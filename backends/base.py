@@ -368,7 +368,7 @@ def _randn(shape, g, dtype, device) -> torch.Tensor:
 
 def _check_attention(fn, device, dtype, tq, tk, hq, hkv, d, causal) -> str:
     """'' if fn agrees with the float32 math on a seeded random block, else what differed."""
-    from .cpu import math_attention
+    from .reference import math_attention
 
     g = torch.Generator().manual_seed(tq * 7919 + tk * 131 + hq * 17 + d)
     q = _randn((tq, hq, d), g, dtype, device)

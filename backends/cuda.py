@@ -14,7 +14,7 @@ import time
 import torch
 
 from .base import Backend
-from .cpu import math_attention
+from .reference import math_attention
 
 log = logging.getLogger("tr_engine")
 

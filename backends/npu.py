@@ -62,8 +62,8 @@ import os
 import torch
 
 from .base import Backend
-from .cpu import math_attention
 from .errors import BackendUnavailable
+from .reference import math_attention
 
 log = logging.getLogger("tr_engine")
 

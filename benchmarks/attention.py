@@ -34,7 +34,8 @@ from tr_engine.backends import Communicator, Handle, get_backend
 from tr_engine.backends.base import Backend
 from tr_engine.backends.cuda import _cudnn, _flash
 
-from tr_engine.attention import layout, ring_attention, tokenring_attention
+from tr_engine.attention import ring_attention, tokenring_attention
+from tr_engine.distributed import zigzag
 
 D = 128
 DT = torch.bfloat16
@@ -54,8 +55,8 @@ def check_correctness(rank: int, world: int) -> list[str]:
         # float32 reference of the whole sequence on this GPU (bottom-right causal)
         k_all, v_all = torch.cat([kc, k]).float(), torch.cat([vc, v]).float()
         ref = _reference(q.float(), k_all, v_all, cached)
-        qs, ks, vs = (layout.shard(x, world, rank) for x in (q, k, v))
-        n_valid = layout.local_len(total, world, rank)
+        qs, ks, vs = (zigzag.shard(x, world, rank) for x in (q, k, v))
+        n_valid = zigzag.local_len(total, world, rank)
         bounds = [cached * r // world for r in range(world + 1)]
         prefix = {}
         if cached:
@@ -63,7 +64,7 @@ def check_correctness(rank: int, world: int) -> list[str]:
             prefix = {"k_prefix": kc[a:b], "v_prefix": vc[a:b]}
         for name, fn in (("tokenring", tokenring_attention), ("ring", ring_attention)):
             out, _ = fn(qs, ks, vs, **prefix)
-            ref_s = layout.shard(ref, world, rank)
+            ref_s = zigzag.shard(ref, world, rank)
             err = (out[:n_valid].float() - ref_s[:n_valid]).abs()
             t = torch.tensor([err.max().item(), err.mean().item()], device="cuda")
             if world > 1:
@@ -160,7 +161,7 @@ def bench_one(s, hq, hkv, rank, world, reps):
                                        reps=reps, sync_ranks=False)
         row["single_kernel"], row["single"] = min(single.items(), key=lambda kv: kv[1])
     barrier()
-    qs, ks, vs = (layout.shard(x, world, rank) for x in (q, k, v))
+    qs, ks, vs = (zigzag.shard(x, world, rank) for x in (q, k, v))
     backend = get_backend("cuda")
 
     def tokenring():

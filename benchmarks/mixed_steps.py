@@ -102,7 +102,7 @@ def traced(engine, path: str):
 
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from tr_engine import runner
+    from tr_engine.worker import model_runner as runner
 
     def labelled(name, fn):
         def wrapper(*a, **k):

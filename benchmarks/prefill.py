@@ -133,7 +133,7 @@ def bench_hf(path: Path, seqs: list[int]) -> dict[int, float]:
 
 def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
     from tr_engine.config import EngineConfig
-    from tr_engine.engine import LLMEngine
+    from tr_engine.engine.llm_engine import LLMEngine
     from tr_engine.errors import RequestTooLong
     from tr_engine.sampling_params import SamplingParams
 
@@ -207,11 +207,11 @@ def bare_step_ms(engine, s: int) -> float:
     """Wall time of a decode step without the scheduler, sampler and detokenizer: the plan
     sent to every rank and every rank's graph replayed (KV of the request just served, in
     row 0 of each rank's block table), until rank 0 holds the logits."""
-    from tr_engine.attention import layout
+    from tr_engine.distributed import zigzag
     from tr_engine.plan import DecodePlan, StepPlan
 
     world = engine.world
-    shard = [layout.local_len(s, world, r, 16) for r in range(world)]
+    shard = [zigzag.local_len(s, world, r, 16) for r in range(world)]
     plan = StepPlan("decode", decode=DecodePlan(
         seq_ids=[0], rows=[0], tokens=[1], positions=[s], kv_len=[shard],
         owner=[-1]))  # owner -1: nobody keeps it

@@ -61,7 +61,7 @@ def main() -> None:
     if args.http:
         return http(args)
     from tr_engine.config import EngineConfig
-    from tr_engine.engine import LLMEngine
+    from tr_engine.engine.llm_engine import LLMEngine
 
     torch.cuda.set_device(0)
     copy = copy_gbps()

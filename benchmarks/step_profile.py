@@ -146,7 +146,7 @@ def main() -> None:
     torch.cuda.set_device(0)
     gbps = copy_gbps()
     from tr_engine.config import EngineConfig
-    from tr_engine.engine import LLMEngine
+    from tr_engine.engine.llm_engine import LLMEngine
 
     path = Path(args.dir) / "8b"
     config = write_config(path, "8b", 1, 8192)

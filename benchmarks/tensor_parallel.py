@@ -80,7 +80,7 @@ def counts(config: dict, tp: int) -> tuple[float, float, float]:
 
 def bench(path: Path, config: dict, world: int, tp: int, args) -> dict:
     from tr_engine.config import EngineConfig
-    from tr_engine.engine import LLMEngine
+    from tr_engine.engine.llm_engine import LLMEngine
     from tr_engine.sampling_params import SamplingParams
 
     s, steps = args.seq, args.decode_steps

@@ -15,6 +15,7 @@ from .protocol import (
     ChatCompletionResponse,
     ChatResponseMessage,
     DeltaMessage,
+    usage,
 )
 from .serving import Serving
 from .streams import RequestStream, SSEResponse, close_all, sse, stream_events
@@ -55,7 +56,7 @@ async def create_chat_completion(
         stop_reason=out.outputs[0].stop_reason,
     ) for i, out in enumerate(outs)]
     return ChatCompletionResponse(id=request_id, model=serving.model_name, choices=choices,
-                                  usage=serving.usage(outs))
+                                  usage=usage(outs))
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
@@ -97,5 +98,5 @@ def _events(serving: Serving, request_id: str, streams: list[RequestStream],
         return chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
                                                                   content=echo))])
 
-    return stream_events(serving, streams, chunk, choice, top_n is not None, include_usage,
+    return stream_events(streams, chunk, choice, top_n is not None, include_usage,
                          first=role)

@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator
 from tr_engine.outputs import RequestOutput
 
 from .errors import APIError
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from .protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    usage,
+)
 from .serving import Serving
 from .streams import RequestStream, SSEResponse, close_all, sse, stream_events
 
@@ -52,7 +58,7 @@ async def create_completion(
                                         finish_reason=c.finish_reason,
                                         stop_reason=c.stop_reason))
     return CompletionResponse(id=request_id, model=serving.model_name, choices=choices,
-                              usage=serving.usage(outs))
+                              usage=usage(outs))
 
 
 def _echo_logprobs(serving: Serving, out: RequestOutput) -> CompletionLogprobs:
@@ -116,4 +122,4 @@ def _events(serving: Serving, request_id: str, streams: list[RequestStream], log
         def first(i: int) -> str:
             return chunk([CompletionChoice(index=i, text=echo)])
 
-    return stream_events(serving, streams, chunk, choice, logprobs, include_usage, first=first)
+    return stream_events(streams, chunk, choice, logprobs, include_usage, first=first)

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
 
+from tr_engine.outputs import RequestOutput
+
 INT64_MAX = 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 Seed = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
@@ -253,3 +255,15 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+def usage(outs: RequestOutput | list[RequestOutput]) -> UsageInfo:
+    """The prompt once, the completions of every choice."""
+    outs = outs if isinstance(outs, list) else [outs]
+    prompt = len(outs[0].prompt_token_ids)
+    completion = sum(len(o.outputs[0].token_ids) for o in outs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion,
+                     # the prompt as its first choice met it (the others reuse its KV)
+                     prompt_tokens_details=PromptTokensDetails(
+                         cached_tokens=outs[0].num_cached_tokens))

@@ -23,8 +23,6 @@ from .protocol import (
     ChatTokenLogprob,
     ChatTopLogprob,
     CompletionLogprobs,
-    PromptTokensDetails,
-    UsageInfo,
     _Sampling,
 )
 from .settings import ServerSettings
@@ -205,7 +203,7 @@ class Serving:
         are HTTP errors and a stream can start before the first token (a long prefill)."""
         self.check_ready()
         gen = self.engine.generate(request_id, ids, params, prompt)
-        return RequestStream(self, request_id, gen)
+        return RequestStream(self.engine, request_id, gen, self.metrics.tracker())
 
     async def start_n(self, request_id: str, ids: list[int], params: SamplingParams,
                       prompt: str | None, n: int) -> list[RequestStream]:
@@ -236,18 +234,6 @@ class Serving:
             return list(await asyncio.gather(*(last_output(s) for s in streams)))
         finally:
             await close_all(streams)
-
-    @staticmethod
-    def usage(outs: RequestOutput | list[RequestOutput]) -> UsageInfo:
-        """The prompt once, the completions of every choice."""
-        outs = outs if isinstance(outs, list) else [outs]
-        prompt = len(outs[0].prompt_token_ids)
-        completion = sum(len(o.outputs[0].token_ids) for o in outs)
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                         total_tokens=prompt + completion,
-                         # the prompt as its first choice met it (the others reuse its KV)
-                         prompt_tokens_details=PromptTokensDetails(
-                             cached_tokens=outs[0].num_cached_tokens))
 
     # ---- logprobs -------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
@@ -17,9 +16,7 @@ from starlette.types import Receive, Scope, Send
 from tr_engine.outputs import RequestOutput
 
 from .errors import APIError, as_api_error, error_body
-
-if TYPE_CHECKING:
-    from .serving import Serving
+from .protocol import usage
 
 log = logging.getLogger("tr_engine.server")
 
@@ -29,12 +26,12 @@ class RequestStream:
     output aborts the request and frees its KV; it is safe to call at any point, twice, or
     without ever having iterated."""
 
-    def __init__(self, serving: Serving, request_id: str, gen: AsyncIterator[RequestOutput]
-                 ) -> None:
-        self.serving = serving
+    def __init__(self, engine, request_id: str, gen: AsyncIterator[RequestOutput],
+                 tracker) -> None:
+        self.engine = engine  # the async engine, to abort the request
         self.request_id = request_id
         self._gen = gen
-        self._tracker = serving.metrics.tracker()
+        self._tracker = tracker  # the request's metrics (ServerMetrics.tracker)
         self.finished = False
         self.closed = False
 
@@ -57,7 +54,7 @@ class RequestStream:
             await self._gen.aclose()
         if not self.finished:
             try:
-                self.serving.engine.abort(self.request_id)
+                self.engine.abort(self.request_id)
             except Exception as exc:  # already gone on the engine side
                 log.debug("abort(%s): %r", self.request_id, exc)
 
@@ -155,7 +152,7 @@ class SSEResponse(StreamingResponse):
             await self._on_close()
 
 
-async def stream_events(serving: Serving, streams: list[RequestStream],
+async def stream_events(streams: list[RequestStream],
                         chunk: Callable[..., str],
                         choice: Callable[[int, RequestOutput, object, bool], object],
                         logprobs: bool, include_usage: bool,
@@ -179,7 +176,7 @@ async def stream_events(serving: Serving, streams: list[RequestStream],
                 continue
             yield chunk([choice(i, out, c, with_logprobs)])
         if include_usage and last:
-            yield chunk([], usage=serving.usage(list(last.values())))
+            yield chunk([], usage=usage(list(last.values())))
     except Exception as exc:
         yield stream_error(exc)
     yield DONE

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tr_engine.attention import get_strategy, layout
+from tr_engine.attention import get_strategy
+from tr_engine.distributed import zigzag
 
 
 def run_strategy(ctx, name, q, k, v, causal, prefixes, scale=None):
@@ -10,11 +11,11 @@ def run_strategy(ctx, name, q, k, v, causal, prefixes, scale=None):
     (out, lse). `prefixes` is None or a per-rank list of (k_prefix, v_prefix)."""
     total, p, r = q.shape[0], ctx.size, ctx.rank
     kw = {}
-    if not causal and layout.padded_len(total, p) != total:
-        kw["kv_len"] = layout.local_len(total, p, r)
+    if not causal and zigzag.padded_len(total, p) != total:
+        kw["kv_len"] = zigzag.local_len(total, p, r)
     if prefixes is not None:
         kw["k_prefix"], kw["v_prefix"] = prefixes[r]
-    qs, ks, vs = (layout.shard(x, p, r) for x in (q, k, v))
+    qs, ks, vs = (zigzag.shard(x, p, r) for x in (q, k, v))
     return get_strategy(name)(qs, ks, vs, ctx.group, causal=causal, scale=scale, **kw)
 
 
@@ -31,7 +32,7 @@ def run_tokenring_in_pieces(ctx, q, k, v, causal, pieces_from):
 
 def relay_plans(ctx, plans):
     """Rank 0 sends `plans` through a PlanChannel; every rank returns what it holds after."""
-    from tr_engine.workers import PlanChannel
+    from tr_engine.worker.cluster import PlanChannel
 
     channel = PlanChannel(ctx.group)
     got = []

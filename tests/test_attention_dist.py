@@ -12,7 +12,7 @@ from conftest import record_error
 from reference import attention64
 from world import World
 
-from tr_engine.attention import layout
+from tr_engine.distributed import zigzag
 
 WORLD = 4
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -42,8 +42,8 @@ def check(world, name, p, q, k, v, causal, label, prefix=None, splits=None):
         prefixes = [(kp[a:b], vp[a:b]) for a, b in zip(bounds, bounds[1:])]
     results = world.run(run_strategy, (name, q, k, v, causal, prefixes), ranks=p)
     total = q.shape[0]
-    out = layout.unshard([r[0] for r in results], total)
-    lse = layout.unshard([r[1] for r in results], total)
+    out = zigzag.unshard([r[0] for r in results], total)
+    lse = zigzag.unshard([r[1] for r in results], total)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     if prefix is None:
         ref_out, ref_lse = attention64(q, k, v, causal=causal)
@@ -119,7 +119,7 @@ def test_short_sequences_and_tiny_shards(world):
 def test_custom_scale_and_bad_input(world):
     q, k, v = make_qkv(24, 4, 2, 64, torch.float32, 3)
     res = world.run(run_strategy, ("tokenring", q, k, v, True, None, 0.05), ranks=2)
-    out = layout.unshard([r[0] for r in res], 24)
+    out = zigzag.unshard([r[0] for r in res], 24)
     ref, _ = attention64(q, k, v, causal=True, scale=0.05)
     assert (out.double() - ref).abs().max() < 1e-4
     bad_k = torch.randn(24, 3, 64)  # 4 query heads are not a multiple of 3
@@ -132,7 +132,7 @@ def test_last_step_in_four_pieces(world):
     for p, causal, total in ((2, True, 2 * 2 * 9 + 3), (3, True, 2 * 3 * 7), (4, False, 61)):
         q, k, v = make_qkv(total, 4, 2, 32, torch.float32, 40 + p)
         results = world.run(run_tokenring_in_pieces, (q, k, v, causal, 4), ranks=p)
-        out = layout.unshard([r[0] for r in results], total)
+        out = zigzag.unshard([r[0] for r in results], total)
         ref, _ = attention64(q, k, v, causal=causal)
         err = (out.double() - ref).abs()
         record_error("tokenring four pieces", err.max().item(), err.mean().item())

@@ -10,15 +10,15 @@ import random
 import pytest
 from checkpoints import make_tokenizer
 
-import tr_engine.detokenizer as detokenizer
-from tr_engine.detokenizer import IncrementalDetokenizer
+import tr_engine.engine.detokenizer as detokenizer
+from tr_engine.engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = ["Hello, wörld — ünïcode ✓ 你好世界 🎉🎉 end.", "  spaces   and\nnewlines\t",
          "naïve café 日本語テキスト"]
 
 
 def _tokenizers():
-    from tr_engine.engine import load_tokenizer, resolve_model_path
+    from tr_engine.models.loader import load_tokenizer, resolve_model_path
 
     return {"bytes": make_tokenizer(), "embedded": load_tokenizer(resolve_model_path(None))}
 

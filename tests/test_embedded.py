@@ -14,7 +14,7 @@ def test_embedded_smollm2_matches_transformers(world):
     pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM
 
-    from tr_engine.embedded import embedded_model_path
+    from tr_engine.models.embedded import embedded_model_path
 
     path = embedded_model_path()
     messages = [{"role": "user", "content": "What is 2+2?"}]
@@ -40,7 +40,7 @@ def test_embedded_chat_template_appends_turns():
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    from tr_engine.embedded import embedded_model_path
+    from tr_engine.models.embedded import embedded_model_path
 
     tok = AutoTokenizer.from_pretrained(embedded_model_path())
 

@@ -246,7 +246,7 @@ def run_engine(path, prompt, skip):
     from tr_engine.backends import override_backend
 
     from tr_engine import LLM, SamplingParams
-    from tr_engine import workers as workers_mod
+    from tr_engine.worker import cluster as workers_mod
 
     backend = NpuKernelsOnCpu()
     real = npu_standin.npu_fusion_attention

@@ -7,32 +7,32 @@ import torch
 from reference import attention64
 from tr_engine.backends import BackendUnavailable, get_backend, resolve_name
 
-from tr_engine.attention import layout
+from tr_engine.distributed import zigzag
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("total", [1, 7, 16, 33, 100])
 def test_shard_unshard_round_trip(p, total):
     x = torch.arange(total * 3).reshape(total, 3)
-    shards = [layout.shard(x, p, r) for r in range(p)]
-    assert {s.shape[0] for s in shards} == {layout.padded_len(total, p) // p}
-    assert torch.equal(layout.unshard(shards, total), x)
+    shards = [zigzag.shard(x, p, r) for r in range(p)]
+    assert {s.shape[0] for s in shards} == {zigzag.padded_len(total, p) // p}
+    assert torch.equal(zigzag.unshard(shards, total), x)
     for r in range(p):
-        pos = layout.positions(total, p, r)
-        n_real = layout.local_len(total, p, r)
+        pos = zigzag.positions(total, p, r)
+        n_real = zigzag.local_len(total, p, r)
         # real tokens come first on every rank, and the shard holds exactly those positions
         assert bool((pos[:n_real] < total).all()) and bool((pos[n_real:] >= total).all())
         assert torch.equal(shards[r][:n_real], x[pos[:n_real]])
     for position in range(total):
-        r, i = layout.owner(total, p, position)
-        assert int(layout.positions(total, p, r)[i]) == position
-    assert sum(layout.local_len(total, p, r) for r in range(p)) == total
+        r, i = zigzag.owner(total, p, position)
+        assert int(zigzag.positions(total, p, r)[i]) == position
+    assert sum(zigzag.local_len(total, p, r) for r in range(p)) == total
 
 
 def test_zigzag_chunks():
     # 2 ranks, 8 tokens: chunks of 2; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
-    assert layout.positions(8, 2, 0).tolist() == [0, 1, 6, 7]
-    assert layout.positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    assert zigzag.positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert zigzag.positions(8, 2, 1).tolist() == [2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("tq,tk", [(5, 5), (3, 11), (1, 9), (9, 4), (6, 0)])

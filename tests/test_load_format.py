@@ -14,8 +14,8 @@ from checkpoints import VOCAB, make_checkpoint
 from tr_engine import LLM, SamplingParams
 from tr_engine.cli import ConfigError, load_settings, serve_main
 from tr_engine.config import EngineConfig
-from tr_engine.loader import load_model
-from tr_engine.workers import Cluster
+from tr_engine.models.loader import load_model
+from tr_engine.worker.cluster import Cluster
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 100, 7], list(range(40, 60))]
@@ -151,7 +151,7 @@ def test_dummy_weights_split_for_tensor_parallel_ranks(root):
     scale (its partial products add up over the ranks)."""
     from tr_engine.backends import SOLO, Communicator
 
-    from tr_engine.tensor_parallel import Split, is_split
+    from tr_engine.distributed.tensor_parallel import Split, is_split
 
     path = _bare(root, "qwen2")  # biases on q/k/v: split with their rows
     whole = load_model(path, CPU, "float32", load_format="dummy", seed=3)[0].state_dict()

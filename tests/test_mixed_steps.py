@@ -14,7 +14,7 @@ from checkpoints import Recorder, greedy_reference, make_checkpoint, matches_tra
 from checkpoints import byte_ids as ids
 
 from tr_engine import SamplingParams
-from tr_engine.attention import layout
+from tr_engine.distributed import zigzag
 from tr_engine.llm import LLM
 
 BLOCK, CHUNK, BUDGET = 4, 96, 40
@@ -80,7 +80,7 @@ def test_streams_decode_in_every_step_of_long_prefills_and_all_stay_exact(llm, h
         assert len(sizes) > 1
     # the budget is per rank: a rank's shard of the chunk and the decode tokens
     for p in chunks:
-        shard = max(layout.local_len(len(p.prefill.tokens), world, r, BLOCK) for r in range(world))
+        shard = max(zigzag.local_len(len(p.prefill.tokens), world, r, BLOCK) for r in range(world))
         assert shard + len(p.decode.seq_ids) <= max(BUDGET, step // world + len(p.decode.seq_ids))
     # the shorter long prompt went first, so it got its first token first
     done = [p.prefill.seq_id for p in chunks if p.prefill.sample]

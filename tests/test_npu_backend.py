@@ -24,7 +24,8 @@ from tr_engine.backends.cpu import CpuBackend
 from tr_engine.backends.npu import ENV_DEFAULTS, NpuBackend
 from world import World
 
-from tr_engine.attention import layout, merge_
+from tr_engine.attention import merge_
+from tr_engine.distributed import zigzag
 
 FIA = "npu_fused_infer_attention_score"
 FA = "npu_fusion_attention"
@@ -390,8 +391,8 @@ def check_world(world, p, q, k, v, causal, ring_update, label, prefix=None, spli
         prefixes = [(prefix[0][a:b], prefix[1][a:b]) for a, b in zip(bounds, bounds[1:])]
     results = world.run(npu_standin.run_strategy_on_npu_backend,
                         ("tokenring", q, k, v, causal, prefixes, ring_update), ranks=p)
-    out = layout.unshard([r[0] for r in results], q.shape[0])
-    lse = layout.unshard([r[1] for r in results], q.shape[0])
+    out = zigzag.unshard([r[0] for r in results], q.shape[0])
+    lse = zigzag.unshard([r[1] for r in results], q.shape[0])
     if prefix is None:
         ref = attention64(q, k, v, causal=causal)
     else:

@@ -13,7 +13,7 @@ import torch
 from checkpoints import make_checkpoint
 
 from tr_engine import LLM
-from tr_engine.attention import layout
+from tr_engine.distributed import zigzag
 
 
 @pytest.mark.parametrize(("total", "world", "align", "padded"), [
@@ -26,16 +26,16 @@ from tr_engine.attention import layout
     (10**6, 1, 1, 10**6), (10**6 + 1, 1, 1, 10**6 + 2),  # align 1 is never bucketed
 ])
 def test_padded_len_edges(total, world, align, padded):
-    assert layout.padded_len(total, world, align) == padded
+    assert zigzag.padded_len(total, world, align) == padded
 
 
 def test_buckets_are_few_and_waste_little():
     for world in (1, 2, 8):
-        lengths = {layout.padded_len(n, world, 16) for n in range(8192 * world, 65536 * world,
+        lengths = {zigzag.padded_len(n, world, 16) for n in range(8192 * world, 65536 * world,
                                                                  97)}
         assert len(lengths) <= 3 * 16 + 1  # 16 per doubling, three doublings
         for n in range(8192 * world, 65536 * world, 997):
-            assert n <= layout.padded_len(n, world, 16) <= n * 17 / 16
+            assert n <= zigzag.padded_len(n, world, 16) <= n * 17 / 16
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,6 @@ def test_bucketed_lengths_are_exact(ckpt, hf_logits):
     with LLM(ckpt, device="cpu", world_size=1, dtype="float32", kv_cache_tokens=1400,
              max_model_len=1200, block_size=2, prefill_chunk=2048) as llm:
         for n in (1023, 1024, 1025, 1031, 1087, 1088, 1100):
-            assert layout.padded_len(n, 1, 2) >= n
+            assert zigzag.padded_len(n, 1, 2) >= n
             err = (llm.prompt_logits(tokens[:n]) - ref[:n]).abs().max().item()
             assert err < 1e-4, f"{n} tokens: {err:.2e}"

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tr_engine import LLM, SamplingParams
+from tr_engine.engine.sampler import Sampler
 from tr_engine.errors import RequestFailed
-from tr_engine.sampler import Sampler
 
 NEW = 3
 REFERENCE = {"prompt_token_ids": [5, 17, 99, 3, 250, 41]}
@@ -128,7 +128,7 @@ def test_a_request_that_raises_ends_alone(llm, alone, monkeypatch):
 
 def test_sampler_never_sees_an_unusable_distribution():
     # the sampler alone, on rows no model gives: all -inf but one NaN, +inf ties
-    from tr_engine.sequence import Sequence
+    from tr_engine.engine.sequence import Sequence
 
     sampler = Sampler(torch.device("cpu"))
     seq = Sequence(0, "r", [0], SamplingParams(temperature=1e-30, top_p=1e-46,
@@ -143,7 +143,7 @@ def test_sampler_never_sees_an_unusable_distribution():
 def test_the_batched_sampler_agrees_with_row_by_row():
     """One argmax and one log-softmax per logprobs value for the batch give what each row
     alone gives: tokens, chosen logprobs and alternatives (seeded rows draw the same)."""
-    from tr_engine.sequence import Sequence
+    from tr_engine.engine.sequence import Sequence
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(9, 50, generator=g) * 4

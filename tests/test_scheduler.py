@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import pytest
 
-from tr_engine.attention import layout
+from tr_engine.config import EngineConfig
+from tr_engine.distributed import zigzag
+from tr_engine.engine.scheduler import Scheduler
+from tr_engine.engine.sequence import Sequence, Status
 from tr_engine.errors import QueueFull, RequestTooLong
-from tr_engine.kv_blocks import BlockManager, block_keys, chunk_blocks, plan_pages
+from tr_engine.kv.block_manager import BlockManager, block_keys, chunk_blocks, plan_pages
+from tr_engine.plan import ClusterInfo
 from tr_engine.sampling_params import SamplingParams
-from tr_engine.scheduler import Scheduler
-from tr_engine.sequence import Sequence, Status
 
 B = 4  # block size in these tests
 
 
 def make(world=2, pages=25, max_len=1000, chunk=16, seqs=4, waiting=8, caching=True,
          budget=None, prefix_cost=0.0, short=0):
-    return Scheduler(world, pages, B, max_len, chunk, seqs, waiting,
-                     lambda new, cached: "ring", caching, budget, prefix_cost, short)
+    config = EngineConfig(world_size=world, prefill_chunk=chunk, max_num_seqs=seqs,
+                          max_waiting=waiting, enable_prefix_caching=caching,
+                          max_num_batched_tokens=budget, shard_min_tokens=short, block_size=B)
+    info = ClusterInfo(num_pages=pages, block_size=B, max_model_len=max_len,
+                       prefix_cost=prefix_cost)
+    return Scheduler(config, info, lambda new, cached: "ring")
 
 
 def seq(i, prompt_len, max_tokens=4, first=1):
@@ -62,10 +68,10 @@ def test_chunk_blocks_follow_the_zigzag_layout(world, n, start):
     for j, rank in blocks:
         for pos in range(j * B, min((j + 1) * B, start + n)):
             if pos >= start:
-                assert layout.owner(n, world, pos - start, B)[0] == rank
+                assert zigzag.owner(n, world, pos - start, B)[0] == rank
     for r in range(world):  # a rank's real tokens fill its blocks in order
         count = sum(1 for _, rr in blocks if rr == r)
-        assert -(-layout.local_len(n, world, r, B) // B) == count
+        assert -(-zigzag.local_len(n, world, r, B) // B) == count
 
 
 def _walk(held, start, prompt, total, chunks, world):
@@ -466,7 +472,7 @@ def test_nothing_decoding_prefills_whole_chunks():
 
 
 def test_a_short_prompt_goes_before_a_long_prefill_which_never_starves():
-    from tr_engine.scheduler import MAX_PASSED_OVER
+    from tr_engine.engine.scheduler import MAX_PASSED_OVER
 
     s = make(world=1, pages=400, chunk=8, seqs=16, waiting=32)
     long = seq(0, 200, max_tokens=1)

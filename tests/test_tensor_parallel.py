@@ -29,8 +29,7 @@ from checkpoints import (
 )
 
 from tr_engine import LLM, SamplingParams
-from tr_engine.models import ModelConfig, UnsupportedModel
-from tr_engine.tensor_parallel import (
+from tr_engine.distributed.tensor_parallel import (
     Mesh,
     check,
     fit_error,
@@ -39,6 +38,7 @@ from tr_engine.tensor_parallel import (
     valid_sizes,
     weight_bytes,
 )
+from tr_engine.models import ModelConfig, UnsupportedModel
 
 NEW_TOKENS = 24
 
@@ -213,8 +213,8 @@ def test_weights_that_do_not_fit_name_the_size_that_does():
 _MEASURE = textwrap.dedent("""
     import sys, threading, time, torch
     from tr_engine.backends import SOLO, Communicator
-    from tr_engine.loader import load_model
-    from tr_engine.tensor_parallel import Split
+    from tr_engine.models.loader import load_model
+    from tr_engine.distributed.tensor_parallel import Split
 
     def anon():
         with open("/proc/self/status") as f:

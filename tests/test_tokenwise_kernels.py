@@ -175,7 +175,7 @@ def check_rope(k, device, dtype, d, hq, hkv, t, views):
 
 def check_model(k, device, dtype, chunk):
     """A small Qwen3 (per-head q/k norm, GQA) through its forward: kernels against torch."""
-    from tr_engine.context import ForwardContext, forward_context
+    from tr_engine.layers.context import ForwardContext, forward_context
     from tr_engine.layers.tokenwise import force_kernels
     from tr_engine.models.config import ModelConfig, RopeConfig
     from tr_engine.models.qwen3 import Qwen3ForCausalLM

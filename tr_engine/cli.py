@@ -213,7 +213,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     log.info("backend %s in %.2f s", backend.name, time.perf_counter() - t0)
 
     from tr_engine import envs
-    from tr_engine.workers import run_worker
+    from tr_engine.worker.cluster import run_worker
 
     env = envs.torchrun()
     if env is not None:
@@ -236,8 +236,8 @@ def serve_main(argv: list[str] | None = None) -> int:
 
 
 def _serve(config: EngineConfig, settings, t0: float) -> int:
-    from tr_engine.async_engine import AsyncEngine
     from tr_engine.backends import BackendUnavailable
+    from tr_engine.engine.async_engine import AsyncEngine
 
     # SIGTERM during start-up unwinds like Ctrl-C and stops the ranks; SIGINT does so too
     # where the process was started with it ignored (a job started in the background by a

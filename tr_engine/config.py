@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .attention import STRATEGIES
-
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
 LOAD_FORMATS = ("auto", "dummy")
+# the sharded attention algorithms (tr_engine.attention), the cost model's order of preference
+STRATEGIES = ("tokenring", "ring", "allgather_kv", "local")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class EngineConfig:
     max_num_batched_tokens: the token budget of a step while requests decode (vLLM's name),
       per rank: the decoding sequences' tokens a rank computes plus prefill work cut to the
       rest, counting each new prompt token's attention over the tokens before it as well
-      (scheduler.py). It bounds how long streams wait during a prefill. None: whole
+      (engine/scheduler.py). It bounds how long streams wait during a prefill. None: whole
       prefill_chunk chunks.
     shard_min_tokens: prompts shorter than this are not sharded: each lives on one rank
       (its KV, its prefill and decode), and the ranks serve different short requests side

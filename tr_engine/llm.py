@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from .config import EngineConfig
-from .engine import LLMEngine
+from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 

@@ -3,6 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .attention.cost import Rates
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What the ranks measured at start-up, handed to rank 0's engine and scheduler once:
+    the KV pool (the same on every sequence rank), the context length, and the inputs of
+    the attention cost model."""
+
+    num_pages: int  # KV pages per sequence rank
+    block_size: int  # tokens per page
+    max_model_len: int
+    prefix_cost: float  # a key a new token attends, in units of its own layers (cost.py)
+    num_heads: int = 1  # a rank's query heads, KV heads and head size (its weights' share)
+    num_kv_heads: int = 1
+    head_dim: int = 1
+    elem: int = 2  # bytes of a K/V element in the model's dtype
+    rates: Rates | None = None  # measured at start-up (None: the cost model's defaults)
+
+    @property
+    def capacity(self) -> int:
+        """KV token slots per sequence rank."""
+        return self.num_pages * self.block_size
 
 
 @dataclass
@@ -19,7 +45,7 @@ class TableOp:
 @dataclass
 class PrefillPlan:
     """One chunk of one sequence's prompt, zigzag-sharded over all ranks in pieces of whole
-    KV blocks (kv_blocks.chunk_blocks). A chunk of a short prompt (home >= 0) is not
+    KV blocks (kv.block_manager.chunk_blocks). A chunk of a short prompt (home >= 0) is not
     sharded: rank `home` computes it all, with plain causal attention over its prefix there,
     and the other ranks do nothing for it.
 

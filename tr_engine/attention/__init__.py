@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from tr_engine.backends import backend_for
 
-from . import layout
 from .allgather import allgather_kv_attention, local_attention
 from .common import communicator
 from .cost import STRATEGIES, Rates, choose, estimate
@@ -91,7 +90,6 @@ __all__ = [
     "estimate",
     "gather_merge",
     "get_strategy",
-    "layout",
     "local_attention",
     "merge",
     "merge_",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tr_engine.context import current
+from tr_engine.layers.context import current
 
 
 class Attention(nn.Module):

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from tr_engine.context import current
+from tr_engine.layers.context import current
 
 
 def map_tokens(fn: Callable, *xs: torch.Tensor):

@@ -26,17 +26,18 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import tensor_parallel
-from .attention import Rates, gather_merge, get_strategy, layout
-from .backends import SOLO, Backend, Communicator
-from .config import EngineConfig
-from .context import ForwardContext, forward_context
+from ..attention import Rates, gather_merge, get_strategy
+from ..attention.cost import prefix_cost
+from ..backends import SOLO, Backend, Communicator
+from ..config import EngineConfig
+from ..distributed import tensor_parallel, zigzag
+from ..distributed.tensor_parallel import Mesh, Split
+from ..kv.cache import BlockTables, KVCache
+from ..layers.context import ForwardContext, forward_context
+from ..models import ModelConfig
+from ..models.loader import load_model, read_config, resolve_dtype
+from ..plan import ClusterInfo, DecodePlan, PrefillPlan, StepPlan
 from .graphs import DecodeGraphs
-from .kv_cache import BlockTables, KVCache
-from .loader import load_model, read_config, resolve_dtype
-from .models import ModelConfig
-from .plan import DecodePlan, PrefillPlan, StepPlan
-from .tensor_parallel import Mesh, Split
 
 log = logging.getLogger("tr_engine")
 
@@ -181,8 +182,18 @@ class ModelRunner:
             # with several ranks, graphs that merge over them; with short requests placed on
             # single ranks also graphs of a rank's own requests alone (no collective)
             merging = [True] if self.world > 1 else [False]
-            self.graphs = DecodeGraphs(self, config.max_num_seqs,
+            self.graphs = DecodeGraphs(backend, self.device, self.rank, self.decode_forward,
+                                       self.blank_meta, config.max_num_seqs,
                                        [*merging, False] if self.placement else merging)
+
+    def info(self) -> ClusterInfo:
+        """What rank 0's engine and scheduler need to know of this rank's set-up."""
+        sc = self.shard_config
+        return ClusterInfo(num_pages=self.num_pages, block_size=self.block_size,
+                           max_model_len=self.max_model_len,
+                           prefix_cost=prefix_cost(self.model_config),
+                           num_heads=sc.num_heads, num_kv_heads=sc.num_kv_heads,
+                           head_dim=sc.head_dim, elem=self.dtype.itemsize, rates=self.rates)
 
     # ---- set-up ------------------------------------------------------------------------
     def _check_fits(self, full: ModelConfig) -> None:
@@ -230,7 +241,7 @@ class ModelRunner:
         """An upper estimate of prefill activations for one chunk on one rank."""
         mc, cfg = self.shard_config, self.config
         e = torch.empty((), dtype=self.dtype).element_size()
-        n = layout.padded_len(min(cfg.prefill_chunk, self.max_model_len), self.world,
+        n = zigzag.padded_len(min(cfg.prefill_chunk, self.max_model_len), self.world,
                               cfg.block_size) // self.world
         c = min(cfg.token_chunk, n)
         hidden = 3 * n * mc.hidden_size * e
@@ -286,18 +297,18 @@ class ModelRunner:
     def _prefill_inputs(self, p: PrefillPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of a chunk: token ids and positions, on the device."""
         total, world, r, b = len(p.tokens), self.world, self.rank, self.block_size
-        ids = layout.shard(torch.tensor(p.tokens, dtype=torch.long), world, r, align=b)
-        positions = layout.positions(total, world, r, b) + p.start
+        ids = zigzag.shard(torch.tensor(p.tokens, dtype=torch.long), world, r, align=b)
+        positions = zigzag.positions(total, world, r, b) + p.start
         positions = positions.clamp(max=p.start + total - 1)  # pads: any
         return ids.to(self.device), positions.to(self.device)
 
     def _prefill_context(self, p: PrefillPlan) -> PrefillContext:
-        n_valid = layout.local_len(len(p.tokens), self.world, self.rank, self.block_size)
+        n_valid = zigzag.local_len(len(p.tokens), self.world, self.rank, self.block_size)
         return PrefillContext(self, p, n_valid)
 
     def _last_hidden(self, p: PrefillPlan, hidden: torch.Tensor) -> torch.Tensor:
         """The chunk's last position's hidden state, on every rank (its owner sends it)."""
-        owner, index = layout.owner(len(p.tokens), self.world, len(p.tokens) - 1,
+        owner, index = zigzag.owner(len(p.tokens), self.world, len(p.tokens) - 1,
                                     self.block_size)
         last = hidden[index : index + 1].contiguous() if self.rank == owner \
             else hidden[:1].clone()
@@ -310,7 +321,7 @@ class ModelRunner:
             hidden = self.model(ids, positions)  # [2L, hidden]
         if p.all_logits:
             shards = self.comm.all_gather(hidden)
-            full = layout.unshard(list(shards.unbind(0)), len(p.tokens))
+            full = zigzag.unshard(list(shards.unbind(0)), len(p.tokens))
             return self.model.compute_logits(full) if self.rank == 0 else None
         if not p.sample:
             return None

@@ -6,8 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from .outputs import RequestMetrics, TokenLogprob
-from .sampling_params import SamplingParams
+from ..outputs import RequestMetrics, TokenLogprob
+from ..sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
@@ -30,7 +30,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens whose KV is cached
     fed: int = 0  # generated tokens fed back through decode (their KV is cached)
     kv_len: list[int] = field(default_factory=list)  # keys stored per rank
-    # KV blocks (see kv_blocks): (rank, page) of each logical block in position order, the
+    # KV blocks (see kv.block_manager): (rank, page) of each logical block in position order, the
     # pages of each rank in that order (its block table, row `row` on that rank), pages
     # still reserved per rank, and the prefix-cache keys of the full blocks
     row: int = -1

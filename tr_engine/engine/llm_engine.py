@@ -7,52 +7,21 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from .attention import choose
-from .config import EngineConfig
+from ..attention.cost import choose
+from ..config import EngineConfig
+from ..errors import RequestFailed, RequestTooLong
+from ..models.loader import load_tokenizer, resolve_model_path
+from ..outputs import CompletionOutput, RequestOutput
+from ..plan import PrefillPlan, StepPlan
+from ..sampling_params import PROMPT_LOGPROBS_MAX_TOKENS, InvalidParameter, SamplingParams
+from ..worker.cluster import Cluster
 from .detokenizer import IncrementalDetokenizer
-from .errors import RequestFailed, RequestTooLong
-from .kv_blocks import chunk_blocks
-from .outputs import CompletionOutput, RequestOutput
-from .plan import PrefillPlan, StepPlan, TableOp
 from .sampler import Sampler, prompt_logprobs
-from .sampling_params import PROMPT_LOGPROBS_MAX_TOKENS, InvalidParameter, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .workers import Cluster
 
 log = logging.getLogger("tr_engine")
-
-
-def resolve_model_path(model: str | None) -> str:
-    """A local checkpoint folder; None means the embedded SmolLM2 model."""
-    if model is None:
-        from .embedded import embedded_model_path
-
-        return str(embedded_model_path())
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"model {model!r} is not a folder; tr_engine loads local Hugging Face "
-                         "checkpoints (config.json + *.safetensors)")
-    return str(path)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-def prefix_cost(mc) -> float:
-    """What attending one earlier key costs a new token, in units of the token's own layers
-    (both in FLOPs): 4·Hq·D per layer for the scores and the sum, against twice the
-    parameters of a layer for its projections and MLP. About 1/27000 for Llama-3.1-8B: a
-    token deep in a 128K prompt costs about 5x one at its start."""
-    h, d = mc.hidden_size, mc.head_dim
-    per_layer = h * (mc.num_heads + 2 * mc.num_kv_heads) * d + mc.num_heads * d * h \
-        + 3 * h * mc.intermediate_size
-    return 4 * mc.num_heads * d / (2 * per_layer)
 
 
 class Counts:
@@ -81,20 +50,15 @@ class LLMEngine:
         model_path = resolve_model_path(config.model)
         self.tokenizer = load_tokenizer(model_path)
         self.cluster = Cluster(config, model_path)
-        self.config = self.cluster.config
-        runner = self.cluster.runner
-        self.model_config = mc = runner.model_config
-        self.max_model_len = runner.max_model_len
-        self.kv_capacity = runner.capacity  # per rank
+        self.config = self.cluster.config  # world_size as the cluster found it (torchrun)
+        self.info = info = self.cluster.info
+        self.model_config = mc = self.cluster.model_config
+        self.max_model_len = info.max_model_len
+        self.kv_capacity = info.capacity  # per rank
         self.model_name = config.served_model_name or (config.model or "SmolLM2-135M-Instruct")
         self.eos_ids = set(mc.eos_token_ids)
-        self.scheduler = Scheduler(
-            self.world, runner.num_pages, runner.block_size, self.max_model_len,
-            config.prefill_chunk, config.max_num_seqs, config.max_waiting,
-            self._choose_strategy, config.enable_prefix_caching,
-            config.max_num_batched_tokens, prefix_cost(mc), config.shard_min_tokens,
-        )
-        self.sampler = Sampler(runner.device, config.seed)
+        self.scheduler = Scheduler(self.config, info, self._choose_strategy)
+        self.sampler = Sampler(self.cluster.device, config.seed)
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
@@ -120,10 +84,9 @@ class LLMEngine:
     def _choose_strategy(self, new: int, cached: int) -> str:
         if self.config.attention_strategy != "auto":
             return self.config.attention_strategy
-        mc = self.cluster.runner.shard_config  # a rank's heads
-        return choose(new=new, cached=cached, world=self.world, hq=mc.num_heads,
-                      hkv=mc.num_kv_heads, d=mc.head_dim,
-                      elem=self.cluster.runner.dtype.itemsize, rates=self.cluster.runner.rates)
+        i = self.info
+        return choose(new=new, cached=cached, world=self.world, hq=i.num_heads,
+                      hkv=i.num_kv_heads, d=i.head_dim, elem=i.elem, rates=i.rates)
 
     # ---- requests ------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -356,23 +319,12 @@ class LLMEngine:
         n = len(prompt_ids)
         if not 0 < n <= self.max_model_len:
             raise RequestTooLong(f"prompt_logits takes 1 to {self.max_model_len} tokens; got {n}")
-        blocks, row = self.scheduler.blocks, self.scheduler.scratch_row
-        ranks = [r for _, r in chunk_blocks(0, n, self.world, blocks.block_size)]
-        need = [ranks.count(r) for r in range(self.world)]
-        if not blocks.can_reserve(need, []):
-            raise RequestTooLong(f"the KV cache cannot hold {n} tokens right now")
-        blocks.reserve(need)
-        taken = [(r, blocks.take(r)) for r in ranks]
-        try:
-            tables = [TableOp(r, row, 0, [p for rr, p in taken if rr == r])
-                      for r in range(self.world)]
-            plan = PrefillPlan(seq_id=-1, row=row, tokens=list(prompt_ids), start=0,
-                               prefix_len=[0] * self.world, sample=False,
-                               strategy=self._choose_strategy(n, 0), all_logits=True)
+        with self.scheduler.scratch_tables(n) as tables:
+            plan = PrefillPlan(seq_id=-1, row=self.scheduler.scratch_row,
+                               tokens=list(prompt_ids), start=0, prefix_len=[0] * self.world,
+                               sample=False, strategy=self._choose_strategy(n, 0),
+                               all_logits=True)
             return self.cluster.run(StepPlan("prefill", prefill=plan, tables=tables))
-        finally:
-            for r, page in taken:
-                blocks.unpin(r, page)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every rank; those not gone `timeout` seconds after the stop plan are

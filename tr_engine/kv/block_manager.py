@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .attention import layout
+from ..distributed import padding
 
 
 def block_keys(tokens: list[int], block_size: int, n_blocks: int | None = None,
@@ -46,7 +46,7 @@ def chunk_blocks(start: int, n: int, world: int, block_size: int) -> list[tuple[
     `start` (a multiple of block_size) writes, in position order. The chunk is padded to a
     multiple of 2P·B, so each of its 2P zigzag pieces is a whole number of blocks; blocks
     past the last real token are never written."""
-    padded = layout.padded_len(n, world, block_size)
+    padded = padding.padded_len(n, world, block_size)
     piece = padded // (2 * world)
     out = []
     for i in range(2 * world):
@@ -74,7 +74,7 @@ def plan_pages(held: list[int], start: int, prompt_len: int, total: int, chunk: 
     a, n = start, first or chunk
     while a < prompt_len:
         n = min(n, prompt_len - a)
-        if n % step == 0 and layout.padded_len(n, world, block_size) == n:
+        if n % step == 0 and padding.padded_len(n, world, block_size) == n:
             counts = [c + n // (world * block_size) for c in counts]
         else:
             for _, r in chunk_blocks(a, n, world, block_size):

@@ -3,7 +3,7 @@
 The model is built on the meta device, its parameters are allocated once on the target device
 in the target dtype, and the checkpoint's tensors are streamed into them one at a time from
 the memory-mapped safetensors files, so a large model never has a full copy in host memory.
-A rank of a tensor-parallel group builds its share of the model (tensor_parallel.py) and
+A rank of a tensor-parallel group builds its share of the model (distributed/tensor_parallel.py) and
 reads only its slices of each tensor.
 With load_format `dummy` no weight file is read: the parameters are filled in place on the
 device with seeded random values instead (`randomize`).
@@ -22,13 +22,32 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from . import tensor_parallel
-from .config import LOAD_FORMATS
-from .layers.rotary import RotaryEmbedding
-from .models import ModelConfig, model_class
-from .tensor_parallel import WHOLE, Split
+from ..config import LOAD_FORMATS
+from ..distributed import tensor_parallel
+from ..distributed.tensor_parallel import WHOLE, Split
+from ..layers.rotary import RotaryEmbedding
+from . import ModelConfig, model_class
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(model: str | None) -> str:
+    """A local checkpoint folder; None means the embedded SmolLM2 model."""
+    if model is None:
+        from .embedded import embedded_model_path
+
+        return str(embedded_model_path())
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model {model!r} is not a folder; tr_engine loads local Hugging Face "
+                         "checkpoints (config.json + *.safetensors)")
+    return str(path)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:

@@ -26,11 +26,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from . import envs
-from .backends import SOLO, Backend, get_backend
-from .config import EngineConfig
-from .plan import SHUTDOWN, StepPlan
-from .tensor_parallel import Mesh
+from .. import envs
+from ..backends import SOLO, Backend, get_backend
+from ..config import EngineConfig
+from ..distributed.tensor_parallel import Mesh
+from ..plan import SHUTDOWN, StepPlan
 
 log = logging.getLogger("tr_engine")
 
@@ -128,7 +128,7 @@ def _set_threads(local_world: int) -> None:
 
 
 def _make_runner(config, model_path, backend, mesh, local_rank, groups):
-    from .runner import ModelRunner  # imports the model code only where it runs
+    from .model_runner import ModelRunner  # imports the model code only where it runs
 
     if not config.skip_kernel_self_check:  # on this rank's card, before any kernel serves
         backend.self_check(backend.set_device(local_rank))
@@ -206,7 +206,7 @@ def run_worker(config: EngineConfig) -> None:
     rank, world, local_rank = env
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     _check_nodes(config, world, local_world)
-    from .engine import resolve_model_path
+    from ..models.loader import resolve_model_path
 
     model_path = resolve_model_path(config.model)
     worker_loop(config.replace(world_size=world), model_path, rank, world, local_rank,
@@ -228,12 +228,12 @@ class Cluster:
 
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         if config.load_format == "auto":  # missing weights: one error here, not one per rank
-            from .loader import safetensors_files
+            from ..models.loader import safetensors_files
 
             safetensors_files(model_path)
         if config.tensor_parallel_size > 1:  # a model it cannot split: refused here, once
-            from .loader import read_config
-            from .tensor_parallel import check
+            from ..distributed.tensor_parallel import check
+            from ..models.loader import read_config
 
             check(read_config(model_path), config.tensor_parallel_size)
         t = time.perf_counter()
@@ -267,6 +267,9 @@ class Cluster:
             self.channel = PlanChannel(self.groups.host)
             self.runner = _make_runner(self.config, model_path, self.backend, mesh,
                                        local_rank, self.groups)
+            self.info = self.runner.info()
+            self.model_config = self.runner.model_config
+            self.device = self.runner.device
         except BaseException:
             self._kill()
             raise

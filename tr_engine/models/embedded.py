@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import envs
+from .. import envs
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
-
-if TYPE_CHECKING:
-    from .runner import ModelRunner
 
 log = logging.getLogger("tr_engine")
 
@@ -44,8 +41,15 @@ class _Graph:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_batch: int, merging: list[bool]) -> None:
-        self.runner = runner
+    """The recorded decode steps of one rank. `forward(meta, merge=...)` is the decode
+    forward it records (meta on the device -> hidden states), `blank_meta(width)` the host
+    meta of an empty batch of that width (padding rows)."""
+
+    def __init__(self, backend, device: torch.device, rank: int,
+                 forward: Callable[..., torch.Tensor], blank_meta: Callable[[int], torch.Tensor],
+                 max_batch: int, merging: list[bool]) -> None:
+        self.backend, self.device = backend, device
+        self.forward, self.blank_meta = forward, blank_meta
         self.sizes = buckets(max_batch)
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool = None
@@ -53,18 +57,18 @@ class DecodeGraphs:
         for merge in merging:
             for b in reversed(self.sizes):  # the largest first: the others fit in its memory
                 self._graphs[b, merge] = self._capture(b, merge)
-        runner.backend.synchronize()
+        backend.synchronize()
         log.info("rank %d: %d decode graphs for batch sizes %s recorded in %.1f s",
-                 runner.rank, len(self._graphs), self.sizes, time.perf_counter() - t)
+                 rank, len(self._graphs), self.sizes, time.perf_counter() - t)
 
     def _capture(self, b: int, merge: bool) -> _Graph:
-        runner, backend = self.runner, self.runner.backend
-        meta = runner.blank_meta(b).to(runner.device)
-        runner.decode_forward(meta, merge=merge)  # warm-up: kernels, library handles, NCCL
+        backend = self.backend
+        meta = self.blank_meta(b).to(self.device)
+        self.forward(meta, merge=merge)  # warm-up: kernels, library handles, NCCL
         backend.synchronize()
         graph = backend.new_graph()
         with backend.graph_capture(graph, pool=self._pool):
-            hidden = runner.decode_forward(meta, merge=merge)
+            hidden = self.forward(meta, merge=merge)
         self._pool = graph.pool()
         return _Graph(graph, meta, hidden)
 
@@ -77,7 +81,7 @@ class DecodeGraphs:
         self._graphs.clear()
         self.sizes = []
         self._pool = None
-        self.runner.backend.synchronize()
+        self.backend.synchronize()
 
     def get(self, batch: int, merge: bool) -> _Graph | None:
         """The graph of the smallest bucket that holds `batch` rows (None: run eagerly)."""
@@ -90,7 +94,7 @@ class DecodeGraphs:
         """Run one step: meta `[6, B]` on the host -> hidden states `[B, hidden]` (the
         graph's own buffer: read it before the next replay)."""
         n = meta.shape[1]
-        padded = self.runner.blank_meta(graph.meta.shape[1])
+        padded = self.blank_meta(graph.meta.shape[1])
         padded[:, :n] = meta
         graph.meta.copy_(padded)
         graph.graph.replay()

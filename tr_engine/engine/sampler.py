@@ -20,7 +20,7 @@ from collections import Counter
 
 import torch
 
-from .outputs import TokenLogprob
+from ..outputs import TokenLogprob
 from .sequence import Sequence
 
 

@@ -2,7 +2,7 @@
 
 Policy:
 - Admission is first come, first served: the head of the queue is admitted when the KV
-  pages it will ever need (see kv_blocks: its prompt past the cached prefix, plus
+  pages it will ever need (see kv.block_manager: its prompt past the cached prefix, plus
   max_tokens) fit on every rank and fewer than max_num_seqs are running; nobody overtakes
   it. Cached pages that no request uses count as free: they are evicted when needed.
 - Prefix caching: a prompt whose leading blocks are cached reuses their KV and prefills
@@ -41,13 +41,18 @@ Policy:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from .attention import layout
-from .errors import QueueFull, RequestTooLong
-from .kv_blocks import BlockManager, block_keys, chunk_blocks, plan_pages
-from .plan import DecodePlan, PrefillPlan, StepPlan, TableOp
+from ..distributed import padding
+from ..errors import QueueFull, RequestTooLong
+from ..kv.block_manager import BlockManager, block_keys, chunk_blocks, plan_pages
+from ..plan import ClusterInfo, DecodePlan, PrefillPlan, StepPlan, TableOp
 from .sequence import Sequence, Status
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig
 
 Ops = dict[tuple[int, int], TableOp]  # a step's table updates by (rank, row)
 
@@ -55,40 +60,33 @@ MAX_PASSED_OVER = 4  # prefill turns a prompt may lose in a row to shorter ones
 
 
 class Scheduler:
-    def __init__(
-        self,
-        world: int,
-        num_pages: int,
-        block_size: int,
-        max_model_len: int,
-        prefill_chunk: int,
-        max_num_seqs: int,
-        max_waiting: int,
-        choose_strategy: Callable[[int, int], str],
-        enable_prefix_caching: bool = True,
-        max_num_batched_tokens: int | None = None,
-        prefix_cost: float = 0.0,
-        shard_min_tokens: int = 0,
-    ) -> None:
-        self.world, self.block_size = world, block_size
-        self.blocks = BlockManager(world, num_pages, block_size, enable_prefix_caching)
-        self.max_model_len = max_model_len
+    """Rank 0's plans over `config.sequence_parallel_size` ranks whose pools and context
+    `info` describes; `choose_strategy(new tokens, cached tokens)` names a sharded chunk's
+    attention strategy."""
+
+    def __init__(self, config: EngineConfig, info: ClusterInfo,
+                 choose_strategy: Callable[[int, int], str]) -> None:
+        self.world = world = config.sequence_parallel_size
+        self.block_size = block_size = info.block_size
+        self.blocks = BlockManager(world, info.num_pages, block_size,
+                                   config.enable_prefix_caching)
+        self.max_model_len = info.max_model_len
         # whole blocks in every zigzag piece, and no padding inside a long prompt
         self.step_tokens = 2 * world * block_size
-        self.prefill_chunk = self._aligned(prefill_chunk)
+        self.prefill_chunk = self._aligned(config.prefill_chunk)
         # the token budget of a mixed step (None: whole chunks, as with nothing decoding)
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.prefix_cost = prefix_cost  # a key a new token attends, in units of its layers
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.prefix_cost = info.prefix_cost  # a key a new token attends, in its layers' units
         # prompts shorter than this live on one rank (0: every prompt is sharded)
-        self.shard_min_tokens = shard_min_tokens if world > 1 else 0
-        self.max_num_seqs = max_num_seqs
-        self.max_waiting = max_waiting
-        self.choose_strategy = choose_strategy  # (new tokens, cached tokens) -> strategy
+        self.shard_min_tokens = config.shard_min_tokens if world > 1 else 0
+        self.max_num_seqs = config.max_num_seqs
+        self.max_waiting = config.max_waiting
+        self.choose_strategy = choose_strategy
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []
-        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
-        self.scratch_row = max_num_seqs  # for prompt_logits
+        self.free_rows = list(range(self.max_num_seqs - 1, -1, -1))
+        self.scratch_row = self.max_num_seqs  # for prompt_logits
         self._last_kind = "other"  # or "scored": a prompt_logprobs request's own step
         self._sharded_waits = 0  # steps in a row the sharded chunk yielded to short prompts
 
@@ -341,7 +339,7 @@ class Scheduler:
                                                                               self.world)))
         plan = self._prefill_plan(seq, ops, chunk)
         for r in range(self.world):
-            used[r] += layout.local_len(len(plan.tokens), self.world, r, self.block_size)
+            used[r] += padding.local_len(len(plan.tokens), self.world, r, self.block_size)
         return plan
 
     def _short_chunks(self, short: list[Sequence], ops: Ops, budget: int | None,
@@ -381,7 +379,7 @@ class Scheduler:
         is a whole number of blocks in every piece and that padded_len leaves unpadded."""
         step = self.step_tokens
         chunk = max(step, n // step * step)
-        while layout.padded_len(chunk, self.world, self.block_size) != chunk:
+        while padding.padded_len(chunk, self.world, self.block_size) != chunk:
             chunk -= step
         return chunk
 
@@ -455,7 +453,7 @@ class Scheduler:
                 seq.kv_len[p.home] += n
             else:
                 for r in range(self.world):
-                    seq.kv_len[r] += layout.local_len(n, self.world, r, self.block_size)
+                    seq.kv_len[r] += padding.local_len(n, self.world, r, self.block_size)
             seq.prefilled += n
             self._register(seq, seq.prefilled)
             if p.sample:
@@ -517,6 +515,25 @@ class Scheduler:
             if s.request_id == request_id:
                 return s
         return None
+
+    @contextmanager
+    def scratch_tables(self, n: int) -> Iterator[list[TableOp]]:
+        """Pages for a one-off prefill of `n` tokens that keeps no KV (prompt_logits), in
+        the scratch row's table ops; they go back when the block ends. RequestTooLong if
+        the pool cannot hold them now."""
+        blocks = self.blocks
+        ranks = [r for _, r in chunk_blocks(0, n, self.world, self.block_size)]
+        need = [ranks.count(r) for r in range(self.world)]
+        if not blocks.can_reserve(need, []):
+            raise RequestTooLong(f"the KV cache cannot hold {n} tokens right now")
+        blocks.reserve(need)
+        taken = [(r, blocks.take(r)) for r in ranks]
+        try:
+            yield [TableOp(r, self.scratch_row, 0, [p for rr, p in taken if rr == r])
+                   for r in range(self.world)]
+        finally:
+            for r, page in taken:
+                blocks.unpin(r, page)
 
     def reset_prefix_cache(self) -> int:
         """Drop every cached block that no running request uses; returns how many."""

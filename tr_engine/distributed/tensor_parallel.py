@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import Communicator
-from .models import ModelConfig, UnsupportedModel
+from ..backends import Communicator
+from ..models import ModelConfig, UnsupportedModel
 
 
 @dataclass(frozen=True)

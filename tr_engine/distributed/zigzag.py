@@ -5,33 +5,16 @@ chunks must be whole KV blocks of `align` tokens) and cut into 2P chunks of L to
 rank r holds chunk r followed by chunk 2P-1-r. Every rank then has the same
 share of causal work (an early chunk needs little, a late one much). Pad tokens sit at
 the global end, so no real token attends to one under a causal mask, and on every rank
-the real tokens are a prefix of its local shard.
+the real tokens are a prefix of its local shard. The padding rule is in `padding`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .padding import chunk_len, local_len, padded_len
 
-def padded_len(total: int, world_size: int, align: int = 1) -> int:
-    """The padded length of `total` tokens: the smallest multiple of 2P (align 1) that holds
-    them, at least 2P.
-
-    With align > 1 (the engine's block-aligned chunks) the length is a multiple of
-    step = 2P·align, and from 256 steps on (a local shard of 512·align queries, 8192 with
-    blocks of 16, where the CUDA backend moves from flash to cuDNN, which builds a graph per
-    shape) a multiple of
-    step·2^e for the e that keeps 16 buckets per doubling: long chunks come in a bounded set
-    of lengths, and padding wastes at most 1/16 of one."""
-    step = 2 * world_size * align
-    steps = max(1, -(-total // step))
-    if align > 1 and steps >= 256:
-        step <<= steps.bit_length() - 5
-    return max(step, -(-total // step) * step)
-
-
-def chunk_len(total: int, world_size: int, align: int = 1) -> int:
-    return padded_len(total, world_size, align) // (2 * world_size)
+__all__ = ["chunk_len", "local_len", "owner", "padded_len", "positions", "shard", "unshard"]
 
 
 def positions(total: int, world_size: int, rank: int, align: int = 1) -> torch.Tensor:
@@ -40,11 +23,6 @@ def positions(total: int, world_size: int, rank: int, align: int = 1) -> torch.T
     first = torch.arange(rank * n, (rank + 1) * n)
     second_start = (2 * world_size - 1 - rank) * n
     return torch.cat([first, torch.arange(second_start, second_start + n)])
-
-
-def local_len(total: int, world_size: int, rank: int, align: int = 1) -> int:
-    """How many real (non-pad) tokens `rank` holds; they come first in its shard."""
-    return int((positions(total, world_size, rank, align) < total).sum())
 
 
 def shard(x: torch.Tensor, world_size: int, rank: int, dim: int = 0, pad_value=0,

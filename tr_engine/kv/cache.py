@@ -1,7 +1,7 @@
 """The KV pool on one rank: K (after RoPE) and V of the tokens this rank owns, in pages.
 
 One tensor per K and V, `[layers, pages·block_size + 1, Hkv, D]`: page p holds slots
-[p·B, (p+1)·B). Which pages a sequence uses is decided on rank 0 (kv_blocks) and arrives
+[p·B, (p+1)·B). Which pages a sequence uses is decided on rank 0 (kv.block_manager) and arrives
 in the step plans as block-table updates; this rank keeps the tables (`BlockTables`) and
 turns them into slots. One spare slot after the last page holds what a rank has no use
 for: decode writes every new token's K/V on every rank, and the ranks that do not keep it
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import TableOp
+from ..plan import TableOp
 
 
 class KVCache:

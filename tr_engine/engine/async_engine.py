@@ -28,12 +28,12 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from . import envs
-from .config import EngineConfig
-from .engine import LLMEngine
-from .errors import EngineDead, QueueFull
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .. import envs
+from ..config import EngineConfig
+from ..errors import EngineDead, QueueFull
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .llm_engine import LLMEngine
 
 log = logging.getLogger("tr_engine")
 _RANKS_EXIT_S = 5.0  # how long the other ranks get to exit after the stop plan
