@@ -50,6 +50,10 @@ class Serving:
         self.tokenizer = engine.tokenizer
         self.vocab_size = len(self.tokenizer)
         self.max_model_len: int = engine.max_model_len
+        # what a request leaves unset: the model's generation config's values, where it has
+        # them (--generation-config), else the plain ones
+        self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                         "repetition_penalty": 1.0, **engine.sampling_defaults}
         # The longest prompt + output any request can have: context or KV cache, whichever ends
         # first (KV capacity is for all ranks together: the sequence is sharded).
         self.context_limit = min(self.max_model_len, engine.kv_capacity_tokens)
@@ -122,8 +126,9 @@ class Serving:
 
         Without max_tokens: all the room left (OpenAI's default), capped at
         settings.default_max_tokens so that one request does not reserve a whole long context's
-        KV for its output; if the KV cache's layout leaves less room than the arithmetic says,
-        the largest max_tokens the engine accepts.
+        KV for its output, and at the model's max_new_tokens where its generation config has
+        one; if the KV cache's layout leaves less room than the arithmetic says, the largest
+        max_tokens the engine accepts. Other unset fields take `self.defaults`.
         """
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.",
@@ -131,23 +136,25 @@ class Serving:
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"{max_tokens_param} must be at least 1; got {max_tokens}.",
                            max_tokens_param, "invalid_value")
-        top_k = req.top_k if req.top_k is not None else 0
+        d = self.defaults
+        top_k = _default(req.top_k, d["top_k"])
         if top_k >= self.vocab_size:
             top_k = 0  # keeping every token is no filter at all
-        temperature = _default(req.temperature, 1.0)
+        temperature = _default(req.temperature, d["temperature"])
         if 0.0 < temperature < _MIN_TEMPERATURE:
             temperature = 0.0  # dividing logits by ~0 overflows; this close to 0 is greedy
+        room = min(self.settings.default_max_tokens, d.get("max_tokens", self.context_limit),
+                   self.context_limit - len(ids))
         params = SamplingParams(
-            max_tokens=max_tokens or max(1, min(self.settings.default_max_tokens,
-                                                self.context_limit - len(ids))),
+            max_tokens=max_tokens or max(1, room),
             temperature=temperature,
-            top_p=_default(req.top_p, 1.0),
+            top_p=_default(req.top_p, d["top_p"]),
             top_k=top_k,
-            min_p=_default(req.min_p, 0.0),
+            min_p=_default(req.min_p, d["min_p"]),
             seed=req.seed,
             presence_penalty=_default(req.presence_penalty, 0.0),
             frequency_penalty=_default(req.frequency_penalty, 0.0),
-            repetition_penalty=_default(req.repetition_penalty, 1.0),
+            repetition_penalty=_default(req.repetition_penalty, d["repetition_penalty"]),
             stop=req.stop if req.stop is not None else (),  # "" is refused, not ignored
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,

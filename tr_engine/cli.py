@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight and activation dtype (default: auto, the checkpoint's own)")
     g.add_argument("--max-model-len", type=int, metavar="N",
                    help="longest prompt + output in tokens (default: the model's limit)")
+    g.add_argument("--generation-config", metavar="auto|vllm|FOLDER",
+                   help="sampling defaults of requests that leave them unset: auto, the "
+                   "model's generation_config.json (temperature, top_p, top_k, min_p, "
+                   "repetition_penalty, max_new_tokens); vllm, the plain defaults; or a "
+                   "folder with a generation_config.json (default: auto)")
 
     g = p.add_argument_group("devices and parallelism")
     g.add_argument("--device", choices=DEVICES,

@@ -49,6 +49,10 @@ class EngineConfig:
     enable_prefix_caching: reuse the KV of cached prompt prefixes (vLLM's name).
     skip_kernel_self_check: trust the backend's fused kernels without the start-up check
       against the portable math (Backend.self_check), which disables any that disagree.
+    generation_config: where requests' sampling defaults come from (vLLM's flag): `auto`,
+      the model folder's generation_config.json (its temperature, top_p, top_k, min_p,
+      repetition_penalty, max_new_tokens); `vllm`, the plain defaults; or a folder holding
+      a generation_config.json. A request's own values always win.
     """
 
     model: str | None = None
@@ -73,6 +77,7 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     skip_kernel_self_check: bool = False
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -110,6 +115,9 @@ class EngineConfig:
                              f"{self.shard_min_tokens!r}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be positive; got {self.kv_cache_tokens}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError(f"generation_config must be auto, vllm or a folder; got "
+                             f"{self.generation_config!r}")
 
     @property
     def sequence_parallel_size(self) -> int:

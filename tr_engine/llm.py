@@ -34,7 +34,7 @@ class LLM:
         others are unaffected)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -43,6 +43,11 @@ class LLM:
         for ids, p in zip(encoded, params):
             self.engine.check(ids[1], p)  # refuse before any request starts
         return self._run(encoded, params)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams `generate` uses when given none: the model's generation
+        config's values (EngineConfig.generation_config), else the plain defaults."""
+        return SamplingParams(**self.engine.sampling_defaults)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:

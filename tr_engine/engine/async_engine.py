@@ -89,6 +89,8 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        # SamplingParams fields a request leaves unset take these (generation_config.json)
+        self.sampling_defaults = dict(engine.sampling_defaults)
         self.kv_capacity_tokens = engine.kv_capacity * engine.world
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

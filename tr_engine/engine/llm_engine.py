@@ -11,6 +11,7 @@ from collections.abc import Callable
 from ..attention.cost import choose
 from ..config import EngineConfig
 from ..errors import RequestFailed, RequestTooLong
+from ..models.generation_defaults import describe, sampling_defaults
 from ..models.loader import load_tokenizer, resolve_model_path
 from ..outputs import CompletionOutput, RequestOutput
 from ..plan import PrefillPlan, StepPlan
@@ -48,6 +49,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         t = time.perf_counter()
         model_path = resolve_model_path(config.model)
+        # before the ranks start: a bad generation_config.json stops start-up at once
+        self.sampling_defaults = sampling_defaults(model_path, config.generation_config)
         self.tokenizer = load_tokenizer(model_path)
         self.cluster = Cluster(config, model_path)
         self.config = self.cluster.config  # world_size as the cluster found it (torchrun)
@@ -74,6 +77,7 @@ class LLMEngine:
         log.info("engine ready in %.1f s: %s on %d %s rank(s), context %d tokens, KV cache %d "
                  "tokens", time.perf_counter() - t, mc.architecture, self.config.world_size,
                  self.cluster.backend.name, self.max_model_len, self.kv_capacity * self.world)
+        log.info("%s", describe(self.sampling_defaults, config.generation_config))
 
     @property
     def world(self) -> int:
