@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import uuid
 from collections.abc import Awaitable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -33,7 +35,8 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .serving import Serving
+from .request_id import HEADER, RequestIdMiddleware
+from .serving import RequestIds, Serving
 from .settings import ServerSettings
 
 log = logging.getLogger("tr_engine.server")
@@ -59,9 +62,17 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     install_error_handlers(app, settings.retry_after_s)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    # the outermost layer: a body over the limit is refused before anything reads it
+    # a body over the limit is refused before anything reads it
     limit = settings.max_request_bytes or body_limit(serving.max_model_len)
     app.add_middleware(BodyLimitMiddleware, limit=limit)
+    if settings.allowed_origins:
+        # outside the key check: a browser's preflight carries no Authorization header
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=list(settings.allowed_methods),
+                           allow_headers=list(settings.allowed_headers),
+                           allow_credentials=settings.allow_credentials,
+                           expose_headers=[HEADER])
+    app.add_middleware(RequestIdMiddleware)  # the outermost: every response carries the id
 
     @app.api_route("/health", methods=["GET", "HEAD"],
                    responses={503: {"model": ErrorResponse}})
@@ -102,12 +113,13 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS})
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        return await _respond(request, create_completion(serving, req))
+        return await _respond(request, create_completion(serving, req, _ids(request, "cmpl")))
 
     @app.post("/v1/chat/completions",
               responses={200: {"model": ChatCompletionResponse}, **_ERRORS})
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        return await _respond(request, create_chat_completion(serving, req))
+        return await _respond(request, create_chat_completion(serving, req,
+                                                              _ids(request, "chatcmpl")))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
@@ -131,6 +143,14 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
         return DetokenizeResponse(prompt=text)
 
     return app
+
+
+def _ids(request: Request, prefix: str) -> RequestIds:
+    """The response's id from X-Request-Id (vLLM's `cmpl-<id>`), and the engine's: the same,
+    unless the client chose the id, which may then be in use by another of its requests."""
+    public = f"{prefix}-{request.state.request_id}"
+    engine = f"{public}-{uuid.uuid4().hex[:8]}" if request.state.request_id_given else public
+    return RequestIds(public, engine)
 
 
 async def _respond(request: Request, work: Awaitable[BaseModel | Response]) -> Response:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from .errors import APIError
@@ -17,12 +16,12 @@ from .protocol import (
     DeltaMessage,
     usage,
 )
-from .serving import Serving
+from .serving import RequestIds, Serving
 from .streams import RequestStream, SSEResponse, close_all, sse, stream_events
 
 
 async def create_chat_completion(
-    serving: Serving, req: ChatCompletionRequest
+    serving: Serving, req: ChatCompletionRequest, rid: RequestIds
 ) -> ChatCompletionResponse | SSEResponse:
     serving.check_model(req.model)
     _refuse_unsupported(req)
@@ -35,18 +34,18 @@ async def create_chat_completion(
         max_tokens, param = req.max_tokens, "max_tokens"
     params = serving.sampling_params(req, ids, max_tokens=max_tokens,
                                      max_tokens_param=param, logprobs=top_n)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = rid.public
     n = req.n or 1
     # vLLM's echo: the reply is prepended with the last message when that is the assistant's
     echo = messages[-1]["content"] if req.echo and messages[-1]["role"] == "assistant" else ""
 
     if req.stream:
-        streams = await serving.start_n(request_id, ids, params, None, n)
+        streams = await serving.start_n(rid, [(ids, params, None)], n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = _events(serving, request_id, streams, top_n, include_usage, echo)
         return SSEResponse(events, on_close=lambda: close_all(streams))
 
-    outs = await serving.run_n(request_id, ids, params, None, n)
+    outs = await serving.run_n(rid, [(ids, params, None)], n)
     choices = [ChatChoice(
         index=i,
         message=ChatResponseMessage(content=echo + out.outputs[0].text),

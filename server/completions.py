@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from tr_engine.outputs import RequestOutput
 
-from .errors import APIError
+from .errors import APIError, as_api_error
 from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -16,39 +16,49 @@ from .protocol import (
     CompletionResponse,
     usage,
 )
-from .serving import Serving
+from .serving import RequestIds, Serving
 from .streams import RequestStream, SSEResponse, close_all, sse, stream_events
 
 
 async def create_completion(
-    serving: Serving, req: CompletionRequest
+    serving: Serving, req: CompletionRequest, rid: RequestIds
 ) -> CompletionResponse | SSEResponse:
     serving.check_model(req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported.", "suffix", "invalid_value")
     if req.best_of not in (None, 1):
         raise APIError(400, "Only best_of = 1 is supported.", "best_of", "invalid_value")
-    text, ids = await _prompt(serving, req.prompt)
-    params = serving.sampling_params(req, ids, max_tokens=req.max_tokens,
-                                     max_tokens_param="max_tokens", logprobs=req.logprobs,
-                                     prompt_logprobs=req.logprobs if req.echo else None)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    # Every prompt of a list is checked before any starts: one bad prompt refuses the whole
+    # request, and nothing runs for it.
+    prompts = await _prompts(serving, req.prompt)
+    jobs, echoes = [], []
+    for i, (text, ids) in enumerate(prompts):
+        with _naming(i, len(prompts)):
+            params = serving.sampling_params(req, ids, max_tokens=req.max_tokens,
+                                             max_tokens_param="max_tokens",
+                                             logprobs=req.logprobs,
+                                             prompt_logprobs=req.logprobs if req.echo else None)
+        jobs.append((ids, params, text))
+        echo = None
+        if req.echo:  # the prompt as the client sent it, or its decoded ids
+            echo = text if text is not None else \
+                await serving.in_pool(serving.tokenizer.decode, ids)
+        echoes.append(echo)
+    request_id = rid.public
     n = req.n or 1
-    echo = None
-    if req.echo:  # the prompt as the client sent it, or its decoded ids
-        echo = text if text is not None else await serving.in_pool(serving.tokenizer.decode, ids)
 
     if req.stream:
-        streams = await serving.start_n(request_id, ids, params, text, n)
+        streams = await serving.start_n(rid, jobs, n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = _events(serving, request_id, streams, req.logprobs is not None, include_usage,
-                         echo)
+                         echoes, n)
         return SSEResponse(events, on_close=lambda: close_all(streams))
 
-    outs = await serving.run_n(request_id, ids, params, text, n)
+    outs = await serving.run_n(rid, jobs, n)
     choices = []
     for i, out in enumerate(outs):
         c = out.outputs[0]
+        echo = echoes[i // n]
         logprobs = None
         if req.logprobs is not None:
             logprobs = serving.completion_logprobs(c.logprobs, len(echo or ""))
@@ -58,7 +68,7 @@ async def create_completion(
                                         finish_reason=c.finish_reason,
                                         stop_reason=c.stop_reason))
     return CompletionResponse(id=request_id, model=serving.model_name, choices=choices,
-                              usage=usage(outs))
+                              usage=usage(outs, n))
 
 
 def _echo_logprobs(serving: Serving, out: RequestOutput) -> CompletionLogprobs:
@@ -79,29 +89,52 @@ def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
                               top_logprobs=a.top_logprobs + b.top_logprobs)
 
 
-async def _prompt(serving: Serving, prompt) -> tuple[str | None, list[int]]:
-    """(text, token ids) of a prompt given as a string, token ids, or a list of one of them."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise APIError(400, f"Only one prompt per request is supported; got {len(prompt)}.",
-                           "prompt", "invalid_value")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt, serving.check_token_ids(await serving.encode_text(prompt), "prompt")
-    return None, serving.check_token_ids(list(prompt), "prompt")
+async def _prompts(serving: Serving, prompt) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) of each prompt: one given as a string or token ids, or a list of
+    them. Each is checked; a bad one's error names its place in the list."""
+    many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], str | list)
+    items = prompt if many else [prompt]
+    if many:  # refuse texts too long for any tokens before tokenizing any of them
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                with _naming(i, len(items)):
+                    serving.check_chars(len(item), "prompt")
+    out = []
+    for i, item in enumerate(items):
+        with _naming(i, len(items)):
+            if isinstance(item, str):
+                ids = await serving.encode_text(item)
+                out.append((item, serving.check_token_ids(ids, "prompt")))
+            else:
+                out.append((None, serving.check_token_ids(list(item), "prompt")))
+    return out
+
+
+@contextlib.contextmanager
+def _naming(index: int, count: int):
+    """Errors inside name prompt `index` when the request has `count` > 1 of them."""
+    try:
+        yield
+    except Exception as exc:
+        err = as_api_error(exc)
+        if count == 1 or err is None:
+            raise
+        raise APIError(err.status, f"Prompt {index}: {err.message}", err.param, err.code,
+                       err.headers) from None
 
 
 def _events(serving: Serving, request_id: str, streams: list[RequestStream], logprobs: bool,
-            include_usage: bool, echo: str | None) -> AsyncIterator[str]:
+            include_usage: bool, echoes: list[str | None], n: int) -> AsyncIterator[str]:
+    """Stream i is choice i: choice j of prompt i // n."""
     created = int(time.time())
-    shift = len(echo or "")
 
     def chunk(choices: list[CompletionChoice], usage=None) -> str:
         return sse(CompletionResponse(id=request_id, created=created, model=serving.model_name,
                                       choices=choices, usage=usage))
 
     def choice(i: int, out, c, with_logprobs: bool) -> CompletionChoice:
-        offset = shift + len(c.text) - len(c.delta_text)
+        echo = echoes[i // n]
+        offset = len(echo or "") + len(c.text) - len(c.delta_text)
         lps, prefix = None, ""
         if with_logprobs:
             lps = serving.completion_logprobs(c.delta_logprobs, offset)
@@ -117,9 +150,9 @@ def _events(serving: Serving, request_id: str, streams: list[RequestStream], log
         )
 
     first = None
-    if echo is not None and not logprobs:
+    if echoes[0] is not None and not logprobs:
         # the echoed prompt opens each choice (with logprobs it rides on the first token's)
         def first(i: int) -> str:
-            return chunk([CompletionChoice(index=i, text=echo)])
+            return chunk([CompletionChoice(index=i, text=echoes[i // n])])
 
-    return stream_events(streams, chunk, choice, logprobs, include_usage, first=first)
+    return stream_events(streams, chunk, choice, logprobs, include_usage, first=first, n=n)

@@ -257,13 +257,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-def usage(outs: RequestOutput | list[RequestOutput]) -> UsageInfo:
-    """The prompt once, the completions of every choice."""
+def usage(outs: RequestOutput | list[RequestOutput], n: int | None = None) -> UsageInfo:
+    """Each prompt once, the completions of every choice; `outs` are n choices of each
+    prompt in turn (n None: all of one prompt)."""
     outs = outs if isinstance(outs, list) else [outs]
-    prompt = len(outs[0].prompt_token_ids)
+    firsts = outs[:: n or len(outs)]  # each prompt's first choice
+    prompt = sum(len(o.prompt_token_ids) for o in firsts)
     completion = sum(len(o.outputs[0].token_ids) for o in outs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion,
-                     # the prompt as its first choice met it (the others reuse its KV)
+                     # each prompt as its first choice met it (the others reuse its KV)
                      prompt_tokens_details=PromptTokensDetails(
-                         cached_tokens=outs[0].num_cached_tokens))
+                         cached_tokens=sum(o.num_cached_tokens for o in firsts)))

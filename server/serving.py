@@ -10,6 +10,7 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from tr_engine.errors import RequestTooLong
@@ -37,6 +38,18 @@ try:  # chat templates are Jinja; their own errors count as bad input, not serve
     from jinja2 import TemplateError as _TemplateError
 except ImportError:  # pragma: no cover - transformers brings jinja2
     _TemplateError = ValueError
+
+
+Job = tuple[list[int], SamplingParams, "str | None"]  # a prompt's ids, params and text
+
+
+@dataclass(frozen=True)
+class RequestIds:
+    """A request's id in its response and logs (`cmpl-<X-Request-Id>`) and the stem of its
+    engine requests' ids (the same, or with a suffix where the client chose the id)."""
+
+    public: str
+    engine: str
 
 
 class Serving:
@@ -212,31 +225,42 @@ class Serving:
         gen = self.engine.generate(request_id, ids, params, prompt)
         return RequestStream(self.engine, request_id, gen, self.metrics.tracker())
 
-    async def start_n(self, request_id: str, ids: list[int], params: SamplingParams,
-                      prompt: str | None, n: int) -> list[RequestStream]:
-        """`n` choices of one prompt: n engine requests (`{request_id}-{i}`; with a seed,
-        choice i samples with seed + i). All or none start: if one is refused, those
-        already started are aborted and the refusal raised."""
-        if n == 1:
-            return [await self.start(request_id, ids, params, prompt)]
-        if n > self.engine.max_open_requests:
-            raise APIError(400, f"n = {n} choices are more requests than this server holds at "
-                           f"once ({self.engine.max_open_requests}).", "n", "invalid_value")
+    async def start_n(self, ids: RequestIds, jobs: list[Job], n: int = 1
+                      ) -> list[RequestStream]:
+        """`n` choices of each job (a prompt's token ids, SamplingParams and text): one
+        engine request each, in order, prompt by prompt, so that stream k is choice k of
+        the response (vLLM's order). With a seed, choice j of a prompt samples with seed +
+        j. Engine ids are `ids.engine`, or `{ids.engine}-{k}` for more than one. All or none
+        start: if one is refused, those already started are aborted and the refusal
+        raised."""
+        total = len(jobs) * n
+        if total > self.engine.max_open_requests:
+            what = f"n = {n} choices" if len(jobs) == 1 else \
+                f"{len(jobs)} prompts x n = {n} choices"
+            raise APIError(400, f"{what} are more requests than this server holds at once "
+                           f"({self.engine.max_open_requests}).",
+                           "n" if len(jobs) == 1 else "prompt", "invalid_value")
+        log.info("%s: %s prompt tokens, %d choice(s)%s", ids.public,
+                 "+".join(str(len(job[0])) for job in jobs), n,
+                 "" if ids.engine == ids.public else f" (engine id {ids.engine})")
         streams: list[RequestStream] = []
         try:
-            for i in range(n):
-                p = params if params.seed is None else \
-                    dataclasses.replace(params, seed=params.seed + i)
-                streams.append(await self.start(f"{request_id}-{i}", ids, p, prompt))
+            for k in range(total):
+                prompt_ids, params, text = jobs[k // n]
+                j = k % n
+                if params.seed is not None and j:
+                    params = dataclasses.replace(params, seed=params.seed + j)
+                engine_id = ids.engine if total == 1 else f"{ids.engine}-{k}"
+                streams.append(await self.start(engine_id, prompt_ids, params, text))
         except BaseException:
             await close_all(streams)
             raise
         return streams
 
-    async def run_n(self, request_id: str, ids: list[int], params: SamplingParams,
-                    prompt: str | None, n: int = 1) -> list[RequestOutput]:
-        """Run `n` choices to the end; their last (cumulative) outputs, by index."""
-        streams = await self.start_n(request_id, ids, params, prompt, n)
+    async def run_n(self, ids: RequestIds, jobs: list[Job], n: int = 1
+                    ) -> list[RequestOutput]:
+        """Run start_n's requests to the end; their last (cumulative) outputs, in order."""
+        streams = await self.start_n(ids, jobs, n)
         try:
             return list(await asyncio.gather(*(last_output(s) for s in streams)))
         finally:

@@ -19,6 +19,9 @@ class ServerSettings:
       room left in the context, up to this).
     max_request_bytes: the largest request body (413 beyond, before it is read); None = room
       for a prompt of the whole context as text or as token ids (see limits.body_limit).
+    allowed_origins: origins browsers may call the API from (CORS; "*" for any); empty, the
+      default, leaves CORS off. allowed_methods, allowed_headers, allow_credentials: what
+      such a request may use, send and carry (vLLM's names).
     """
 
     host: str = "127.0.0.1"
@@ -29,6 +32,10 @@ class ServerSettings:
     retry_after_s: int = 1
     default_max_tokens: int = 4096
     max_request_bytes: int | None = None
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -54,6 +61,16 @@ class ServerSettings:
         if not isinstance(self.default_max_tokens, int) or self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be a positive integer; "
                              f"got {self.default_max_tokens!r}")
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            names = (value,) if isinstance(value, str) else value  # YAML: one or a list
+            if not isinstance(names, list | tuple) or not all(
+                    isinstance(n, str) and n for n in names):
+                raise ValueError(f"{name} must be a list of non-empty strings; got {value!r}")
+            object.__setattr__(self, name, tuple(names))
+        if not isinstance(self.allow_credentials, bool):
+            raise ValueError(f"allow_credentials must be true or false; "
+                             f"got {self.allow_credentials!r}")
 
     @property
     def url(self) -> str:

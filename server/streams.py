@@ -156,7 +156,8 @@ async def stream_events(streams: list[RequestStream],
                         chunk: Callable[..., str],
                         choice: Callable[[int, RequestOutput, object, bool], object],
                         logprobs: bool, include_usage: bool,
-                        first: Callable[[int], str] | None = None) -> AsyncIterator[str]:
+                        first: Callable[[int], str] | None = None,
+                        n: int | None = None) -> AsyncIterator[str]:
     """The server-sent events of a streamed request of one or more choices, for chat and
     completions alike: `first(index)` for each choice (chat's role chunk, completions' echo),
     a chunk for each output that adds text, logprobs or the finish, the usage chunk when
@@ -176,7 +177,7 @@ async def stream_events(streams: list[RequestStream],
                 continue
             yield chunk([choice(i, out, c, with_logprobs)])
         if include_usage and last:
-            yield chunk([], usage=usage(list(last.values())))
+            yield chunk([], usage=usage([last[i] for i in sorted(last)], n))
     except Exception as exc:
         yield stream_error(exc)
     yield DONE

@@ -136,8 +136,8 @@ CORPUS = [
     (CHAT, chat(model="no-such-model"), 404, "model"),
     (CHAT, chat(model=5), 400, "model"),
     (COMPLETIONS, {}, 400, "prompt"),
-    (COMPLETIONS, completion(prompt=["a", "b"]), 400, "prompt"),
-    (COMPLETIONS, completion(prompt=[[1], [2]]), 400, "prompt"),
+    (COMPLETIONS, completion(prompt=[[1], []]), 400, "prompt"),  # one bad prompt of a list
+    (COMPLETIONS, completion(prompt=[[1], [10**9]]), 400, "prompt"),
     (COMPLETIONS, completion(prompt=[]), 400, "prompt"),
     (COMPLETIONS, completion(prompt=""), 400, "prompt"),
     (COMPLETIONS, completion(prompt=[10**9]), 400, "prompt"),

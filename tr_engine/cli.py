@@ -128,10 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
                    "left in the context up to this (default: 4096)")
     g.add_argument("--retry-after-s", type=int, metavar="S",
                    help="Retry-After header of a 503 when the queue is full (default: 1)")
+    g.add_argument("--allowed-origins", type=_names, metavar="ORIGINS",
+                   help="origins browsers may call the API from (CORS), as a JSON list or "
+                   "comma-separated, '*' for any (default: none, CORS off)")
+    g.add_argument("--allowed-methods", type=_names, metavar="METHODS",
+                   help="HTTP methods a CORS request may use (default: *)")
+    g.add_argument("--allowed-headers", type=_names, metavar="HEADERS",
+                   help="request headers a CORS request may send (default: *)")
+    g.add_argument("--allow-credentials", action="store_true",
+                   help="let CORS requests carry cookies and Authorization")
     g.add_argument("--max-request-bytes", type=int, metavar="N",
                    help="largest request body; a larger one gets 413 before it is read "
                    "(default: room for a prompt of the whole context, as text or token ids)")
     return p
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A flag's list of names: a JSON list (vLLM's form) or comma-separated."""
+    import json
+
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+    else:
+        names = text.split(",")
+    return tuple(n.strip() for n in names if n.strip())
 
 
 def load_settings(argv: list[str] | None = None):
