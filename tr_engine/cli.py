@@ -1,4 +1,5 @@
-"""Console entry points: `tr-serve` (the OpenAI-compatible server) and `tr-bench`.
+"""Console entry points: `tr-serve` (the OpenAI-compatible server) and `tr-bench` (its
+benchmarks, in tr_engine/bench/).
 
 `tr-serve` turns flags and an optional YAML file into an EngineConfig and a ServerSettings
 (flags win over the file), then: backend, engine, HTTP server. Nothing past this module sees
@@ -364,6 +365,19 @@ def _force_exit(engine, signum, frame) -> None:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tr-bench", description="Benchmarks.")
-    parser.parse_args(argv)
-    return 0
+    """`tr-bench serve` and `tr-bench latency`: load and latency of any OpenAI-compatible
+    server (tr_engine/bench/)."""
+    from .bench import latency, serve
+
+    parser = argparse.ArgumentParser(
+        prog="tr-bench", description="Benchmarks of an OpenAI-compatible server over HTTP.",
+        epilog="See docs/serving.md (tr-bench).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,latency}")
+    serve.add_arguments(sub.add_parser(
+        "serve", help="throughput and latencies of a data set sent at a request rate",
+        description=serve.__doc__.split("\n\n")[0]))
+    latency.add_arguments(sub.add_parser(
+        "latency", help="one request of given lengths, timed, repeated",
+        description=latency.__doc__))
+    args = parser.parse_args(argv)
+    return serve.main(args) if args.command == "serve" else latency.main(args)
