@@ -502,8 +502,7 @@ class Scheduler:
             self.waiting.remove(seq)
         else:
             (self.prefilling if seq.status is Status.PREFILLING else self.decoding).remove(seq)
-            for r, page in seq.blocks:
-                self.blocks.unpin(r, page)
+            self.blocks.release(seq.blocks)  # latest position first: see kv.block_manager
             self.blocks.unreserve(seq.reserved)
             seq.reserved = [0] * self.world
             self.free_rows.append(seq.row)

@@ -14,6 +14,12 @@ block's end: a hit holds exactly the KV a fresh prefill would compute there. Pag
 reference counted; a cached page no sequence uses stays cached (idle) until a page is
 needed, then the least recently used goes. Idle pages count as free for admission, so the
 cache never refuses or delays a request.
+
+Eviction order: a prefix is found from its first block on, so losing a document's first
+block loses all of it. A sequence that ends therefore hands its pages back latest position
+first (`release`): the idle list of each rank then holds a document's blocks tail first,
+and a partly evicted document keeps its head. On a sharded document each rank evicts its
+own latest block of it, which breaks the least of the prefix that rank can break.
 """
 
 from __future__ import annotations
@@ -191,6 +197,12 @@ class BlockManager:
                 pages.idle[page] = None  # most recently used end
             else:
                 pages.free.append(page)
+
+    def release(self, blocks: list[tuple[int, int]]) -> None:
+        """Unpin a sequence's (rank, page) blocks, given in position order, latest first: the
+        cached ones join each rank's idle list tail first, so they are evicted tail first."""
+        for rank, page in reversed(blocks):
+            self.unpin(rank, page)
 
     def take(self, rank: int) -> int:
         """A reserved page on `rank`, pinned: a free one, else the least recently used idle
