@@ -48,9 +48,12 @@ class EngineCollector:
         yield _gauge("tr_engine:num_requests_waiting", "Requests queued.",
                      stats.waiting * live)
         used = GaugeMetricFamily("tr_engine:kv_cache_used_tokens",
-                                 "Tokens held in this rank's KV cache.", labels=["rank"])
+                                 "Token slots of this rank's KV pages that running requests "
+                                 "hold or have reserved for their prompts (idle cached pages "
+                                 "count as free).", labels=["rank"])
         usage = GaugeMetricFamily("tr_engine:kv_cache_usage_ratio",
-                                  "Share of this rank's KV cache in use (0-1).", labels=["rank"])
+                                  "kv_cache_used_tokens over this rank's capacity (0-1).",
+                                  labels=["rank"])
         capacity = max(1, stats.kv_capacity_tokens)
         for rank, tokens in enumerate(stats.kv_used_tokens):
             used.add_metric([str(rank)], tokens * live)
@@ -71,6 +74,9 @@ class EngineCollector:
                        stats.prefix_cache_queries)
         yield _counter("tr_engine:prefix_cache_hits",
                        "Prompt tokens whose KV the prefix cache held.", stats.prefix_cache_hits)
+        yield _counter("tr_engine:num_preemptions",
+                       "Running requests whose KV was freed to make room, to be recomputed "
+                       "from their prompt and the tokens they had.", stats.num_preemptions)
         yield _counter("tr_engine:attention_shapes_built",
                        "Attention kernel builds for shapes met the first time (cuDNN graphs on "
                        "rank 0); a request that meets one waits for the build.",

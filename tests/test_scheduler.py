@@ -579,16 +579,17 @@ def test_short_requests_too_big_for_one_rank_or_scored_are_sharded():
 
 
 def test_a_short_request_no_rank_has_room_for_is_sharded_rather_than_kept_waiting():
-    s = make(world=2, pages=10, seqs=4, short=40)
-    s.add(a := seq(0, 3, max_tokens=22))  # 6 of rank 0's 10 pages
-    s.add(b := seq(1, 3, max_tokens=22, first=100))  # 6 of rank 1's
-    s.add(c := seq(2, 3, max_tokens=22, first=200))  # 6 more: on no rank, 3 + 3 sharded
+    s = make(world=2, pages=10, seqs=4, short=40, chunk=32)
+    s.add(a := seq(0, 20, max_tokens=2))  # a prompt of 5 of rank 0's 10 pages
+    s.add(b := seq(1, 20, max_tokens=2, first=100))  # 5 of rank 1's
+    # 5 more and the watermark: on no rank, 2 + 3 sharded
+    s.add(c := seq(2, 20, max_tokens=2, first=200))
     drive(s)
     assert (a.home, b.home, c.home) == (0, 1, -1)
     assert c.status is Status.PREFILLING or c.status is Status.DECODING
 
 
-# ---- eviction order ------------------------------------------------------------------------
+# ---- pages as they are written, preemption, eviction order ---------------------------------
 def model(tokens: list[int]) -> int:
     """A stand-in for greedy decoding: the next token is a function of all the tokens before
     it (never 0..2), so a sequence recomputed from its prompt and outputs continues exactly."""
@@ -645,3 +646,133 @@ def test_a_partly_evicted_document_keeps_its_head_on_every_rank(world):
     assert follow.num_cached == min(lost) * B > 0
     if world == 1:
         assert follow.num_cached == 6 * B  # all but the latest 2 blocks
+
+
+def test_admission_takes_the_prompt_pages_only():
+    s = make(world=1, pages=40, seqs=16, waiting=16, chunk=16)
+    for i in range(10):  # each could fill 27 pages (8 + 100 tokens), each starts with 2
+        s.add(seq(i, 8, max_tokens=100, first=10 * i + 1))
+    plan = s.schedule()
+    assert s.num_running == 10 and s.num_waiting == 0
+    # the pages a step has not filled yet count as used: reserved for the prompts
+    assert s.kv_used() == [20 * B] and s.blocks.reserved() == [20 - 2]
+    assert plan.prefill is not None
+
+
+def test_check_still_refuses_what_could_never_fit():
+    s = make(world=2, pages=10, max_len=1000)  # 80 tokens in all
+    with pytest.raises(RequestTooLong, match="KV cache holds 80 tokens"):
+        s.check(20, 70)
+    s.check(20, 40)
+
+
+def test_the_latest_admitted_is_preempted_then_resumes_first_and_exactly():
+    s = make(world=1, pages=10, seqs=4, chunk=16)  # 40 token slots; a and b need 31 each
+    a, b = seq(0, 8, max_tokens=24), seq(1, 8, max_tokens=24, first=50)
+    s.add(a)
+    s.add(b)
+    while s.num_preemptions == 0:
+        step_model(s)
+    # the pool ran out: b, the latest admitted, gave back all of its pages and its row
+    assert b.status is Status.WAITING and s.waiting[0] is b and b.preemptions == 1
+    assert b.blocks == [] and b.row == -1 and s.blocks.reserved() == [0]
+    assert s.kv_used() == [B * len(a.blocks)] and a.status is Status.DECODING
+    had = b.prompt_ids + b.output_ids
+    assert b.output_ids and b.prefill_len == len(had)
+    late = seq(2, 4, max_tokens=2, first=90)
+    s.add(late)
+    while True:  # nothing that arrived later is admitted before it
+        plan = step_model(s)
+        if plan.prefill is not None and plan.prefill.seq_id == b.seq_id:
+            break
+        assert late.status is Status.WAITING
+    # its prefill: prompt and outputs, after the blocks that survived in the prefix cache
+    p = plan.prefill
+    assert p.start >= B and p.tokens == had[p.start : p.start + len(p.tokens)]
+    while s.has_work():
+        step_model(s)
+    assert a.output_ids == alone(a.prompt_ids, 24) and b.output_ids == alone(b.prompt_ids, 24)
+    assert late.output_ids == alone(late.prompt_ids, 2)
+    assert s.kv_used() == [0] and s.blocks.reserved() == [0] and len(s.free_rows) == 4
+
+
+def test_aborting_a_preempted_request_frees_everything():
+    s = make(world=2, pages=6, seqs=4, chunk=16)
+    a, b = seq(0, 8, max_tokens=30), seq(1, 8, max_tokens=30, first=50)
+    s.add(a)
+    s.add(b)
+    while s.num_preemptions == 0:
+        step_model(s)
+    victim = b if b.status is Status.WAITING else a
+    assert victim is b
+    s.finish(b, "abort")
+    assert b.status is Status.FINISHED and not s.waiting
+    while s.has_work():
+        step_model(s)
+    assert a.output_ids == alone(a.prompt_ids, 30)
+    assert s.kv_used() == [0, 0] and s.blocks.reserved() == [0, 0] and len(s.free_rows) == 4
+    assert s.blocks.pages_idle() == s.blocks.pages_cached()
+
+
+@pytest.mark.parametrize("world,short,budget", [(1, 0, None), (2, 0, None), (3, 0, 40),
+                                                (2, 14, 30), (3, 14, None)])
+def test_requests_that_outgrow_the_pool_all_finish_exactly(world, short, budget):
+    """Random arrivals of requests that together need several times the pool: preemptions
+    happen, every request gets exactly the tokens it gets alone, the ranks' tables follow
+    the plans, and everything is given back at the end."""
+    import random
+
+    rnd = random.Random(10 * world + short)
+    s = make(world=world, pages={1: 16, 2: 10, 3: 8}[world], max_len=200,
+             chunk=2 * world * B * 2, seqs=6, waiting=64, budget=budget, prefix_cost=0.02,
+             short=short)
+    tables = RankTables(world, 7)
+    docs = [[rnd.randint(3, 50) for _ in range(20)] for _ in range(3)]
+    pending = [Sequence(i, f"r{i}", rnd.choice(docs)[: rnd.randint(1, 20)] + [
+        rnd.randint(3, 50) for _ in range(rnd.randint(0, 6))], SamplingParams(
+        max_tokens=rnd.randint(1, 20), temperature=0)) for i in range(40)]
+    everyone = list(pending)
+    for _ in range(5000):
+        while pending and rnd.random() < 0.5:
+            s.add(pending.pop(0))
+        plan = step_model(s)
+        if plan is None:
+            if not pending:
+                break
+            continue
+        tables.apply(plan)
+        for q in s.prefilling + s.decoding:
+            if q.started:
+                for r in range(world):
+                    assert tables.host[r][q.row] == q.table[r]
+    assert not pending and not s.has_work() and s.num_preemptions >= 3
+    for q in everyone:
+        assert q.output_ids == alone(q.prompt_ids, q.params.max_tokens), q.request_id
+    assert s.kv_used() == [0] * world and s.blocks.reserved() == [0] * world
+    assert s.blocks.pages_idle() == s.blocks.pages_cached()
+
+
+def test_a_large_waiting_request_is_passed_at_most_max_overtaken_times():
+    from tr_engine.engine.scheduler import MAX_OVERTAKEN
+
+    s = make(world=1, pages=20, seqs=16, waiting=64, chunk=64)
+    s.add(hog := seq(0, 40, max_tokens=30))  # 10 of the 20 pages at first, then more
+    step_model(s)
+    s.add(big := seq(1, 40, max_tokens=2, first=100))  # 10 pages: not while hog runs
+    small = [seq(2 + i, 3, max_tokens=2, first=200 + 10 * i) for i in range(MAX_OVERTAKEN + 3)]
+    for q in small:
+        s.add(q)
+    step_model(s)
+    # the small ones that fit go past it, up to MAX_OVERTAKEN of them; the rest wait behind it
+    went = [q for q in small if q.status is not Status.WAITING]
+    assert big.status is Status.WAITING and len(went) == MAX_OVERTAKEN
+    assert big.overtaken == MAX_OVERTAKEN
+    while True:  # then none goes before it: it is admitted as soon as hog leaves room
+        step_model(s)
+        if big.status is not Status.WAITING:
+            break
+        assert all(q.status is Status.WAITING for q in small[MAX_OVERTAKEN:])
+    while s.has_work():
+        step_model(s)
+    assert all(q.output_ids == alone(q.prompt_ids, q.params.max_tokens)
+               for q in [hog, big, *small])

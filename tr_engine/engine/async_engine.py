@@ -51,6 +51,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, tokens whose KV was reused
     attention_shapes_built: int = 0  # kernel builds for new shapes on rank 0 (cuDNN)
+    num_preemptions: int = 0  # running sequences whose KV was freed for room (recomputed)
     # tokens per step: (bucket upper bounds, counts per bucket and one over them all, sum)
     batched_tokens: tuple = ((), [0], 0.0)
 
@@ -258,6 +259,7 @@ class AsyncEngine:
             prefill_tokens_per_s=e.last_prefill_tokens_per_s,
             prefix_cache_queries=s.blocks.queries, prefix_cache_hits=s.blocks.hits,
             attention_shapes_built=len(getattr(e.cluster.backend, "cudnn_shapes", ())),
+            num_preemptions=s.num_preemptions,
             batched_tokens=e.batched_tokens.snapshot(),
         )
 

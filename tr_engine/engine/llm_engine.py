@@ -170,7 +170,9 @@ class LLMEngine:
         scored = None  # a prompt_logprobs request's chunk: a step of its own
         if plan.kind == "prefill" and not plan.local:
             seq = self._seqs[plan.prefill.seq_id]
-            scored = seq if seq.params.prompt_logprobs is not None else None
+            # (a preempted sequence's recompute has its prompt logprobs already)
+            scored = seq if seq.params.prompt_logprobs is not None and not seq.output_ids \
+                else None
         if scored is not None:
             plan.prefill.all_logits = True  # every position's logits come back, not the last
         logits = self.cluster.run(plan)
@@ -202,6 +204,8 @@ class LLMEngine:
     def _score_prompt(self, seq: Sequence, plan: PrefillPlan, logits):
         """Keep the prompt logprobs of a prefill chunk's positions; the last row to sample
         from, if this is the prompt's last chunk."""
+        if plan.start == 0:  # (again, if the prompt was preempted during its prefill)
+            self._prompt_lps[seq.seq_id] = [None]
         got = self._prompt_lps.setdefault(seq.seq_id, [None])
         nxt = seq.prompt_ids[plan.start + 1 : plan.start + len(plan.tokens) + 1]
         got.extend(prompt_logprobs(logits[: len(nxt)], nxt, seq.params.prompt_logprobs))

@@ -1,10 +1,24 @@
 """The scheduler: which work runs next. Pure Python; it emits plain StepPlans.
 
 Policy:
-- Admission is first come, first served: the head of the queue is admitted when the KV
-  pages it will ever need (see kv.block_manager: its prompt past the cached prefix, plus
-  max_tokens) fit on every rank and fewer than max_num_seqs are running; nobody overtakes
-  it. Cached pages that no request uses count as free: they are evicted when needed.
+- KV pages are taken as they are written. Admission reserves the pages of a request's
+  prompt past its cached prefix (see kv.block_manager), and, while others run, leaves a
+  small watermark (1% of a rank's pages) free for their decodes; a decoding sequence takes
+  a page when its next token opens a block. Cached pages that no request uses count as free: they
+  are evicted when needed. A request whose prompt + max_tokens could never fit the pool or
+  the context is refused before it queues (`check`).
+- Admission goes in arrival order, fewer than max_num_seqs running. A request whose prompt
+  does not fit yet is passed by later ones that do (a small request is not stuck behind a
+  large one), but only `MAX_OVERTAKEN` times: then nothing is admitted before it, and it
+  goes in as soon as running requests free its room.
+- Preemption (vLLM's way): when a decoding sequence needs a page and every rank it may
+  use is full, the most recently admitted running sequence is preempted: its pages are
+  freed (its cached blocks stay in the prefix cache, evictable tail first) and it goes to
+  the front of the queue, before every arrival. It resumes with a prefill of its prompt and
+  the tokens it has generated so far, through the prefix cache where its blocks survive,
+  and samples its next token from the last one's logits: the same tokens it would have had,
+  its stream only pauses; its prefill goes before the others'. No request is admitted in a
+  step that preempted. A running sequence's KV is never dropped otherwise.
 - Prefix caching: a prompt whose leading blocks are cached reuses their KV and prefills
   only the rest (a partial prefill over the cached prefix). The cache is looked up again
   when a sequence's prefill starts, so a request admitted while another one was prefilling
@@ -57,6 +71,7 @@ if TYPE_CHECKING:
 Ops = dict[tuple[int, int], TableOp]  # a step's table updates by (rank, row)
 
 MAX_PASSED_OVER = 4  # prefill turns a prompt may lose in a row to shorter ones
+MAX_OVERTAKEN = 8  # admissions ahead of a request waiting for memory, then it goes next
 
 
 class Scheduler:
@@ -89,24 +104,27 @@ class Scheduler:
         self.scratch_row = self.max_num_seqs  # for prompt_logits
         self._last_kind = "other"  # or "scored": a prompt_logprobs request's own step
         self._sharded_waits = 0  # steps in a row the sharded chunk yielded to short prompts
+        # pages kept free for running decodes when admitting (vLLM's watermark, 1%)
+        self.watermark = max(1, info.num_pages // 100)
+        self._admissions = 0  # admission counter: Sequence.admitted
+        self.num_preemptions = 0
 
     # ---- admission -------------------------------------------------------------------
-    def _pages(self, cached_ranks: list[int], prompt_len: int, max_tokens: int) -> list[int]:
-        """New pages per rank a sequence takes after its cached blocks, over its life (the
-        last generated token is never fed back, so its KV is never stored)."""
+    def _pages(self, cached_ranks: list[int], prompt_len: int, total: int) -> list[int]:
+        """New pages per rank a sequence takes after its cached blocks to hold `total` KV
+        positions: its prefill of `prompt_len` tokens, then decode blocks."""
         held = [0] * self.world
         for r in cached_ranks:
             held[r] += 1
-        return plan_pages(held, len(cached_ranks) * self.block_size, prompt_len,
-                          prompt_len + max_tokens - 1, self.prefill_chunk, self.world,
-                          self.block_size)
+        return plan_pages(held, len(cached_ranks) * self.block_size, prompt_len, total,
+                          self.prefill_chunk, self.world, self.block_size)
 
     def _replan(self, seq: Sequence, first: int) -> bool:
         """Re-reserve `seq`'s pages for a next chunk of `first` tokens (then whole chunks);
         False, with the reservation unchanged, if that does not fit."""
-        need = plan_pages([len(t) for t in seq.table], seq.prefilled, seq.prompt_len,
-                          seq.prompt_len + seq.params.max_tokens - 1, self.prefill_chunk,
-                          self.world, self.block_size, first)
+        need = plan_pages([len(t) for t in seq.table], seq.prefilled, seq.prefill_len,
+                          seq.prefill_len, self.prefill_chunk, self.world, self.block_size,
+                          first)
         if need == seq.reserved:
             return True
         self.blocks.unreserve(seq.reserved)
@@ -127,7 +145,8 @@ class Scheduler:
                 f"this model's maximum context length is {self.max_model_len} tokens, but the "
                 f"request needs {total} ({prompt_len} in the prompt + {max_tokens} max_tokens)"
             )
-        need = self._pages([], prompt_len, max_tokens)
+        # over its life: the last generated token is never fed back, its KV never stored
+        need = self._pages([], prompt_len, total - 1)
         if max(need) > self.blocks.num_pages:
             b = self.block_size
             capacity = self.blocks.num_pages * b * self.world
@@ -153,15 +172,13 @@ class Scheduler:
         seq.table = [[] for _ in range(self.world)]
         self.waiting.append(seq)
 
-    def _one_rank_blocks(self, seq: Sequence) -> int:
-        """Blocks a short request's KV fills on its home rank over its life."""
-        return -(-(seq.prompt_len + seq.params.max_tokens - 1) // self.block_size)
-
     def _is_short(self, seq: Sequence) -> bool:
         """Whether `seq` runs on one rank: a prompt under shard_min_tokens, all of whose KV
-        fits one rank's pool (prompt logprobs come from the sharded prefill)."""
+        over its life fits one rank's pool (prompt logprobs come from the sharded
+        prefill)."""
+        life = -(-(seq.prompt_len + seq.params.max_tokens - 1) // self.block_size)
         return (seq.prompt_len < self.shard_min_tokens and seq.params.prompt_logprobs is None
-                and self._one_rank_blocks(seq) <= self.blocks.num_pages)
+                and life <= self.blocks.num_pages)
 
     def _usable(self, seq: Sequence, hits: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The cached blocks `seq` can attend: all (a sharded prefix may lie anywhere), or for
@@ -172,12 +189,17 @@ class Scheduler:
         return hits[:n]
 
     def _need(self, seq: Sequence, hits: list[tuple[int, int]]) -> list[int]:
-        """New pages per rank `seq` takes over its life after its cached blocks `hits`."""
+        """New pages per rank `seq`'s prefill takes after its cached blocks `hits`."""
         if seq.home < 0:
-            return self._pages([r for r, _ in hits], seq.prompt_len, seq.params.max_tokens)
+            return self._pages([r for r, _ in hits], seq.prefill_len, seq.prefill_len)
         need = [0] * self.world
-        need[seq.home] = self._one_rank_blocks(seq) - len(hits)
+        need[seq.home] = -(-seq.prefill_len // self.block_size) - len(hits)
         return need
+
+    def _margin(self) -> int:
+        """Pages an admission leaves free on each rank it uses: none on an idle engine (a
+        request as large as the pool still runs), else the watermark."""
+        return self.watermark if self.prefilling or self.decoding else 0
 
     def loads(self) -> list[float]:
         """Each rank's short requests: a decode token per step each, plus the attention over
@@ -199,30 +221,44 @@ class Scheduler:
         for r in order:
             seq.home = r
             mine = self._usable(seq, hits)
-            if self.blocks.can_reserve(self._need(seq, mine), mine):
+            if self.blocks.can_reserve(self._need(seq, mine), mine, self._margin()):
                 return mine
         seq.home = -1
         return None
 
     def _admit(self) -> None:
-        while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_num_seqs:
-            seq = self.waiting[0]
-            hits = self.blocks.lookup(seq.keys)
-            placed = self._place(seq, hits) if self._is_short(seq) else None
-            if placed is not None:
-                hits = placed
-            elif not self.blocks.can_reserve(self._need(seq, hits), hits):
-                return  # (a short one that no rank has room for is sharded if that fits)
-            need = self._need(seq, hits)
-            self.waiting.popleft()
-            for r, page in hits:
-                self.blocks.pin(r, page)
-            self.blocks.reserve(need)
-            seq.reserved = need
-            self._set_cached(seq, hits)
-            seq.row = self.free_rows.pop()
-            seq.status = Status.PREFILLING
-            self.prefilling.append(seq)
+        """Admit waiting requests in order while their prompts fit (see the policy)."""
+        passed: list[Sequence] = []  # waiting for memory, passed by the ones after them
+        for seq in list(self.waiting):
+            if len(self.prefilling) + len(self.decoding) >= self.max_num_seqs:
+                return
+            if not self._try_admit(seq):
+                if seq.preemptions or seq.overtaken >= MAX_OVERTAKEN:
+                    return  # nothing goes before it
+                passed.append(seq)
+                continue
+            for p in passed:
+                p.overtaken += 1
+
+    def _try_admit(self, seq: Sequence) -> bool:
+        hits = self.blocks.lookup(seq.keys)
+        placed = self._place(seq, hits) if self._is_short(seq) else None
+        if placed is not None:
+            hits = placed
+        elif not self.blocks.can_reserve(self._need(seq, hits), hits, self._margin()):
+            return False  # (a short one that no rank has room for is sharded if that fits)
+        need = self._need(seq, hits)
+        self.waiting.remove(seq)
+        for r, page in hits:
+            self.blocks.pin(r, page)
+        self.blocks.reserve(need)
+        seq.reserved = need
+        self._set_cached(seq, hits)
+        seq.row = self.free_rows.pop()
+        seq.status = Status.PREFILLING
+        seq.admitted, self._admissions = self._admissions, self._admissions + 1
+        self.prefilling.append(seq)
+        return True
 
     def _set_cached(self, seq: Sequence, hits: list[tuple[int, int]]) -> None:
         seq.blocks = list(hits)
@@ -230,7 +266,9 @@ class Scheduler:
         for r, page in hits:
             seq.table[r].append(page)
         seq.kv_len = [len(t) * self.block_size for t in seq.table]
-        seq.prefilled = seq.num_cached = len(hits) * self.block_size
+        seq.prefilled = len(hits) * self.block_size
+        if not seq.preemptions:  # what the request's output reports: its first admission's
+            seq.num_cached = seq.prefilled
         seq.registered = len(hits)
 
     def _relookup(self, seq: Sequence) -> None:
@@ -251,12 +289,13 @@ class Scheduler:
         seq.reserved = need
         self._set_cached(seq, hits)
 
-    def _take(self, seq: Sequence, rank: int, ops: Ops) -> None:
-        """A new block of `seq` on `rank`: a page from its reservation, and the table op
-        that tells the rank (one op per rank and row: several sequences of one decode step
-        can open blocks on the same rank)."""
-        page = self.blocks.take(rank)
-        seq.reserved[rank] -= 1
+    def _take(self, seq: Sequence, rank: int, ops: Ops, reserved: bool = True) -> None:
+        """A new block of `seq` on `rank`: a page from its reservation (else one no one has
+        reserved), and the table op that tells the rank (one op per rank and row: several
+        sequences of one decode step can open blocks on the same rank)."""
+        page = self.blocks.take(rank, reserved)
+        if reserved:
+            seq.reserved[rank] -= 1
         op = ops.get((rank, seq.row))
         if op is None:
             op = ops[rank, seq.row] = TableOp(rank, seq.row, len(seq.table[rank]), [])
@@ -267,8 +306,9 @@ class Scheduler:
     # ---- steps -----------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         """The next step, or None when there is nothing to do."""
-        self._admit()
         ops: Ops = {}
+        if not self._grow(ops):  # pages for the decodes first; no admission if that preempted
+            self._admit()
         sharded = [s for s in self.prefilling if s.home < 0]
         short = [s for s in self.prefilling if s.home >= 0]
         seq = self._next_prefill(sharded) if sharded else None
@@ -312,8 +352,10 @@ class Scheduler:
             ready = [s for s in ready if s.started or not self._waits_for(s, coming)]
         if not ready:
             return None
-        starved = [s for s in ready if s.passed_over >= MAX_PASSED_OVER]
-        pick = starved[0] if starved else min(ready, key=lambda s: s.prompt_len - s.prefilled)
+        # a preempted sequence first (its stream is paused), then one passed over too often
+        starved = [s for s in ready if s.preemptions] or \
+            [s for s in ready if s.passed_over >= MAX_PASSED_OVER]
+        pick = starved[0] if starved else min(ready, key=lambda s: s.prefill_len - s.prefilled)
         for s in candidates:
             s.passed_over = 0 if s is pick else s.passed_over + 1
         return pick
@@ -387,16 +429,17 @@ class Scheduler:
         if not seq.started:
             self._relookup(seq)
             seq.started = True
-            self.blocks.queries += seq.prompt_len
-            self.blocks.hits += seq.num_cached
+            if not seq.preemptions:  # the request's prompt, looked up once
+                self.blocks.queries += seq.prompt_len
+                self.blocks.hits += seq.num_cached
             # the rank's table for this row starts over: the cached blocks, then new ones
             for r in range(self.world):
                 ops[r, seq.row] = TableOp(r, seq.row, 0, list(seq.table[r]))
         a = seq.prefilled
-        if seq.home < 0 and chunk != self.prefill_chunk and a + chunk < seq.prompt_len \
+        if seq.home < 0 and chunk != self.prefill_chunk and a + chunk < seq.prefill_len \
                 and not self._replan(seq, chunk):
             chunk = self.prefill_chunk  # the planned chunk: its pages are reserved
-        b = min(seq.prompt_len, a + chunk)
+        b = min(seq.prefill_len, a + chunk)
         prefix_len = list(seq.kv_len)
         if seq.home < 0:
             for _, rank in chunk_blocks(a, b - a, self.world, self.block_size):
@@ -407,21 +450,71 @@ class Scheduler:
         return PrefillPlan(
             seq_id=seq.seq_id,
             row=seq.row,
-            tokens=seq.prompt_ids[a:b],
+            tokens=seq.prefill_ids(a, b),
             start=a,
             prefix_len=prefix_len,
-            sample=b == seq.prompt_len,
+            sample=b == seq.prefill_len,
             strategy=self.choose_strategy(b - a, a) if seq.home < 0 else "local",
             home=seq.home,
         )
 
+    def _grow(self, ops: Ops) -> bool:
+        """A page for each decoding sequence whose next token opens a block, the earliest
+        admitted first; where no rank it may use has one, preempt (see the policy). Returns
+        whether any sequence was preempted."""
+        preempted = False
+        for s in sorted(self.decoding, key=lambda s: s.admitted):
+            if s.status is not Status.DECODING or (s.num_tokens - 1) // self.block_size \
+                    < len(s.blocks):
+                continue  # preempted just now, or its token goes into an open block
+            ranks = range(self.world) if s.home < 0 else (s.home,)
+            while True:
+                free = self.blocks.available()
+                room = [r for r in ranks if free[r] > 0]
+                if room:  # the rank holding the fewest of its blocks (ties: the lowest)
+                    self._take(s, min(room, key=lambda r: (len(s.table[r]), r)), ops, False)
+                    break
+                victim = max((v for v in (*self.prefilling, *self.decoding)
+                              if any(v.table[r] or v.reserved[r] for r in ranks)),
+                             key=lambda v: v.admitted)
+                self._preempt(victim, ops)
+                preempted = True
+                if victim is s:
+                    break
+        return preempted
+
+    def _preempt(self, seq: Sequence, ops: Ops) -> None:
+        """Free a running sequence's KV and queue it first, to be recomputed: its prompt and
+        the tokens it has, from which its next token is sampled."""
+        self._release(seq)
+        for key in [k for k in ops if k[1] == seq.row]:
+            del ops[key]  # its table updates of this step: the row is free now
+        seq.status = Status.WAITING
+        seq.prefill_len = seq.num_tokens
+        if self.blocks.enable_caching:  # the blocks it may find again (not the last token)
+            seq.keys = block_keys(seq.prompt_ids + seq.output_ids, self.block_size,
+                                  (seq.prefill_len - 1) // self.block_size)
+        seq.blocks, seq.table, seq.kv_len = [], [[] for _ in range(self.world)], [0] * self.world
+        seq.prefilled = seq.fed = seq.registered = 0
+        seq.home, seq.started, seq.passed_over = -1, False, 0
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Take a running sequence out of the running lists and give back its pages (latest
+        position first: see kv.block_manager), its reservation and its row."""
+        (self.prefilling if seq.status is Status.PREFILLING else self.decoding).remove(seq)
+        self.blocks.release(seq.blocks)
+        self.blocks.unreserve(seq.reserved)
+        seq.reserved = [0] * self.world
+        self.free_rows.append(seq.row)
+        seq.row = -1
+
     def _decode_plan(self, seqs: list[Sequence], ops: Ops) -> DecodePlan:
         owners = []
         for s in seqs:
-            pos = s.num_tokens - 1  # the token fed now
-            if pos // self.block_size == len(s.blocks):  # it opens a new block
-                counts = [len(t) for t in s.table]
-                self._take(s, counts.index(min(counts)) if s.home < 0 else s.home, ops)
+            pos = s.num_tokens - 1  # the token fed now (its block was taken by _grow)
             owners.append(s.blocks[pos // self.block_size][0])
         return DecodePlan(
             seq_ids=[s.seq_id for s in seqs],
@@ -459,6 +552,7 @@ class Scheduler:
             if p.sample:
                 self.prefilling.remove(seq)
                 seq.status = Status.DECODING
+                seq.fed = seq.prefilled - seq.prompt_len  # generated tokens recomputed
                 self.decoding.append(seq)
                 seq.output_ids.append(token)
                 touched.append(seq)
@@ -501,11 +595,7 @@ class Scheduler:
         if seq.status is Status.WAITING:
             self.waiting.remove(seq)
         else:
-            (self.prefilling if seq.status is Status.PREFILLING else self.decoding).remove(seq)
-            self.blocks.release(seq.blocks)  # latest position first: see kv.block_manager
-            self.blocks.unreserve(seq.reserved)
-            seq.reserved = [0] * self.world
-            self.free_rows.append(seq.row)
+            self._release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
@@ -548,9 +638,11 @@ class Scheduler:
         return len(self.waiting)
 
     def kv_used(self) -> list[int]:
-        """Token slots per rank in pages that running requests hold (idle cached pages,
-        which the next request may take, are not counted)."""
-        return [n * self.block_size for n in self.blocks.pages_in_use()]
+        """Token slots per rank in pages that running requests hold or have reserved (the
+        rest of an admitted prompt's pages); idle cached pages, which the next request may
+        take, are not counted."""
+        return [(n + r) * self.block_size
+                for n, r in zip(self.blocks.pages_in_use(), self.blocks.reserved())]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)

@@ -27,7 +27,10 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     status: Status = Status.WAITING
-    prefilled: int = 0  # prompt tokens whose KV is cached
+    # tokens its prefill computes: the prompt; after a preemption the prompt and every token
+    # generated so far (recomputed, the next token sampled from the last one's logits)
+    prefill_len: int = 0
+    prefilled: int = 0  # of them, tokens whose KV is stored
     fed: int = 0  # generated tokens fed back through decode (their KV is cached)
     kv_len: list[int] = field(default_factory=list)  # keys stored per rank
     # KV blocks (see kv.block_manager): (rank, page) of each logical block in position order, the
@@ -43,9 +46,22 @@ class Sequence:
     num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
     started: bool = False  # its prefill has begun
     passed_over: int = 0  # prefill turns in a row that went to another prompt
+    admitted: int = -1  # admission order among the running (the latest is preempted first)
+    overtaken: int = 0  # requests admitted ahead of it while it waited for memory
+    preemptions: int = 0  # times its KV was freed to make room (recomputed since)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival=time.time()))
+
+    def __post_init__(self) -> None:
+        self.prefill_len = self.prefill_len or len(self.prompt_ids)
+
+    def prefill_ids(self, a: int, b: int) -> list[int]:
+        """Tokens a..b-1 of its prefill (the prompt, then generated tokens)."""
+        n = len(self.prompt_ids)
+        if b <= n:
+            return self.prompt_ids[a:b]
+        return self.prompt_ids[a:] + self.output_ids[max(a - n, 0) : b - n]
 
     @property
     def prompt_len(self) -> int:

@@ -166,13 +166,19 @@ class BlockManager:
             del self.cache[key]
 
     # ---- pages ---------------------------------------------------------------------------
-    def can_reserve(self, need: list[int], pins: list[tuple[int, int]]) -> bool:
+    def can_reserve(self, need: list[int], pins: list[tuple[int, int]], margin: int = 0) -> bool:
         """Whether `need[r]` new pages on every rank fit once `pins` (cached pages the
-        sequence will use) are taken out of the idle ones."""
+        sequence will use) are taken out of the idle ones, leaving `margin` more pages on
+        each rank where it needs any."""
         extra = [0] * self.world
         for r, page in pins:
             extra[r] += page in self.ranks[r].idle
-        return all(n + e <= p.available() for n, e, p in zip(need, extra, self.ranks))
+        return all(n + e + (margin if n + e else 0) <= p.available()
+                   for n, e, p in zip(need, extra, self.ranks))
+
+    def available(self) -> list[int]:
+        """Pages per rank no one holds or has reserved (free or idle cached)."""
+        return [p.available() for p in self.ranks]
 
     def reserve(self, need: list[int]) -> None:
         for n, pages in zip(need, self.ranks):
@@ -204,12 +210,16 @@ class BlockManager:
         for rank, page in reversed(blocks):
             self.unpin(rank, page)
 
-    def take(self, rank: int) -> int:
-        """A reserved page on `rank`, pinned: a free one, else the least recently used idle
-        one (its cache entry goes)."""
+    def take(self, rank: int, reserved: bool = True) -> int:
+        """A page on `rank`, pinned: a free one, else the least recently used idle one (its
+        cache entry goes). `reserved`: it comes out of a reservation; else out of the pages
+        no one has reserved (`available`), of which there must be one."""
         pages = self.ranks[rank]
-        assert pages.reserved > 0, "take() without a reservation"
-        pages.reserved -= 1
+        if reserved:
+            assert pages.reserved > 0, "take() without a reservation"
+            pages.reserved -= 1
+        else:
+            assert pages.available() > 0, "take() of an unreserved page with none left"
         if pages.free:
             page = pages.free.popleft()
         else:
