@@ -77,6 +77,9 @@ class EngineCollector:
         yield _counter("tr_engine:num_preemptions",
                        "Running requests whose KV was freed to make room, to be recomputed "
                        "from their prompt and the tokens they had.", stats.num_preemptions)
+        yield _counter("tr_engine:failed_steps",
+                       "Engine steps whose forward raised (an out-of-memory, say): their "
+                       "requests failed, the engine went on.", stats.failed_steps)
         yield _counter("tr_engine:attention_shapes_built",
                        "Attention kernel builds for shapes met the first time (cuDNN graphs on "
                        "rank 0); a request that meets one waits for the build.",

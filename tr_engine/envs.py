@@ -39,6 +39,13 @@ def overlap_outputs(device_type: str) -> bool:
     return value not in ("0", "false", "no")
 
 
+def inject_fault_token() -> int | None:
+    """TR_ENGINE_INJECT_FAULT: for tests, a token id. Rank 0 raises where it computes the
+    logits of a step that feeds this token (as an out-of-memory there would), so the
+    handling of a failed step can be tried on a live engine. Unset in service."""
+    return _int("TR_ENGINE_INJECT_FAULT")
+
+
 def torchrun() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) when started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
     with MASTER_ADDR/MASTER_PORT for the rendezvous), else None."""

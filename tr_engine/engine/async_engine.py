@@ -4,7 +4,9 @@ The engine loop (schedule, run, update) runs on its own thread, because a step b
 device work and collectives. Requests reach it through an inbox; each request's outputs
 come back on an asyncio queue of the event loop that asked. A watchdog marks the engine
 dead if a rank process dies or stops answering (its heartbeat goes quiet), so /health can
-say so even while a step hangs.
+say so even while a step hangs. A step whose forward raises fails only its own requests
+where the ranks are still in step (LLMEngine.step); what the engine cannot survive (a
+collective or a rank failing) fails every open request and /health turns 503.
 
 A decode step's outputs reach the event loop once the next step's device work is queued (on
 CUDA and NPU, where queueing returns before the work ends; envs.overlap_outputs): the event
@@ -52,6 +54,7 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of them, tokens whose KV was reused
     attention_shapes_built: int = 0  # kernel builds for new shapes on rank 0 (cuDNN)
     num_preemptions: int = 0  # running sequences whose KV was freed for room (recomputed)
+    failed_steps: int = 0  # steps whose forward raised and failed their requests alone
     # tokens per step: (bucket upper bounds, counts per bucket and one over them all, sum)
     batched_tokens: tuple = ((), [0], 0.0)
 
@@ -259,7 +262,7 @@ class AsyncEngine:
             prefill_tokens_per_s=e.last_prefill_tokens_per_s,
             prefix_cache_queries=s.blocks.queries, prefix_cache_hits=s.blocks.hits,
             attention_shapes_built=len(getattr(e.cluster.backend, "cudnn_shapes", ())),
-            num_preemptions=s.num_preemptions,
+            num_preemptions=s.num_preemptions, failed_steps=e.failed_steps_total,
             batched_tokens=e.batched_tokens.snapshot(),
         )
 

@@ -70,6 +70,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_prefill_tokens_per_s = 0.0
+        self.failed_steps_total = 0
         self.batched_tokens = Counts(BATCHED_TOKENS_BUCKETS)  # tokens per step
         self.on_scheduled: Callable[[StepPlan], None] | None = None  # once a step is planned
         # once the step's device work is queued, before the host waits for it
@@ -157,9 +158,12 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step. An exception from the forward (a collective, the device) is the whole
-        engine's and propagates; one raised while sampling or finishing a single request
-        ends that request alone (finish_reason "error", RequestOutput.error set)."""
+        """One step. An exception from the forward fails the step's requests (finish_reason
+        "error", their KV freed) and the engine goes on, where the ranks are still in step:
+        on one rank, or raised on rank 0 past the step's last collective (computing logits:
+        an out-of-memory there). Otherwise (a collective failed, a rank raised) it is the
+        whole engine's and propagates. One raised while sampling or finishing a single
+        request ends that request alone (RequestOutput.error set)."""
         plan = self.scheduler.schedule()
         if plan is None:
             return []
@@ -175,7 +179,10 @@ class LLMEngine:
                 else None
         if scored is not None:
             plan.prefill.all_logits = True  # every position's logits come back, not the last
-        logits = self.cluster.run(plan)
+        try:
+            logits = self.cluster.run(plan)
+        except Exception as e:
+            return self._fail_step(plan, e)
         if self.on_launched is not None:
             self.on_launched()
         if scored is not None:
@@ -210,6 +217,17 @@ class LLMEngine:
         nxt = seq.prompt_ids[plan.start + 1 : plan.start + len(plan.tokens) + 1]
         got.extend(prompt_logprobs(logits[: len(nxt)], nxt, seq.params.prompt_logprobs))
         return logits[-1:] if plan.sample else None
+
+    def _fail_step(self, plan: StepPlan, error: Exception) -> list[RequestOutput]:
+        """The step's forward raised: fail every request it carried, if the ranks are still
+        in step (see `step`), else re-raise."""
+        if not self.cluster.failed_alone():
+            raise error
+        self.failed_steps_total += 1
+        ids = [p.seq_id for p in (plan.prefill, *plan.local) if p is not None]
+        ids += plan.decode.seq_ids if plan.decode is not None else []
+        log.error("a step of %d request(s) failed; the engine goes on", len(ids))
+        return [self.fail(self._seqs[i], error) for i in dict.fromkeys(ids) if i in self._seqs]
 
     def fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """End `seq` because serving it raised: its KV is freed, the others go on."""

@@ -295,9 +295,16 @@ class Cluster:
         return [i + 1 for i, b in enumerate(self.heartbeats) if now - b.value > timeout]
 
     def run(self, plan: StepPlan):
+        self.runner.past_collectives = False
         if self.world > 1:
             self.channel.send(plan)
         return self.runner.run(plan)
+
+    def failed_alone(self) -> bool:
+        """After `run` raised: whether the other ranks are still in step with rank 0, so the
+        engine may go on (one rank; or rank 0 failed past the step's last collective, see
+        ModelRunner._head). Else a rank may sit in a collective rank 0 never joins."""
+        return self.world == 1 or self.runner.past_collectives
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Tell the other ranks to stop (the caller must be the only thread running plans)

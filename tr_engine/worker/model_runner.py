@@ -26,6 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .. import envs
 from ..attention import Rates, gather_merge, get_strategy
 from ..attention.cost import prefix_cost
 from ..backends import SOLO, Backend, Communicator
@@ -64,6 +65,13 @@ class PrefillContext(ForwardContext):
         out, _ = strategy(q, k, v, self.group, causal=True, scale=scale, **prefix)
         cache.store(layer, self.store, k[: self.n_valid], v[: self.n_valid])
         return out
+
+
+def _feeds(plan: StepPlan, token: int) -> bool:
+    """Whether a step computes `token` at some position (a prompt chunk or a decode)."""
+    parts = [plan.prefill, *plan.local]
+    return any(token in p.tokens for p in parts if p is not None) or (
+        plan.decode is not None and token in plan.decode.tokens)
 
 
 def _on(slots, device):
@@ -160,6 +168,11 @@ class ModelRunner:
             self.model_config.max_position_embeddings,
         )
         self.block_size = config.block_size
+        # Whether this rank has passed its step's last collective (see `_head`); the
+        # cluster clears it before each plan goes out.
+        self.past_collectives = False
+        self.fault_token = envs.inject_fault_token() if mesh.rank == 0 else None
+        self._fault = False  # this step raises where rank 0 computes logits (tests)
         self.num_pages = self._plan_memory() // self.block_size
         self.capacity = self.num_pages * self.block_size
         mc = self.shard_config
@@ -285,6 +298,8 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """Run one step; returns float32 logits on rank 0 (None elsewhere), one row per
         entry of `plan.sampled()`."""
+        self.past_collectives = False
+        self._fault = self.fault_token is not None and _feeds(plan, self.fault_token)
         for op in plan.tables:
             if op.rank == self.rank:
                 self.tables.apply(op)
@@ -322,11 +337,11 @@ class ModelRunner:
         if p.all_logits:
             shards = self.comm.all_gather(hidden)
             full = zigzag.unshard(list(shards.unbind(0)), len(p.tokens))
-            return self.model.compute_logits(full) if self.rank == 0 else None
+            return self._head(full) if self.rank == 0 else None
         if not p.sample:
             return None
         last = self._last_hidden(p, hidden)
-        return self.model.compute_logits(last) if self.rank == 0 else None
+        return self._head(last) if self.rank == 0 else None
 
     def mixed(self, plan: StepPlan) -> torch.Tensor | None:
         """Every part of a step this rank has in one forward (eager: the chunks' shapes
@@ -439,6 +454,16 @@ class ModelRunner:
             hidden = flat if hidden is None else torch.cat([hidden, flat])
         if rows != list(range(len(rows))) or len(rows) != len(hidden):
             hidden = hidden[torch.tensor(rows, device=self.device)]
+        return self._head(hidden)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Rank 0's logits `[rows, vocab]` float32: the step's last work, after every
+        collective of the other ranks' share (without tensor parallelism, whose vocabulary
+        split gathers again), so an exception here (an out-of-memory on a long prompt's
+        logprobs) fails the step alone and leaves the ranks in step."""
+        self.past_collectives = self.mesh.tp == 1
+        if self._fault:
+            raise RuntimeError("injected fault (TR_ENGINE_INJECT_FAULT)")
         return self.model.compute_logits(hidden)
 
     def _host_keys(self, meta: torch.Tensor) -> list | None:
