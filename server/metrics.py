@@ -80,6 +80,27 @@ class EngineCollector:
         yield _counter("tr_engine:failed_steps",
                        "Engine steps whose forward raised (an out-of-memory, say): their "
                        "requests failed, the engine went on.", stats.failed_steps)
+        host_used = GaugeMetricFamily("tr_engine:kv_host_used_tokens",
+                                      "Tokens of evicted KV blocks held in this rank's share "
+                                      "of the host tier.", labels=["rank"])
+        for rank, tokens in enumerate(stats.host_used_tokens):
+            host_used.add_metric([str(rank)], tokens * live)
+        yield host_used
+        yield _gauge("tr_engine:kv_host_capacity_tokens",
+                     "Host tier capacity of each rank, in tokens (0: no tier).",
+                     stats.host_capacity_tokens)
+        yield _counter("tr_engine:kv_host_hit_tokens",
+                       "Prompt tokens whose KV came back from the host tier.",
+                       stats.host_hit_tokens)
+        yield _counter("tr_engine:kv_host_offloaded_bytes",
+                       "Bytes of KV copied from the cards to the host tier (all ranks).",
+                       stats.host_offloaded_bytes)
+        yield _counter("tr_engine:kv_host_restored_bytes",
+                       "Bytes of KV copied from the host tier back to the cards (all ranks).",
+                       stats.host_restored_bytes)
+        yield _counter("tr_engine:kv_host_restore_seconds",
+                       "Time rank 0 spent copying KV back from the host tier.",
+                       stats.host_restore_s)
         yield _counter("tr_engine:attention_shapes_built",
                        "Attention kernel builds for shapes met the first time (cuDNN graphs on "
                        "rank 0); a request that meets one waits for the build.",

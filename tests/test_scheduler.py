@@ -776,3 +776,36 @@ def test_a_large_waiting_request_is_passed_at_most_max_overtaken_times():
         step_model(s)
     assert all(q.output_ids == alone(q.prompt_ids, q.params.max_tokens)
                for q in [hog, big, *small])
+
+
+# ---- the host tier's index -------------------------------------------------------------------
+def test_host_tier_copies_evicted_blocks_out_and_back_in_order_within_its_bound():
+    m = BlockManager(1, 2, B, host_slots=2)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for key in keys[:2]:  # two cached blocks, idle
+        m.reserve([1])
+        page = m.take(0)
+        m.register(key, 0, page)
+        m.unpin(0, page)
+    m.reserve([2])
+    a, b = m.take(0), m.take(0)  # both evicted: copied to the host first
+    assert [(c.page, c.slot, c.to_host) for c in m.drain_copies()] == [(0, 0, True), (1, 1, True)]
+    assert m.lookup(keys) == [] and m.lookup_host(keys) == [(0, 0), (0, 1)]
+    for key, page in zip(keys[2:], (a, b)):  # two more, evicted in turn: the LRU slot goes
+        m.register(key, 0, page)
+        m.unpin(0, page)
+    m.reserve([1])
+    m.take(0)
+    assert m.host_used() == [2] and m.lookup_host(keys) == [] and not m.host.has(keys[0])
+    assert m.lookup_host(keys[1:]) == [(0, 1), (0, 0)]  # keys[2] took keys[0]'s slot
+    m.drain_copies()
+    # restoring keys[1] takes the last page, which evicts keys[3]: its copy out goes first,
+    # into the slot of keys[2], not into the least recently used one being read from
+    m.reserve([1])
+    (restored,) = m.restore(m.lookup_host(keys[1:2]), keys[1:2])
+    page = restored[1]
+    copies = [(c.page, c.slot, c.to_host) for c in m.drain_copies()]
+    assert copies == [(page, 0, True), (page, 1, False)]
+    assert m.lookup(keys[1:2]) == [restored] and m.host.has(keys[1]) and m.host.has(keys[3])
+    assert not m.host.has(keys[2]) and m.pages_offloaded == 4 and m.pages_restored == 1
+    assert m.reset() == 0 and m.host_used() == [0] and not m.host.where

@@ -91,7 +91,7 @@ def server():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TR_ENGINE_INJECT_FAULT", str(SERVER_FAULT))  # tr-serve inherits it
         with running_server("--max-model-len", "128", "--kv-cache-tokens", "128",
-                            "--served-model-name", MODEL) as s:
+                            "--served-model-name", MODEL, "--kv-offloading-size", "0.01") as s:
             yield s
 
 
@@ -114,3 +114,7 @@ def test_a_live_server_fails_the_request_and_stays_healthy(server):
     metrics = wait_idle(server, 60)
     assert metrics["tr_engine:failed_steps_total"] == 2
     assert metrics["tr_engine:engine_healthy"] == 1
+    # the host tier's numbers are there (this server has one): 0.01 GiB over 2 ranks
+    assert metrics["tr_engine:kv_host_capacity_tokens"] > 0
+    assert metrics['tr_engine:kv_host_used_tokens{rank="1"}'] >= 0
+    assert metrics["tr_engine:kv_host_restored_bytes_total"] == 0

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the KV cache takes (default: 0.9)")
     g.add_argument("--kv-cache-tokens", type=int, metavar="N",
                    help="fix the KV cache capacity per rank in tokens instead")
+    g.add_argument("--kv-offloading-size", type=float, metavar="GiB",
+                   help="host memory (GiB, over all ranks) for KV blocks evicted from the "
+                   "cards: a later prompt on them copies them back instead of computing "
+                   "them again (default: 0, no host tier)")
     g.add_argument("--prefill-chunk", type=int, metavar="N",
                    help="prefill longer prompts in pieces of N tokens (default: 32768)")
     g.add_argument("--max-num-batched-tokens", type=int, metavar="N",

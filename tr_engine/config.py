@@ -47,6 +47,9 @@ class EngineConfig:
       chunks are padded to a multiple of 2 x world_size blocks, so small blocks reuse more
       and pad less; 16 keeps the padding of a short prompt under 32 tokens per rank.
     enable_prefix_caching: reuse the KV of cached prompt prefixes (vLLM's name).
+    kv_offloading_size: GiB of host memory (over every rank together, vLLM's name) for the
+      host tier: a cached KV block the device evicts is copied there first and comes back
+      when a later prompt needs it, instead of being computed again. 0 (default): no tier.
     skip_kernel_self_check: trust the backend's fused kernels without the start-up check
       against the portable math (Backend.self_check), which disables any that disagree.
     generation_config: where requests' sampling defaults come from (vLLM's flag): `auto`,
@@ -78,6 +81,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     skip_kernel_self_check: bool = False
     generation_config: str = "auto"
+    kv_offloading_size: float = 0.0
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -113,6 +117,14 @@ class EngineConfig:
         if not isinstance(self.shard_min_tokens, int) or self.shard_min_tokens < 0:
             raise ValueError(f"shard_min_tokens must be a non-negative integer; got "
                              f"{self.shard_min_tokens!r}")
+        size = self.kv_offloading_size
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not \
+                0 <= size < float("inf"):
+            raise ValueError(f"kv_offloading_size must be a size in GiB, 0 or more; got "
+                             f"{size!r}")
+        if size > 0 and not self.enable_prefix_caching:
+            raise ValueError("kv_offloading_size needs enable_prefix_caching: the host tier "
+                             "keeps evicted cached blocks")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be positive; got {self.kv_cache_tokens}")
         if not isinstance(self.generation_config, str) or not self.generation_config:

@@ -24,6 +24,8 @@ class ClusterInfo:
     head_dim: int = 1
     elem: int = 2  # bytes of a K/V element in the model's dtype
     rates: Rates | None = None  # measured at start-up (None: the cost model's defaults)
+    host_slots: int = 0  # host tier pages per sequence rank (0: no tier)
+    page_bytes: int = 0  # bytes of one page on one rank, every pooled tensor
 
     @property
     def capacity(self) -> int:
@@ -40,6 +42,18 @@ class TableOp:
     row: int
     at: int
     pages: list[int]
+
+
+@dataclass
+class PageCopy:
+    """Rank `rank` copies page `page` of its KV pool to slot `slot` of its host tier
+    (`to_host`), or the slot back into the page. A step's copies run in order, before its
+    forward (kv.host_pages)."""
+
+    rank: int
+    page: int
+    slot: int
+    to_host: bool
 
 
 @dataclass
@@ -112,6 +126,7 @@ class StepPlan:
     local: list[PrefillPlan] = field(default_factory=list)
     decode: DecodePlan | None = None
     tables: list[TableOp] = field(default_factory=list)  # block-table updates, run first
+    copies: list[PageCopy] = field(default_factory=list)  # host tier copies, run first
     info: dict = field(default_factory=dict)
 
     @property

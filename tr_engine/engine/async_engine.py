@@ -28,7 +28,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import envs
 from ..config import EngineConfig
@@ -55,6 +55,14 @@ class EngineStats:
     attention_shapes_built: int = 0  # kernel builds for new shapes on rank 0 (cuDNN)
     num_preemptions: int = 0  # running sequences whose KV was freed for room (recomputed)
     failed_steps: int = 0  # steps whose forward raised and failed their requests alone
+    # the host tier: tokens in use per rank, capacity per rank, prompt tokens restored from
+    # it, bytes copied to it and back (all ranks), seconds rank 0 spent restoring
+    host_used_tokens: list[int] = field(default_factory=list)
+    host_capacity_tokens: int = 0
+    host_hit_tokens: int = 0
+    host_offloaded_bytes: int = 0
+    host_restored_bytes: int = 0
+    host_restore_s: float = 0.0
     # tokens per step: (bucket upper bounds, counts per bucket and one over them all, sum)
     batched_tokens: tuple = ((), [0], 0.0)
 
@@ -254,6 +262,7 @@ class AsyncEngine:
 
     def _snapshot(self) -> EngineStats:
         e, s = self.engine, self.engine.scheduler
+        page = e.info.page_bytes * e.config.tensor_parallel_size  # a page over its TP group
         return EngineStats(
             running=s.num_running, waiting=s.num_waiting + len(self._pending),
             kv_used_tokens=s.kv_used(),
@@ -263,6 +272,12 @@ class AsyncEngine:
             prefix_cache_queries=s.blocks.queries, prefix_cache_hits=s.blocks.hits,
             attention_shapes_built=len(getattr(e.cluster.backend, "cudnn_shapes", ())),
             num_preemptions=s.num_preemptions, failed_steps=e.failed_steps_total,
+            host_used_tokens=[n * s.block_size for n in s.blocks.host_used()],
+            host_capacity_tokens=e.info.host_slots * s.block_size,
+            host_hit_tokens=s.host_hit_tokens,
+            host_offloaded_bytes=s.blocks.pages_offloaded * page,
+            host_restored_bytes=s.blocks.pages_restored * page,
+            host_restore_s=e.host_restore_s,
             batched_tokens=e.batched_tokens.snapshot(),
         )
 

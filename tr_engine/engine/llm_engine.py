@@ -152,6 +152,12 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def host_restore_s(self) -> float:
+        """Seconds rank 0 spent copying KV back from the host tier."""
+        tier = self.cluster.runner.host_tier
+        return tier.restore_s if tier is not None else 0.0
+
     def reset_prefix_cache(self) -> int:
         """Drop every cached KV block that no running request uses; returns how many."""
         return self.scheduler.reset_prefix_cache()
@@ -350,7 +356,8 @@ class LLMEngine:
                                tokens=list(prompt_ids), start=0, prefix_len=[0] * self.world,
                                sample=False, strategy=self._choose_strategy(n, 0),
                                all_logits=True)
-            return self.cluster.run(StepPlan("prefill", prefill=plan, tables=tables))
+            return self.cluster.run(StepPlan("prefill", prefill=plan, tables=tables,
+                                             copies=self.scheduler.blocks.drain_copies()))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every rank; those not gone `timeout` seconds after the stop plan are

@@ -50,6 +50,11 @@ Policy:
   computing it again.
 - A request that wants its prompt logprobs is sharded and prefills in steps of its own
   (they return every position's logits), alternating with the other steps.
+- Host tier (`info.host_slots`): a sharded prompt whose cached prefix goes on in host
+  memory past the device's blocks gets those blocks copied back into fresh pages at
+  admission (the copies run before its prefill, `StepPlan.copies`), if their pages fit;
+  else they are computed again. A preempted sequence's full blocks go to the host tier
+  like any evicted cached block, and come back from there when it resumes.
 """
 
 from __future__ import annotations
@@ -84,7 +89,8 @@ class Scheduler:
         self.world = world = config.sequence_parallel_size
         self.block_size = block_size = info.block_size
         self.blocks = BlockManager(world, info.num_pages, block_size,
-                                   config.enable_prefix_caching)
+                                   config.enable_prefix_caching, info.host_slots)
+        self.host_hit_tokens = 0  # prompt tokens whose KV came back from the host tier
         self.max_model_len = info.max_model_len
         # whole blocks in every zigzag piece, and no padding inside a long prompt
         self.step_tokens = 2 * world * block_size
@@ -243,14 +249,24 @@ class Scheduler:
     def _try_admit(self, seq: Sequence) -> bool:
         hits = self.blocks.lookup(seq.keys)
         placed = self._place(seq, hits) if self._is_short(seq) else None
+        host = [] if placed is not None else self.blocks.lookup_host(seq.keys[len(hits) :])
         if placed is not None:
             hits = placed
+        elif host and self._fits_with(seq, hits, host):
+            pass  # (the host's blocks come back too)
         elif not self.blocks.can_reserve(self._need(seq, hits), hits, self._margin()):
             return False  # (a short one that no rank has room for is sharded if that fits)
-        need = self._need(seq, hits)
+        else:
+            host = []
+        need = self._need(seq, hits + host)  # new pages after the device's and host's blocks
         self.waiting.remove(seq)
         for r, page in hits:
             self.blocks.pin(r, page)
+        if host:
+            self.blocks.reserve([sum(1 for r, _ in host if r == rank)
+                                 for rank in range(self.world)])
+            hits = hits + self.blocks.restore(host, seq.keys[len(hits) :])
+            self.host_hit_tokens += len(host) * self.block_size
         self.blocks.reserve(need)
         seq.reserved = need
         self._set_cached(seq, hits)
@@ -259,6 +275,15 @@ class Scheduler:
         seq.admitted, self._admissions = self._admissions, self._admissions + 1
         self.prefilling.append(seq)
         return True
+
+    def _fits_with(self, seq: Sequence, hits: list[tuple[int, int]],
+                   host: list[tuple[int, int]]) -> bool:
+        """Whether a sharded `seq` fits with its host-tier blocks `host` restored after its
+        device blocks `hits`: a page for each of those too."""
+        need = self._need(seq, hits + host)
+        for r, _ in host:
+            need[r] += 1
+        return self.blocks.can_reserve(need, hits, self._margin())
 
     def _set_cached(self, seq: Sequence, hits: list[tuple[int, int]]) -> None:
         seq.blocks = list(hits)
@@ -306,6 +331,12 @@ class Scheduler:
     # ---- steps -----------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         """The next step, or None when there is nothing to do."""
+        plan = self._schedule()
+        if plan is not None:  # the host tier's copies, before the pages are written
+            plan.copies = self.blocks.drain_copies()
+        return plan
+
+    def _schedule(self) -> StepPlan | None:
         ops: Ops = {}
         if not self._grow(ops):  # pages for the decodes first; no admission if that preempted
             self._admit()

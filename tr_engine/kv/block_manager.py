@@ -20,6 +20,9 @@ block loses all of it. A sequence that ends therefore hands its pages back lates
 first (`release`): the idle list of each rank then holds a document's blocks tail first,
 and a partly evicted document keeps its head. On a sharded document each rank evicts its
 own latest block of it, which breaks the least of the prefix that rank can break.
+
+With a host tier (`host_slots`, kv.host_pages), an evicted cached block is copied to host
+memory first and stays findable there; `restore` brings it back into a fresh page.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..distributed import padding
+from ..plan import PageCopy
+from .host_pages import HostIndex
 
 
 def block_keys(tokens: list[int], block_size: int, n_blocks: int | None = None,
@@ -121,13 +126,17 @@ class BlockManager:
     """Pages on every rank and the prefix cache over them."""
 
     def __init__(self, world: int, num_pages: int, block_size: int,
-                 enable_caching: bool = True) -> None:
+                 enable_caching: bool = True, host_slots: int = 0) -> None:
         self.world, self.block_size, self.num_pages = world, block_size, num_pages
         self.enable_caching = enable_caching
         self.ranks = [RankPages(num_pages) for _ in range(world)]
         self.cache: dict[bytes, tuple[int, int]] = {}  # key -> (rank, page)
         self.queries = 0  # prompt tokens looked up (tokens)
         self.hits = 0  # prompt tokens found
+        # the host tier: copies of evicted cached blocks (None: no tier)
+        self.host = HostIndex(world, host_slots) if host_slots and enable_caching else None
+        self.copies: list[PageCopy] = []  # for the next step's plan, in order
+        self.pages_offloaded = self.pages_restored = 0
 
     # ---- the cache -----------------------------------------------------------------------
     def lookup(self, keys: list[bytes]) -> list[tuple[int, int]]:
@@ -149,8 +158,35 @@ class BlockManager:
         self.cache[key] = (rank, page)
         self.ranks[rank].key[page] = key
 
+    def lookup_host(self, keys: list[bytes]) -> list[tuple[int, int]]:
+        """(rank, slot) of the longest run of `keys` the host tier holds, from the first."""
+        return self.host.lookup(keys) if self.host is not None else []
+
+    def restore(self, hits: list[tuple[int, int]], keys: list[bytes]) -> list[tuple[int, int]]:
+        """Bring the host tier's blocks `hits` (of `keys`) back: a reserved page on the
+        slot's rank each, cached under its key and pinned, and the copy into it queued.
+        Returns their (rank, page)."""
+        assert self.host is not None
+        self.host.busy = set(hits)  # the pages taken here must not evict these slots
+        pages = []
+        for (rank, slot), key in zip(hits, keys):
+            page = self.take(rank)
+            self.register(key, rank, page)
+            self.host.touch(key)
+            self.copies.append(PageCopy(rank, page, slot, to_host=False))
+            pages.append((rank, page))
+        self.host.busy = set()
+        self.pages_restored += len(pages)
+        return pages
+
+    def drain_copies(self) -> list[PageCopy]:
+        """The copies queued since the last call: the next step runs them first."""
+        copies, self.copies = self.copies, []
+        return copies
+
     def reset(self) -> int:
-        """Drop every cached block no sequence uses; returns how many."""
+        """Drop every cached block no sequence uses, and the host tier's copies; returns how
+        many blocks went from the device."""
         n = 0
         for r, pages in enumerate(self.ranks):
             while pages.idle:
@@ -158,7 +194,23 @@ class BlockManager:
                 self._forget(r, page)
                 pages.free.append(page)
                 n += 1
+        if self.host is not None:
+            self.host.clear()
         return n
+
+    def _evict(self, rank: int, page: int) -> None:
+        """An idle cached page is reused: its block leaves the device, copied to the host
+        tier first where it has no copy there yet (and the tier has a slot)."""
+        key = self.ranks[rank].key.get(page)
+        if self.host is not None and key is not None and self.cache.get(key) == (rank, page):
+            if self.host.has(key):
+                self.host.touch(key)
+            else:
+                slot = self.host.put(key, rank)
+                if slot is not None:
+                    self.copies.append(PageCopy(rank, page, slot, to_host=True))
+                    self.pages_offloaded += 1
+        self._forget(rank, page)
 
     def _forget(self, rank: int, page: int) -> None:
         key = self.ranks[rank].key.pop(page, None)
@@ -224,7 +276,7 @@ class BlockManager:
             page = pages.free.popleft()
         else:
             page, _ = pages.idle.popitem(last=False)
-            self._forget(rank, page)
+            self._evict(rank, page)
         pages.ref[page] = 1
         return page
 
@@ -241,3 +293,7 @@ class BlockManager:
 
     def reserved(self) -> list[int]:
         return [p.reserved for p in self.ranks]
+
+    def host_used(self) -> list[int]:
+        """Host tier slots in use per rank."""
+        return self.host.used() if self.host is not None else [0] * self.world

@@ -25,6 +25,15 @@ class KVCache:
         self.capacity, self.block_size = capacity, block_size
         self.spare = capacity  # the spare slot's index
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every pooled tensor, each `[layers, capacity + 1, ...]`: slots [p·B, (p+1)·B) of
+        each are page p's. What moves a page (the host tier) moves all of them."""
+        return [self.k, self.v]
+
+    def page_bytes(self) -> int:
+        """Bytes of one page, over every pooled tensor."""
+        return sum(t[:, : self.block_size].numel() * t.element_size() for t in self.tensors())
+
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -34,6 +34,7 @@ from ..config import EngineConfig
 from ..distributed import tensor_parallel, zigzag
 from ..distributed.tensor_parallel import Mesh, Split
 from ..kv.cache import BlockTables, KVCache
+from ..kv.host_tier import HostTier
 from ..layers.context import ForwardContext, forward_context
 from ..models import ModelConfig
 from ..models.loader import load_model, read_config, resolve_dtype
@@ -178,6 +179,14 @@ class ModelRunner:
         mc = self.shard_config
         self.kv = KVCache(mc.num_layers, self.num_pages, self.block_size, mc.num_kv_heads,
                           mc.head_dim, self.dtype, self.device)
+        # the host tier: its share of kv_offloading_size (GiB over every rank)
+        self.host_tier = None
+        if config.kv_offloading_size > 0:
+            size = config.kv_offloading_size * 2**30 / mesh.world
+            self.host_tier = HostTier(self.kv, HostTier.slots_for(size, self.kv), backend,
+                                      self.device)
+            log.info("rank %d: host tier of %d pages (%.2f GiB)", mesh.rank,
+                     self.host_tier.num_slots, size / 2**30)
         # a row per running sequence and one for prompt_logits
         self.tables = BlockTables(config.max_num_seqs + 1,
                                   -(-self.max_model_len // self.block_size) + 1,
@@ -206,7 +215,9 @@ class ModelRunner:
                            max_model_len=self.max_model_len,
                            prefix_cost=prefix_cost(self.model_config),
                            num_heads=sc.num_heads, num_kv_heads=sc.num_kv_heads,
-                           head_dim=sc.head_dim, elem=self.dtype.itemsize, rates=self.rates)
+                           head_dim=sc.head_dim, elem=self.dtype.itemsize, rates=self.rates,
+                           host_slots=self.host_tier.num_slots if self.host_tier else 0,
+                           page_bytes=self.kv.page_bytes())
 
     # ---- set-up ------------------------------------------------------------------------
     def _check_fits(self, full: ModelConfig) -> None:
@@ -300,6 +311,9 @@ class ModelRunner:
         entry of `plan.sampled()`."""
         self.past_collectives = False
         self._fault = self.fault_token is not None and _feeds(plan, self.fault_token)
+        if plan.copies:
+            self.host_tier.copy([c for c in plan.copies if c.rank == self.rank],
+                                timed=self.mesh.rank == 0)
         for op in plan.tables:
             if op.rank == self.rank:
                 self.tables.apply(op)

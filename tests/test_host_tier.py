@@ -1,0 +1,89 @@
+"""The host-memory tier on 1 and 2 gloo ranks (float32, against transformers): documents
+cycling through a KV pool that holds two come back from host memory whole, and every
+output is exactly transformers' greedy; the tier never holds more than its size, and
+resetting the prefix cache empties it.
+
+The CPU backend's tier is a second pool in ordinary memory, filled and read by the same
+plan entries as a card's pinned one.
+"""
+
+from __future__ import annotations
+
+import pytest
+from checkpoints import byte_ids as ids
+from checkpoints import greedy_reference, make_checkpoint
+
+from tr_engine import LLM, SamplingParams
+from tr_engine.kv.block_manager import block_keys
+
+BLOCK, CHUNK = 8, 32
+DOC = 64  # tokens: 8 blocks
+NEW = 6
+SLOTS = 40  # host pages per rank
+PAGE_BYTES = 2 * 2 * BLOCK * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, float32
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(make_checkpoint("llama3.2", tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    return greedy_reference(ckpt)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda p: f"P{p}")
+def llm(request, ckpt):
+    world = request.param
+    with LLM(ckpt, device="cpu", world_size=world, dtype="float32", block_size=BLOCK,
+             prefill_chunk=CHUNK, kv_cache_tokens=20 * BLOCK // world, max_model_len=256,
+             shard_min_tokens=0, kv_offloading_size=SLOTS * PAGE_BYTES * world / 2**30,
+             ) as engine:
+        yield engine
+
+
+def run(llm, prompt: list[int]):
+    return llm.generate({"prompt_token_ids": prompt}, GREEDY)[0]
+
+
+def test_the_tier_has_the_size_asked(llm):
+    tier = llm.engine.cluster.runner.host_tier
+    assert tier.num_slots == SLOTS and llm.engine.info.page_bytes == PAGE_BYTES
+    assert llm.engine.info.host_slots == SLOTS
+
+
+def test_documents_come_back_from_host_memory_whole(llm, hf):
+    s = llm.engine.scheduler
+    llm.engine.reset_prefix_cache()
+    docs = [ids(DOC, 10 + i) for i in range(5)]  # the pool holds two of them
+    for d in docs:
+        out = run(llm, d)
+        assert out.token_ids == hf(tuple(d), NEW)
+    first = s.blocks.lookup(block_keys(docs[0], BLOCK))
+    assert len(first) < DOC // BLOCK  # the first document left the cards
+    hits, restored = s.host_hit_tokens, s.blocks.pages_restored
+    for i in (0, 1, 2):  # each is back whole: from the host where the cards lost it
+        prompt = docs[i] + ids(5, 50 + i)
+        out = run(llm, prompt)
+        assert out.num_cached_tokens == DOC, i
+        assert out.token_ids == hf(tuple(prompt), NEW), i
+    assert s.host_hit_tokens > hits and s.blocks.pages_restored > restored
+    assert s.kv_used() == [0] * s.world
+
+
+def test_the_host_bound_holds_and_reset_empties_it(llm, hf):
+    s = llm.engine.scheduler
+    docs = [ids(DOC, 100 + i) for i in range(12 * s.world)]  # far more than the tier holds
+    for d in docs:
+        run(llm, d)
+        assert all(n <= SLOTS for n in s.blocks.host_used())
+    assert max(s.blocks.host_used()) == SLOTS  # full, never over
+    prompt = docs[0] + [1, 2, 3]  # the oldest left the host tier too: computed again
+    out = run(llm, prompt)
+    assert out.num_cached_tokens < DOC and out.token_ids == hf(tuple(prompt), NEW)
+    llm.engine.reset_prefix_cache()
+    assert s.blocks.host_used() == [0] * s.world and not s.blocks.host.where
+    assert s.blocks.pages_cached() == [0] * s.world and s.kv_used() == [0] * s.world
+    assert s.blocks.reserved() == [0] * s.world
