@@ -87,3 +87,38 @@ def test_the_host_bound_holds_and_reset_empties_it(llm, hf):
     assert s.blocks.host_used() == [0] * s.world and not s.blocks.host.where
     assert s.blocks.pages_cached() == [0] * s.world and s.kv_used() == [0] * s.world
     assert s.blocks.reserved() == [0] * s.world
+
+
+def test_page_copies_move_every_pooled_tensor_in_any_page_order():
+    """The rank's copies alone, on the CPU pool: pages out to slots in scattered and reversed
+    orders (as tail-first eviction hands them out), the pool overwritten, then back into
+    other pages: every tensor of every page comes back bit for bit, and a slot written
+    twice in one plan holds the later page."""
+    import torch
+    from tr_engine.backends import get_backend
+
+    from tr_engine.kv.cache import KVCache
+    from tr_engine.kv.host_tier import HostTier
+    from tr_engine.plan import PageCopy
+
+    cache = KVCache(3, 12, 4, 2, 5, torch.float32, torch.device("cpu"))
+    for t in cache.tensors():
+        t.copy_(torch.randn(t.shape))
+    tier = HostTier(cache, 8, get_backend("cpu"), torch.device("cpu"))
+    tier.piece = 3  # several gathers per batch
+
+    def page(p):
+        return [t[:, p * 4 : (p + 1) * 4].clone() for t in cache.tensors()]
+
+    before = {p: page(p) for p in range(12)}
+    out = [(11, 0), (10, 1), (9, 2), (3, 5), (0, 4), (7, 3), (5, 6), (6, 6)]  # slot 6 twice
+    tier.copy([PageCopy(0, p, s, to_host=True) for p, s in out])
+    for t in cache.tensors():
+        t.zero_()
+    back = [(0, 11), (1, 2), (2, 1), (5, 8), (4, 0), (3, 5), (6, 4)]  # slot -> page
+    tier.copy([PageCopy(0, p, s, to_host=False) for s, p in back])
+    source = {s: p for p, s in out}  # the last page written to each slot
+    for s, p in back:
+        for got, want in zip(page(p), before[source[s]]):
+            assert torch.equal(got, want), (s, p)
+    assert torch.count_nonzero(page(9)[0]) == 0  # untouched pages stay as they were

@@ -2,11 +2,14 @@
 between them and the pool (rank 0 decides which, see host_pages).
 
 Every tensor the KV pool holds (`KVCache.tensors()`: K and V, and whatever else a page
-carries) has a host twin of the same layout, `[layers, slots·block_size, ...]`, so a run
-of consecutive pages and slots is one contiguous copy per layer and tensor. The twins are
-pinned where the device has its own memory (CUDA, NPU), and the copies run on a stream of
-their own: the step's forward waits for them on the device, the host does not. On the CPU
-the second pool is ordinary memory and the copies are plain.
+carries) has a host twin laid out by slot, `[slots, layers, page]`, a slot's page of every
+layer contiguous. Pages of a copy batch are gathered into (or scattered from) a staging
+buffer on the device with one index kernel per tensor, and each run of consecutive slots
+crosses the link as one contiguous copy: a document's pages need not be consecutive in the
+pool (eviction hands them out tail first). The twins are pinned where the device has its
+own memory (CUDA, NPU), and the copies run on a stream of their own: the step's forward
+waits for them on the device, the host does not. On the CPU the second pool is ordinary
+memory and the same copies run in order.
 """
 
 from __future__ import annotations
@@ -18,14 +21,20 @@ import torch
 from ..plan import PageCopy
 from .cache import KVCache
 
+STAGING_BYTES = 64 * 2**20  # pages per gather/scatter: about this much of one tensor
+
 
 class HostTier:
     def __init__(self, cache: KVCache, num_slots: int, backend, device: torch.device) -> None:
         b = cache.block_size
         pinned = device.type != "cpu"
-        self.cache, self.num_slots, self.backend = cache, num_slots, backend
-        self.host = [torch.empty((t.shape[0], num_slots * b, *t.shape[2:]), dtype=t.dtype,
+        self.cache, self.num_slots, self.backend, self.device = cache, num_slots, backend, device
+        self.pages = cache.capacity // b
+        # [slots, layers, B·rest] per pooled tensor
+        self.host = [torch.empty((num_slots, t.shape[0], b * t[0, 0].numel()), dtype=t.dtype,
                                  pin_memory=pinned) for t in cache.tensors()]
+        per_page = max(h[0].numel() * h.element_size() for h in self.host)
+        self.piece = max(1, STAGING_BYTES // per_page)
         self.stream = backend.new_stream()  # None on the CPU: copies in order
         self.restore_s = 0.0  # time rank 0 waited for restores (tests, metrics)
 
@@ -54,27 +63,58 @@ class HostTier:
                 self.stream.synchronize()
             self.restore_s += time.perf_counter() - t
 
+    def _pool(self, t: torch.Tensor) -> torch.Tensor:
+        """A pooled tensor as `[layers, pages, B·rest]` (a view: the spare slot left out)."""
+        return t[:, : self.pages * self.cache.block_size].view(t.shape[0], self.pages, -1)
+
     def _run(self, copies: list[PageCopy]) -> None:
-        b = self.cache.block_size
-        for page, slot, n, to_host in _runs(copies):
-            for dev, host in zip(self.cache.tensors(), self.host):
-                d, h = dev[:, page * b : (page + n) * b], host[:, slot * b : (slot + n) * b]
-                for layer in range(dev.shape[0]):  # one contiguous run each
-                    if to_host:
-                        h[layer].copy_(d[layer], non_blocking=True)
-                    else:
-                        d[layer].copy_(h[layer], non_blocking=True)
+        for batch in _batches(copies):
+            batch.sort(key=lambda c: c.slot)  # independent copies: any order
+            for a in range(0, len(batch), self.piece):
+                self._piece(batch[a : a + self.piece])
+
+    def _piece(self, piece: list[PageCopy]) -> None:
+        """Copies of one direction, sorted by slot, with no page or slot twice."""
+        pages = torch.tensor([c.page for c in piece], dtype=torch.long).to(
+            self.device, non_blocking=True)
+        runs = _slot_runs([c.slot for c in piece])
+        for t, host in zip(self.cache.tensors(), self.host):
+            pool = self._pool(t)  # [L, pages, X]
+            if piece[0].to_host:
+                staged = pool.index_select(1, pages).transpose(0, 1).contiguous()  # [n, L, X]
+                for i, slot, n in runs:
+                    host[slot : slot + n].copy_(staged[i : i + n], non_blocking=True)
+            else:
+                staged = torch.empty((len(piece), *host.shape[1:]), dtype=host.dtype,
+                                     device=self.device)
+                for i, slot, n in runs:
+                    staged[i : i + n].copy_(host[slot : slot + n], non_blocking=True)
+                pool.index_copy_(1, pages, staged.transpose(0, 1))
 
 
-def _runs(copies: list[PageCopy]) -> list[tuple[int, int, int, bool]]:
-    """`copies` as (first page, first slot, pages, to_host) runs of consecutive pages and
-    slots in one direction, in order."""
-    runs: list[list] = []
+def _batches(copies: list[PageCopy]) -> list[list[PageCopy]]:
+    """`copies` cut into runs of one direction in which no page or slot comes twice: the
+    copies of a batch do not depend on each other, the batches run in order."""
+    batches: list[list[PageCopy]] = []
+    pages: set[int] = set()
+    slots: set[int] = set()
     for c in copies:
-        last = runs[-1] if runs else None
-        if last is not None and last[3] == c.to_host and c.page == last[0] + last[2] \
-                and c.slot == last[1] + last[2]:
-            last[2] += 1
+        if not batches or batches[-1][0].to_host != c.to_host or c.page in pages \
+                or c.slot in slots:
+            batches.append([])
+            pages, slots = set(), set()
+        batches[-1].append(c)
+        pages.add(c.page)
+        slots.add(c.slot)
+    return batches
+
+
+def _slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(index, first slot, length) of each run of consecutive values in sorted `slots`."""
+    runs: list[list[int]] = []
+    for i, s in enumerate(slots):
+        if runs and s == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
         else:
-            runs.append([c.page, c.slot, 1, c.to_host])
+            runs.append([i, s, 1])
     return [tuple(r) for r in runs]
