@@ -15,6 +15,21 @@ TTFT is wall time from submitting the request to its first token. With --http, a
 `tr-serve` on the same GPUs is driven by the openai client instead: a document, then
 follow-ups of it (completions of token ids, max_tokens 1, so the request's time is its
 TTFT), reporting the usage's cached_tokens.
+
+With --host-tier, the host-memory tier (one engine per line, --world GPUs):
+
+    python benchmarks/prefix.py --host-tier --world 1 --docs 8 --doc-len 131072 \
+        --pool-docs 3 --out docs/PERFORMANCE.md
+
+First the pinned host->device and device->host copy rates (256 MiB pieces on a side
+stream): the ceiling. Then --docs documents of --doc-len tokens in turn on a KV pool that
+holds --pool-docs of them, with a host tier sized for the rest (capped at 80% of the host's
+memory, --host-gib to set it), then a follow-up (--new fresh tokens) on the first document:
+its TTFT with the document restored from host memory, against the same follow-up with the
+caches emptied (the re-prefill) and against the document's bytes over the measured
+host->device rate (each rank its share). Then the tier idle against off: a fresh
+--idle-prompt-token prompt's TTFT and the median decode step after it, on an engine with
+the tier and on one without.
 """
 
 from __future__ import annotations
@@ -57,9 +72,17 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--http", action="store_true", help="through a tr-serve, over HTTP")
+    ap.add_argument("--host-tier", action="store_true", help="the host-memory tier")
+    ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--doc-len", type=int, default=131072)
+    ap.add_argument("--pool-docs", type=int, default=3, help="documents the KV pool holds")
+    ap.add_argument("--host-gib", type=float, default=None)
+    ap.add_argument("--idle-prompt", type=int, default=32768)
     args = ap.parse_args()
     if args.http:
         return http(args)
+    if args.host_tier:
+        return host_tier(args)
     from tr_engine.config import EngineConfig
     from tr_engine.engine.llm_engine import LLMEngine
 
@@ -117,6 +140,127 @@ def main() -> None:
     print(text)
     if args.out:
         write_section(args.out, "prefix-cache", text)
+
+
+def pinned_gbps() -> tuple[float, float]:
+    """Pinned host->device and device->host copy rates (GB/s) of one card: 256 MiB pieces
+    on a side stream, as the host tier copies."""
+    n = 256 * 2**20
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+
+    def rate(fn, reps: int = 10) -> float:
+        with torch.cuda.stream(side):
+            fn()
+            side.synchronize()
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            side.synchronize()
+        return reps * n / (time.perf_counter() - t) / 1e9
+
+    return (rate(lambda: dev.copy_(host, non_blocking=True)),
+            rate(lambda: host.copy_(dev, non_blocking=True)))
+
+
+def host_tier(args) -> None:
+    """Documents cycling through a pool that holds --pool-docs of them, back from the host
+    tier; then the tier idle against off (see the module's doc)."""
+    import gc
+
+    from tr_engine.config import EngineConfig
+    from tr_engine.engine.llm_engine import LLMEngine
+    from tr_engine.kv.block_manager import block_keys
+
+    torch.cuda.set_device(0)
+    h2d, d2h = pinned_gbps()
+    print(f"pinned copies: host->device {h2d:.1f} GB/s, device->host {d2h:.1f} GB/s",
+          flush=True)
+    world, doc_len, new = args.world, args.doc_len, args.new
+    longest = doc_len + 2 * new + 64
+    write_checkpoint(Path(args.ckpt), max(longest, args.idle_prompt + 128))
+    doc_bytes = doc_len * KV_BYTES_PER_TOKEN
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gib = args.host_gib or min(1.05 * (args.docs - args.pool_docs) * doc_bytes, 0.8 * ram) \
+        / 2**30
+    per_rank = -(-(args.pool_docs * doc_len + 2 * new) // world) + 4096
+
+    def engine(offload: float):
+        return LLMEngine(EngineConfig(
+            model=args.ckpt, device="cuda", world_size=world, dtype="bfloat16",
+            max_model_len=max(longest, args.idle_prompt + 128),
+            prefill_chunk=args.prefill_chunk, max_num_seqs=4, kv_cache_tokens=per_rank,
+            kv_offloading_size=offload))
+
+    g = torch.Generator().manual_seed(0)
+
+    def fresh(n: int) -> list[int]:
+        return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+    e = engine(gib)
+    serve(e, fresh(2048))  # warm-up
+    docs = [fresh(doc_len) for _ in range(args.docs)]
+    doc_ttfts = [serve(e, d)[0] for d in docs]
+    s = e.scheduler
+    keys = block_keys(docs[0], s.block_size, (doc_len - 1) // s.block_size)
+    on_device = len(s.blocks.lookup(keys))
+    on_host = len(s.blocks.lookup_host(keys[on_device:]))
+    restored, spent = s.blocks.pages_restored, e.host_restore_s
+    follow = docs[0] + fresh(new)
+    from_host, _, cached = serve(e, follow)
+    pages = s.blocks.pages_restored - restored
+    restore_s = e.host_restore_s - spent
+    e.reset_prefix_cache()
+    uncached, _, cached_after = serve(e, follow)
+    assert cached_after == 0
+    transfer = doc_bytes / world / (h2d * 1e9)
+    # the tier idle against off: a fresh prompt, then decode steps
+    e.reset_prefix_cache()
+    idle = {}
+    for name in ("on", "off"):
+        if name == "off":
+            e.shutdown()
+            del e
+            gc.collect()
+            torch.cuda.empty_cache()
+            e = engine(0.0)
+            serve(e, fresh(2048))
+        ttft, steps, _ = serve(e, fresh(args.idle_prompt), args.decode_steps)
+        idle[name] = (ttft, statistics.median(steps[2:]) * 1e3)
+    e.shutdown()
+    row = {"h2d_gbps": h2d, "d2h_gbps": d2h, "host_gib": gib, "doc_ttft": doc_ttfts,
+           "on_device_blocks": on_device, "on_host_blocks": on_host,
+           "from_host": from_host, "cached": cached, "pages_restored": pages,
+           "restore_s": restore_s, "uncached": uncached, "transfer_s": transfer,
+           "idle": idle}
+    print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(row))
+    lines = [f"## Host-memory tier: documents back from host memory — {today()}", "",
+             f"Machine: {machine()}; pinned copies {h2d:.1f} GB/s host->device, {d2h:.1f} "
+             "GB/s device->host (256 MiB pieces on a side stream).", "",
+             "Command: `python benchmarks/prefix.py " + " ".join(sys.argv[1:]) + "`", "",
+             f"Llama-3.1-8B shape, random bf16 weights, {world} GPU(s), through the engine. "
+             f"{args.docs} documents of {doc_len // 1024}K tokens in turn on a KV pool that "
+             f"holds {args.pool_docs} ({per_rank} tokens per rank), a host tier of "
+             f"{gib:.1f} GiB; then a follow-up ({new} new tokens) on the first document.", "",
+             "| follow-up from host (s) | cached tokens | restore, rank 0 (s) | re-prefill "
+             "(s) | document over the link (s) | from host / re-prefill |",
+             "|---|---|---|---|---|---|",
+             f"| {from_host:.3f} | {cached} | {restore_s:.3f} | {uncached:.2f} | "
+             f"{transfer:.3f} | {from_host / uncached:.3f} |", "",
+             f"Documents' own TTFTs (s): {', '.join(f'{t:.2f}' for t in doc_ttfts)}. Before "
+             f"the follow-up, {on_device} of the first document's blocks were on the cards "
+             f"and {on_host} in host memory.", "",
+             f"The tier idle against off: a fresh {args.idle_prompt // 1024}K prompt, then "
+             f"{args.decode_steps} decode steps (median).", "",
+             "| tier | TTFT (s) | decode step (ms) |", "|---|---|---|",
+             *(f"| {k} | {v[0]:.3f} | {v[1]:.2f} |" for k, v in idle.items())]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        write_section(args.out, "host-tier", text)
 
 
 def report(rows, args, copy) -> str:

@@ -37,6 +37,17 @@ bursts), median and largest TTFT, and the client's CPU use
 (a client near 100% of a core is the bottleneck, not the server). The bound per decode step
 is the weights read once at the device-copy bandwidth measured here before the servers
 start (or --bound-ms); with KV, also the KV of this rank's share of the mean context.
+
+admission: for each C in --concurrency, C requests of --prompt tokens with max_tokens
+--admission-max-tokens (4096, a chat request's default) sent at once, each read for
+--output tokens and then closed by the client (a reply of that length). Reported: the most
+requests running at once (tr_engine:num_requests_running, polled from /metrics every 50 ms),
+output tokens per second, the median TTFT, and the preemptions the run caused. Run it
+against the code before (--pythonpath) and after with the same --server-args (a
+--kv-cache-tokens that binds) to compare how many fit:
+
+    python benchmarks/serving.py --scenarios admission --concurrency 64,256 \
+        --max-num-seqs 256 --server-args "--kv-cache-tokens 160000"
 """
 
 from __future__ import annotations
@@ -258,6 +269,52 @@ async def throughput(client: Client, args, world: int, c: int) -> dict:
     }
 
 
+async def admission(client: Client, args, world: int, c: int, url: str) -> dict:
+    """C requests asking for max_tokens --admission-max-tokens, each closed by the client
+    after --output tokens: how many the server runs at once (see the module's doc)."""
+    import httpx
+
+    async def metric(h, name: str) -> float:
+        for line in (await h.get(f"{url}/metrics")).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0  # (a server without the metric: none)
+
+    async def one(rec: Stream) -> None:
+        ids = client.fresh(args.prompt)
+        rec.sent = time.perf_counter()
+        events = await client.api.completions.create(
+            model=client.model, prompt=ids, max_tokens=args.admission_max_tokens,
+            temperature=0.0, stream=True, logprobs=0, extra_body={"ignore_eos": True})
+        async for chunk in events:
+            if chunk.choices:
+                rec.times.append(time.perf_counter())
+                if len(rec.times) >= args.output:
+                    break
+        await events.close()  # the client is done: the server aborts the request
+
+    peak, done = [0.0], asyncio.Event()
+    async with httpx.AsyncClient(timeout=60) as h:
+        async def poll() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], await metric(h, "tr_engine:num_requests_running"))
+                await asyncio.sleep(0.05)
+
+        preempted = await metric(h, "tr_engine:num_preemptions_total")
+        recs = [Stream() for _ in range(c)]
+        poller = asyncio.ensure_future(poll())
+        await asyncio.gather(*(one(r) for r in recs))
+        done.set()
+        await poller
+        preempted = await metric(h, "tr_engine:num_preemptions_total") - preempted
+    wall = max(r.times[-1] for r in recs) - min(r.sent for r in recs)
+    tokens = sum(len(r.times) for r in recs)
+    return {"world": world, "concurrency": c, "prompt": args.prompt, "output": args.output,
+            "max_tokens": args.admission_max_tokens, "peak_running": peak[0],
+            "tokens_per_s": tokens / wall, "wall_s": wall,
+            "ttft_s": statistics.median(r.ttft() for r in recs), "preemptions": preempted}
+
+
 async def lone(client: Client, args, world: int, n: int) -> dict:
     """One request alone: a prompt of n tokens, --lone-output tokens; where sharding a
     prompt starts to pay (compare servers with --shard-mins 0 and a large value)."""
@@ -281,6 +338,11 @@ async def drive(url: str, args, world: int, shard_min: int | None) -> list[dict]
             for c in args.concurrency:
                 rows.append({"scenario": "throughput", **await throughput(client, args, world,
                                                                           c)})
+                print(json.dumps(rows[-1]), flush=True)
+        if "admission" in args.scenarios:
+            for c in args.concurrency:
+                rows.append({"scenario": "admission",
+                             **await admission(client, args, world, c, url)})
                 print(json.dumps(rows[-1]), flush=True)
         if "lone" in args.scenarios:
             for n in args.lone:
@@ -319,6 +381,8 @@ def main() -> None:
     ap.add_argument("--lone", default="1024,4096,8192,16384,32768",
                     help="lone: prompt lengths, one request at a time")
     ap.add_argument("--lone-output", type=int, default=256, help="lone: output tokens")
+    ap.add_argument("--admission-max-tokens", type=int, default=4096,
+                    help="admission: the max_tokens each request asks for")
     ap.add_argument("--shard-mins", default=None,
                     help="one server per world and per --shard-min-tokens value: 0,1048576")
     ap.add_argument("--bound-ms", type=float, default=None,
@@ -339,6 +403,7 @@ def main() -> None:
                               else "/tmp/llama31-8b-random"))
     dtype = args.dtype or ("auto" if args.tiny else "bfloat16")
     need = max(args.long + 1, args.stall_prompt + args.stall_tokens, args.prompt + args.output,
+               args.prompt + args.admission_max_tokens if "admission" in args.scenarios else 0,
                64 + 4, *(n + args.lone_output for n in args.lone))
     max_len = args.max_model_len or -(-need // 1024) * 1024
     if args.tiny:
@@ -448,6 +513,19 @@ def report(rows, args, ckpt, dtype, weights, kv_per_token, bound_ms, copy) -> st
                 line += (f" {bound_ms:.2f} | {with_kv:.2f} | "
                          f"{r['mean_itl_ms'] / with_kv:.2f}x |")
             lines.append(line)
+    adm = [r for r in rows if r["scenario"] == "admission"]
+    if adm:
+        lines += ["", "### How many requests fit at once", "",
+                  f"C requests of {args.prompt} prompt tokens asking for max_tokens "
+                  f"{args.admission_max_tokens}, each closed by the client after "
+                  f"{args.output} tokens. Running at once: the most "
+                  "`tr_engine:num_requests_running` read from /metrics (every 50 ms).", "",
+                  "| ranks | C | most running at once | tokens/s | median TTFT (s) | "
+                  "preemptions |", "|---|---|---|---|---|---|"]
+        for r in adm:
+            lines.append(f"| {r['world']} | {r['concurrency']} | {r['peak_running']:.0f} | "
+                         f"{r['tokens_per_s']:.0f} | {r['ttft_s']:.2f} | "
+                         f"{r['preemptions']:.0f} |")
     alone = [r for r in rows if r["scenario"] == "lone"]
     if alone:
         lines += ["", "### One request alone: where sharding a prompt pays", "",
