@@ -79,8 +79,10 @@ class AsyncEngine:
     - `engine.tokenizer`: the Hugging Face tokenizer; `engine.model_name`;
       `engine.max_model_len`; `engine.kv_capacity_tokens` (all ranks together);
       `engine.max_open_requests` (max_num_seqs + max_waiting).
-    - `engine.encode_chat(messages) -> list[int]`: the chat template applied, with the
-      generation prompt; raises ValueError for messages the template cannot take.
+    - `engine.encode_chat(messages, **options) -> list[int]`: the chat template applied
+      (LLMEngine.encode_chat's options: tools, the generation prompt, ...); raises ValueError
+      for messages the template cannot take. `engine.compile_grammar(structured)`: raises
+      InvalidParameter for a grammar that cannot compile (thread-safe, cached).
     - `engine.check(prompt_token_ids, params)`: raises RequestTooLong (message names the
       prompt length, max_tokens, and the limit) if it can never fit.
     - `async for out in engine.generate(request_id, prompt_token_ids, params, prompt=None)`:
@@ -282,8 +284,11 @@ class AsyncEngine:
         )
 
     # ---- the server's side ---------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.engine.encode_chat(messages)
+    def encode_chat(self, messages: list[dict], **options) -> list[int]:
+        return self.engine.encode_chat(messages, **options)
+
+    def compile_grammar(self, structured) -> None:
+        self.engine.compile_grammar(structured)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.check(prompt_token_ids, params)

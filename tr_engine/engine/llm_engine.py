@@ -15,12 +15,19 @@ from ..models.generation_defaults import describe, sampling_defaults
 from ..models.loader import load_tokenizer, resolve_model_path
 from ..outputs import CompletionOutput, RequestOutput
 from ..plan import PrefillPlan, StepPlan
-from ..sampling_params import PROMPT_LOGPROBS_MAX_TOKENS, InvalidParameter, SamplingParams
+from ..sampling_params import (
+    PROMPT_LOGPROBS_MAX_TOKENS,
+    InvalidParameter,
+    SamplingParams,
+    StructuredOutputs,
+)
 from ..worker.cluster import Cluster
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarCompiler
 from .sampler import Sampler, prompt_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .token_mask import TokenMasks
 
 log = logging.getLogger("tr_engine")
 
@@ -62,6 +69,9 @@ class LLMEngine:
         self.eos_ids = set(mc.eos_token_ids)
         self.scheduler = Scheduler(self.config, info, self._choose_strategy)
         self.sampler = Sampler(self.cluster.device, config.seed)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, self.eos_ids)
+        self.masks = TokenMasks(self.grammars, self.tokenizer, mc.vocab_size, self.eos_ids,
+                                self.cluster.device, config.max_num_seqs + 1)
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
@@ -94,21 +104,28 @@ class LLMEngine:
                       hkv=i.num_kv_heads, d=i.head_dim, elem=i.elem, rates=i.rates)
 
     # ---- requests ------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The chat template applied to one conversation; ValueError for messages the
-        template cannot take."""
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    tools: list[dict] | None = None, continue_final_message: bool = False,
+                    add_special_tokens: bool = False, documents: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> list[int]:
+        """The chat template applied to one conversation (with `tools` and `documents` for
+        templates that render them, `template_kwargs` as more template variables), then
+        tokenized; ValueError for messages the template cannot take."""
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                return_dict=False)
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=tools, documents=documents, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **(template_kwargs or {}))
         except Exception as e:  # template errors (jinja raise_exception, bad structure)
             raise ValueError(f"the chat template cannot take these messages: {e}") from None
-        # a list of ids, or a BatchEncoding / dict in some transformers versions
-        if hasattr(ids, "input_ids"):
-            ids = ids.input_ids
-        elif isinstance(ids, dict):
-            ids = ids["input_ids"]
-        return list(ids)
+        # what apply_chat_template(tokenize=True) does, with the BOS choice left to the caller
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def compile_grammar(self, structured: StructuredOutputs) -> None:
+        """Compile (and cache) a request's grammar; InvalidParameter naming what the grammar
+        library could not take. Thread-safe: the server calls it off the event loop before
+        it submits the request, so a bad schema is refused before any work."""
+        self.grammars.compile(structured)
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise before any work if the request can never run."""
@@ -125,6 +142,10 @@ class LLMEngine:
             raise InvalidParameter("prompt_logprobs", f"prompt logprobs are given for prompts "
                                    f"of up to {PROMPT_LOGPROBS_MAX_TOKENS} tokens; this one "
                                    f"has {len(prompt_ids)}")
+        bad = [t for t in params.allowed_token_ids or () if t >= vocab]
+        if bad:
+            raise InvalidParameter("allowed_token_ids", f"allowed_token_ids must be < {vocab}; "
+                                                        f"got {bad[:5]}")
         bad = [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
             raise InvalidParameter("logit_bias", f"logit_bias token ids must be < {vocab}; "
@@ -135,7 +156,12 @@ class LLMEngine:
                     prompt: str | None = None) -> Sequence:
         self.check(prompt_ids, params)
         seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, prompt)
-        self.scheduler.add(seq)
+        self.masks.add(seq)  # its grammar, if any (InvalidParameter if it cannot compile)
+        try:
+            self.scheduler.add(seq)
+        except BaseException:
+            self.masks.forget(seq.seq_id)
+            raise
         self._seqs[seq.seq_id] = seq
         self._detok[seq.seq_id] = IncrementalDetokenizer(
             self.tokenizer, seq.prompt_ids, params.skip_special_tokens)
@@ -196,8 +222,15 @@ class LLMEngine:
                 logits = self._score_prompt(scored, plan.prefill, logits)
             except Exception as e:  # this request's alone
                 return [self.fail(scored, e)]
+        masked: dict[int, Exception] = {}
+        if logits is not None:
+            try:  # the grammar, min_tokens, bad_words rows, in place, in one device op
+                self.masks.apply(logits, seqs)
+            except Exception as e:  # a matcher failed: those rows' requests alone
+                masked = {i: e for i, s in enumerate(seqs) if self.masks.restricts(s)}
         tokens, logprobs, errors = self.sampler(logits, seqs) if logits is not None \
             else ([], [], {})
+        errors = {**errors, **masked}
         touched = self.scheduler.update(plan, tokens)
         self._account(plan, t)
         by_seq = dict(zip((s.seq_id for s in seqs), logprobs))
@@ -274,13 +307,16 @@ class LLMEngine:
             seq.logprobs.append(logprob)
         detok = self._detok[seq.seq_id]
         reason = None
-        if token in p.stop_token_ids:
+        if self.masks.accept(seq, token):  # its grammar has ended (on a stop token)
+            reason = "stop"
+        elif token in p.stop_token_ids:
             reason, seq.stop_reason = "stop", token
         elif token in self.eos_ids and not p.ignore_eos:
             reason = "stop"
         else:
             detok.add(token)
-            if p.stop and self._cut_at_stop(seq, detok):
+            # vLLM's min_tokens holds off stop strings too
+            if p.stop and len(seq.output_ids) >= p.min_tokens and self._cut_at_stop(seq, detok):
                 reason = "stop"
         if reason is None and (len(seq.output_ids) >= p.max_tokens
                                or seq.num_tokens >= self.max_model_len):
@@ -341,6 +377,7 @@ class LLMEngine:
         self._detok.pop(seq.seq_id, None)
         self._emitted.pop(seq.seq_id, None)
         self.sampler.forget(seq.seq_id)
+        self.masks.forget(seq.seq_id)
 
     # ---- scoring (evaluation and tests) --------------------------------------------------
     def prompt_logits(self, prompt_ids: list[int]):
