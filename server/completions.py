@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from tr_engine.outputs import RequestOutput
 
 from .errors import APIError, as_api_error
+from .fields import check_sampling_fields, structured_outputs_of
 from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -26,18 +27,33 @@ async def create_completion(
     serving.check_model(req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported.", "suffix", "invalid_value")
-    if req.best_of not in (None, 1):
-        raise APIError(400, "Only best_of = 1 is supported.", "best_of", "invalid_value")
+    check_sampling_fields(req)
+    if req.prompt_embeds is not None:
+        raise APIError(400, "prompt_embeds are not supported.", "prompt_embeds",
+                       "invalid_value")
+    prompt_lps = req.prompt_logprobs
+    if req.echo and req.logprobs is not None:
+        if prompt_lps not in (None, req.logprobs):
+            raise APIError(400, "With echo and logprobs, prompt_logprobs must equal logprobs "
+                           "(the echoed prompt's logprobs are the prompt logprobs).",
+                           "prompt_logprobs", "invalid_value")
+        prompt_lps = req.logprobs
+    want_prompt_lps = req.prompt_logprobs is not None
+    structured = structured_outputs_of(req)
+    await serving.check_structured(structured)
     # Every prompt of a list is checked before any starts: one bad prompt refuses the whole
     # request, and nothing runs for it.
-    prompts = await _prompts(serving, req.prompt)
+    prompts = await _prompts(serving, req.prompt, req.add_special_tokens is not False)
     jobs, echoes = [], []
     for i, (text, ids) in enumerate(prompts):
+        if req.truncate_prompt_tokens is not None:
+            ids = ids[-req.truncate_prompt_tokens:]
         with _naming(i, len(prompts)):
             params = serving.sampling_params(req, ids, max_tokens=req.max_tokens,
                                              max_tokens_param="max_tokens",
                                              logprobs=req.logprobs,
-                                             prompt_logprobs=req.logprobs if req.echo else None)
+                                             prompt_logprobs=prompt_lps,
+                                             structured=structured)
         jobs.append((ids, params, text))
         echo = None
         if req.echo:  # the prompt as the client sent it, or its decoded ids
@@ -51,7 +67,7 @@ async def create_completion(
         streams = await serving.start_n(rid, jobs, n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = _events(serving, request_id, streams, req.logprobs is not None, include_usage,
-                         echoes, n)
+                         echoes, n, want_prompt_lps)
         return SSEResponse(events, on_close=lambda: close_all(streams))
 
     outs = await serving.run_n(rid, jobs, n)
@@ -64,9 +80,10 @@ async def create_completion(
             logprobs = serving.completion_logprobs(c.logprobs, len(echo or ""))
             if echo is not None:
                 logprobs = _join(_echo_logprobs(serving, out), logprobs)
-        choices.append(CompletionChoice(index=i, text=(echo or "") + c.text, logprobs=logprobs,
-                                        finish_reason=c.finish_reason,
-                                        stop_reason=c.stop_reason))
+        choices.append(CompletionChoice(
+            index=i, text=(echo or "") + c.text, logprobs=logprobs,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            prompt_logprobs=serving.prompt_logprobs(out) if want_prompt_lps else None))
     return CompletionResponse(id=request_id, model=serving.model_name, choices=choices,
                               usage=usage(outs, n))
 
@@ -89,7 +106,8 @@ def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
                               top_logprobs=a.top_logprobs + b.top_logprobs)
 
 
-async def _prompts(serving: Serving, prompt) -> list[tuple[str | None, list[int]]]:
+async def _prompts(serving: Serving, prompt, add_special_tokens: bool = True
+                   ) -> list[tuple[str | None, list[int]]]:
     """(text, token ids) of each prompt: one given as a string or token ids, or a list of
     them. Each is checked; a bad one's error names its place in the list."""
     many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], str | list)
@@ -103,7 +121,7 @@ async def _prompts(serving: Serving, prompt) -> list[tuple[str | None, list[int]
     for i, item in enumerate(items):
         with _naming(i, len(items)):
             if isinstance(item, str):
-                ids = await serving.encode_text(item)
+                ids = await serving.encode_text(item, add_special_tokens)
                 out.append((item, serving.check_token_ids(ids, "prompt")))
             else:
                 out.append((None, serving.check_token_ids(list(item), "prompt")))
@@ -124,7 +142,8 @@ def _naming(index: int, count: int):
 
 
 def _events(serving: Serving, request_id: str, streams: list[RequestStream], logprobs: bool,
-            include_usage: bool, echoes: list[str | None], n: int) -> AsyncIterator[str]:
+            include_usage: bool, echoes: list[str | None], n: int,
+            prompt_lps: bool = False) -> AsyncIterator[str]:
     """Stream i is choice i: choice j of prompt i // n."""
     created = int(time.time())
 
@@ -141,12 +160,16 @@ def _events(serving: Serving, request_id: str, streams: list[RequestStream], log
             if echo is not None and len(c.token_ids) == len(c.delta_token_ids):
                 # the first token's chunk: the echoed prompt and its logprobs go before it
                 lps, prefix = _join(_echo_logprobs(serving, out), lps), echo
+        first_token = len(c.token_ids) == len(c.delta_token_ids)
         return CompletionChoice(
             index=i,
             text=prefix + c.delta_text,
             logprobs=lps,
             finish_reason=c.finish_reason if out.finished else None,
             stop_reason=c.stop_reason if out.finished else None,
+            # vLLM's: with the first token's chunk
+            prompt_logprobs=serving.prompt_logprobs(out) if prompt_lps and first_token
+            else None,
         )
 
     first = None

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from tr_engine.errors import RequestTooLong
 from tr_engine.outputs import RequestOutput, TokenLogprob
-from tr_engine.sampling_params import SamplingParams
+from tr_engine.sampling_params import SamplingParams, StructuredOutputs
 
 from .errors import APIError
 from .metrics import ServerMetrics
@@ -24,10 +24,12 @@ from .protocol import (
     ChatTokenLogprob,
     ChatTopLogprob,
     CompletionLogprobs,
+    PromptLogprob,
     _Sampling,
 )
 from .settings import ServerSettings
 from .streams import RequestStream, close_all, last_output
+from .tool_parsers import make_parser
 
 log = logging.getLogger("tr_engine.server")
 T = TypeVar("T")
@@ -78,6 +80,13 @@ class Serving:
         # context_limit * max_token_chars characters cannot fit and is refused untokenized.
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
         self.max_prompt_chars = self.context_limit * self.max_token_chars
+        self.tool_parser = make_parser(settings.tool_call_parser) \
+            if settings.enable_auto_tool_choice else None
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        if isinstance(template, dict):
+            template = "\n".join(template.values())
+        # a template that never mentions tools does not render them: tools.py writes them
+        self.template_has_tools = "tools" in template
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -119,10 +128,12 @@ class Serving:
         return await self.in_pool(
             functools.partial(self.tokenizer.encode, add_special_tokens=add_special_tokens), text)
 
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def encode_chat(self, messages: list[dict], **options) -> list[int]:
+        """The chat template applied (options: LLMEngine.encode_chat's) and tokenized."""
         self.check_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
-            return await self.in_pool(self.engine.encode_chat, messages)
+            return await self.in_pool(functools.partial(self.engine.encode_chat, messages,
+                                                        **options))
         except (ValueError, TypeError, _TemplateError) as exc:
             message = str(exc)
             if not message.startswith("the chat template"):  # the engine's own says it
@@ -130,11 +141,19 @@ class Serving:
             raise APIError(400, message[0].upper() + message[1:], "messages",
                            "invalid_value") from None
 
+    async def check_structured(self, structured: StructuredOutputs | None) -> None:
+        """Compile the request's grammar off the event loop (InvalidParameter, a 400, if the
+        library cannot); the engine then finds it compiled."""
+        if structured is not None:
+            await self.in_pool(self.engine.compile_grammar, structured)
+
     # ---- request -> SamplingParams --------------------------------------------------------
 
     def sampling_params(self, req: _Sampling, ids: list[int], *, max_tokens: int | None,
                         max_tokens_param: str, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        structured: StructuredOutputs | None = None,
+                        skip_special_tokens: bool | None = None) -> SamplingParams:
         """The request's SamplingParams, checked against the engine's limits.
 
         Without max_tokens: all the room left (OpenAI's default), capped at
@@ -173,9 +192,14 @@ class Serving:
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens,
+            skip_special_tokens=req.skip_special_tokens if skip_special_tokens is None
+            else skip_special_tokens,
             logit_bias=self._logit_bias(req.logit_bias),
             prompt_logprobs=prompt_logprobs,
+            min_tokens=req.min_tokens,
+            bad_words=tuple(req.bad_words or ()),
+            allowed_token_ids=req.allowed_token_ids,
+            structured_outputs=structured,
         )
         if max_tokens is not None:
             self.engine.check(ids, params)
@@ -267,6 +291,25 @@ class Serving:
             await close_all(streams)
 
     # ---- logprobs -------------------------------------------------------------------------
+
+    def prompt_logprobs(self, out: RequestOutput) -> list[dict[str, PromptLogprob] | None]:
+        """vLLM's prompt_logprobs: for each prompt token (None for the first), the token and
+        the top alternatives, by token id."""
+        result: list[dict[str, PromptLogprob] | None] = []
+        for e in out.prompt_logprobs or ():
+            if e is None:
+                result.append(None)
+                continue
+            ranked = sorted(e.top.items(), key=lambda kv: -kv[1])
+            entry = {str(tid): PromptLogprob(logprob=_finite(lp), rank=r,
+                                             decoded_token=self.token_text(tid))
+                     for r, (tid, lp) in enumerate(ranked, 1)}
+            if str(e.token_id) not in entry:
+                entry = {str(e.token_id): PromptLogprob(
+                    logprob=_finite(e.logprob), decoded_token=self.token_text(e.token_id)),
+                    **entry}
+            result.append(entry)
+        return result
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

@@ -22,6 +22,8 @@ class ServerSettings:
     allowed_origins: origins browsers may call the API from (CORS; "*" for any); empty, the
       default, leaves CORS off. allowed_methods, allowed_headers, allow_credentials: what
       such a request may use, send and carry (vLLM's names).
+    enable_auto_tool_choice, tool_call_parser: tool_choice "auto" reads tool calls out of
+      the model's text with this parser (tool_parsers.PARSERS; vLLM's flags and names).
     """
 
     host: str = "127.0.0.1"
@@ -36,6 +38,8 @@ class ServerSettings:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -71,6 +75,14 @@ class ServerSettings:
         if not isinstance(self.allow_credentials, bool):
             raise ValueError(f"allow_credentials must be true or false; "
                              f"got {self.allow_credentials!r}")
+
+        from .tool_parsers import PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(sorted(PARSERS))}; "
+                             f"got {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser")
 
     @property
     def url(self) -> str:

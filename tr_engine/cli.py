@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-request-bytes", type=int, metavar="N",
                    help="largest request body; a larger one gets 413 before it is read "
                    "(default: room for a prompt of the whole context, as text or token ids)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto": tool calls read out of the text with '
+                   "--tool-call-parser")
+    g.add_argument("--tool-call-parser", choices=("hermes", "llama3_json", "mistral"),
+                   help="how the model writes tool calls: hermes (Hermes, Qwen2.5, Qwen3), "
+                   "llama3_json (Llama 3.1/3.2), mistral")
     return p
 
 
