@@ -34,7 +34,13 @@ sent at once (after an untimed round of the same shape with max_tokens 2). Repor
 tokens per second (all generated tokens over first send to last token), median, mean and P99
 gap between a stream's tokens after its first (a median far below the mean: tokens arrive in
 bursts), median and largest TTFT, and the client's CPU use
-(a client near 100% of a core is the bottleneck, not the server). The bound per decode step
+(a client near 100% of a core is the bottleneck, not the server). With --schema-fractions
+0,0.5, each C runs once per fraction: that share of the C streams asks for a JSON schema
+(structured_outputs: an object with one string of at least 128 x --output characters, so it
+runs to max_tokens like the others), and the table says its tokens/s against the same C
+without schemas. --tokenizer PATH puts a real vocabulary's tokenizer in a copy of the
+checkpoint (the grammar's mask costs more over a real vocabulary than over byte tokens).
+The bound per decode step
 is the weights read once at the device-copy bandwidth measured here before the servers
 start (or --bound-ms); with KV, also the KV of this rank's share of the mean context.
 
@@ -117,6 +123,22 @@ def write_tiny(path: Path, max_len: int) -> None:
     make_tokenizer().save_pretrained(path)
 
 
+def with_tokenizer(ckpt: Path, tokenizer: Path) -> Path:
+    """A copy of `ckpt` (its weights linked) with the tokenizer of `tokenizer`."""
+    from transformers import AutoTokenizer
+
+    out = ckpt.with_name(ckpt.name + "-tok")
+    out.mkdir(exist_ok=True)
+    for f in ckpt.iterdir():
+        if f.suffix == ".safetensors" or f.name.endswith(".index.json"):
+            if not (out / f.name).exists():
+                (out / f.name).symlink_to(f.resolve())
+        elif f.name in ("config.json", "generation_config.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+    return out
+
+
 def sizes(path: Path, dtype: str) -> tuple[int, int]:
     """(weight bytes, KV bytes per token) of a Llama-style checkpoint, from its config."""
     c = json.loads((path / "config.json").read_text())
@@ -177,14 +199,20 @@ class Client:
     def fresh(self, n: int) -> list[int]:
         return self.rng.choices(range(256), k=n)  # byte tokens: in every byte-level vocabulary
 
-    async def stream(self, n_prompt: int, max_tokens: int, rec: Stream | None = None) -> Stream:
+    async def stream(self, n_prompt: int, max_tokens: int, rec: Stream | None = None,
+                     schema: bool = False) -> Stream:
         rec = rec or Stream()
         ids = self.fresh(n_prompt)
         extra = {} if self.args.no_logprobs else {"logprobs": 0}
+        body = {"ignore_eos": True}
+        if schema:  # a string that cannot close before max_tokens (tokens of <= 128 chars)
+            body["structured_outputs"] = {"json": {
+                "type": "object", "required": ["text"],
+                "properties": {"text": {"type": "string", "minLength": 128 * max_tokens}}}}
         rec.sent = time.perf_counter()
         events = await self.api.completions.create(
             model=self.model, prompt=ids, max_tokens=max_tokens, temperature=0.0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **extra)
+            stream_options={"include_usage": True}, extra_body=body, **extra)
         async for chunk in events:
             t = time.perf_counter()
             if chunk.choices:
@@ -248,11 +276,13 @@ async def stalls(client: Client, args, world: int) -> dict:
     return row
 
 
-async def throughput(client: Client, args, world: int, c: int) -> dict:
-    await asyncio.gather(*(client.stream(args.prompt, 2) for _ in range(c)))
+async def throughput(client: Client, args, world: int, c: int, fraction: float = 0.0) -> dict:
+    k = round(fraction * c)  # streams with a JSON schema
+    await asyncio.gather(*(client.stream(args.prompt, 2, schema=i < k) for i in range(c)))
     recs = [Stream() for _ in range(c)]
     cpu = time.process_time()
-    await asyncio.gather(*(client.stream(args.prompt, args.output, r) for r in recs))
+    await asyncio.gather(*(client.stream(args.prompt, args.output, r, schema=i < k)
+                           for i, r in enumerate(recs)))
     cpu = time.process_time() - cpu
     wall = max(r.times[-1] for r in recs) - min(r.sent for r in recs)
     tokens = sum(r.usage if r.usage is not None else len(r.times) for r in recs)
@@ -260,7 +290,7 @@ async def throughput(client: Client, args, world: int, c: int) -> dict:
     ttfts = [r.ttft() for r in recs]
     return {
         "world": world, "concurrency": c, "prompt": args.prompt, "output": args.output,
-        "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+        "schema_streams": k, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
         "itl_ms": statistics.median(gaps) * 1e3, "mean_itl_ms": statistics.fmean(gaps) * 1e3,
         "p99_itl_ms": pct(gaps, 99) * 1e3,
         "ttft_s": statistics.median(ttfts), "max_ttft_s": max(ttfts),
@@ -336,9 +366,10 @@ async def drive(url: str, args, world: int, shard_min: int | None) -> list[dict]
             print(json.dumps(rows[-1]), flush=True)
         if "throughput" in args.scenarios:
             for c in args.concurrency:
-                rows.append({"scenario": "throughput", **await throughput(client, args, world,
-                                                                          c)})
-                print(json.dumps(rows[-1]), flush=True)
+                for f in args.schema_fractions:
+                    rows.append({"scenario": "throughput",
+                                 **await throughput(client, args, world, c, f)})
+                    print(json.dumps(rows[-1]), flush=True)
         if "admission" in args.scenarios:
             for c in args.concurrency:
                 rows.append({"scenario": "admission",
@@ -389,6 +420,11 @@ def main() -> None:
                     help="the weights' read time per step, instead of measuring the copy rate")
     ap.add_argument("--no-logprobs", action="store_true",
                     help="ask no logprobs (chunks are then not one token each)")
+    ap.add_argument("--schema-fractions", default="0",
+                    help="throughput: shares of the streams with a JSON schema, e.g. 0,0.5")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a folder whose tokenizer replaces the checkpoint's (in a copy), e.g. "
+                    "the embedded model's: a real vocabulary for the grammar masks")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
@@ -397,6 +433,7 @@ def main() -> None:
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     args.scenarios = args.scenarios.split(",")
     args.lone = [int(x) for x in args.lone.split(",")]
+    args.schema_fractions = [float(x) for x in args.schema_fractions.split(",")]
     args.shard_mins = [None] if args.shard_mins is None else \
         [int(x) for x in args.shard_mins.split(",")]
     ckpt = Path(args.ckpt or ("/tmp/llama-tiny-random" if args.tiny
@@ -412,6 +449,8 @@ def main() -> None:
         from prefill import write_checkpoint
 
         write_checkpoint(ckpt, max_len)
+    if args.tokenizer:
+        ckpt = with_tokenizer(ckpt, Path(args.tokenizer))
     weights, kv_per_token = sizes(ckpt, dtype)
     copy = None
     bound_ms = args.bound_ms
@@ -491,19 +530,24 @@ def report(rows, args, ckpt, dtype, weights, kv_per_token, bound_ms, copy) -> st
             lines += ["", f"Bound per decode step: {bound_ms:.2f} ms, {how}; with KV, plus "
                       f"this rank's share of the KV of C mean contexts ({args.prompt} + "
                       f"{args.output}/2 tokens, {kv_per_token / 1024:g} KiB a token)."]
-        head = (f"| ranks | C | tokens/s | tokens/s, this / {ranks(first)} | median ITL (ms) "
+        head = (f"| ranks | C | schema streams | tokens/s | tokens/s, this / {ranks(first)} | "
+                "tokens/s, this / no schema | median ITL (ms) "
                 "| mean ITL (ms) | P99 ITL (ms) | median TTFT (s) | largest TTFT (s) | client "
                 "CPU | chunks = tokens |")
-        sep = "|---|---|---|---|---|---|---|---|---|---|---|"
+        sep = "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         if bound_ms is not None:
             head += " bound (ms) | bound with KV (ms) | mean ITL / bound with KV |"
             sep += "---|---|---|"
         lines += ["", head, sep]
         for r in thr:
-            ref = next((x for x in thr if x["world"] == first
-                        and x["concurrency"] == r["concurrency"]), r)
-            line = (f"| {r['world']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
-                    f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x | {r['itl_ms']:.1f} | "
+            ref = next((x for x in thr if x["world"] == first and x["concurrency"]
+                        == r["concurrency"] and x["schema_streams"] == r["schema_streams"]), r)
+            plain = next((x for x in thr if x["world"] == r["world"] and x["concurrency"]
+                          == r["concurrency"] and x["schema_streams"] == 0), r)
+            line = (f"| {r['world']} | {r['concurrency']} | {r['schema_streams']} | "
+                    f"{r['tokens_per_s']:.0f} | "
+                    f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x | "
+                    f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x | {r['itl_ms']:.1f} | "
                     f"{r['mean_itl_ms']:.1f} | "
                     f"{r['p99_itl_ms']:.1f} | {r['ttft_s']:.3f} | {r['max_ttft_s']:.3f} | "
                     f"{r['client_cpu']:.0%} | {'yes' if r['counted'] else '**NO**'} |")
