@@ -59,6 +59,7 @@ async def create_chat_completion(
                                      prompt_logprobs=req.prompt_logprobs,
                                      structured=structured,
                                      skip_special_tokens=False if keep_special else None)
+    rid = rid.named(req.request_id)
     request_id = rid.public
     n = req.n or 1
     # vLLM's echo: the reply is prepended with the last message when that is the assistant's
@@ -97,6 +98,9 @@ def _call_out(call: ToolCall) -> ToolCallOut:
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     check_chat_fields(req)
+    if req.stream and req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs are given in chat's non-streaming responses only.",
+                       "prompt_logprobs", "invalid_value")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true.", "top_logprobs",

@@ -60,6 +60,7 @@ async def create_completion(
             echo = text if text is not None else \
                 await serving.in_pool(serving.tokenizer.decode, ids)
         echoes.append(echo)
+    rid = rid.named(req.request_id)
     request_id = rid.public
     n = req.n or 1
 

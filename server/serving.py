@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,14 @@ class RequestIds:
 
     public: str
     engine: str
+
+    def named(self, request_id: str | None) -> RequestIds:
+        """vLLM's `request_id` body field names the response as an X-Request-Id header does;
+        the engine's id stays unique (the same id sent twice runs twice)."""
+        if not request_id:
+            return self
+        public = f"{self.public.split('-', 1)[0]}-{request_id}"
+        return RequestIds(public, f"{public}-{uuid.uuid4().hex[:8]}")
 
 
 class Serving:

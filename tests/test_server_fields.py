@@ -39,6 +39,7 @@ def chat(client, messages=HI, **kw):
     kw.setdefault("max_tokens", 8)
     kw.setdefault("temperature", 0)
     extra = {k: kw.pop(k) for k in list(kw) if k in EXTRA}
+    extra.update(kw.pop("extra_body", {}))
     return client.chat.completions.create(model=MODEL, messages=messages, extra_body=extra,
                                           **kw)
 
@@ -176,3 +177,23 @@ def test_refused_in_completions(server):
         r = httpx.post(server.base + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **body})
         assert assert_openai_error(r, 400)["param"] == param
+
+
+def test_request_id_names_the_response(client):
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(2) as pool:  # the same id twice at once: both are served
+        got = list(pool.map(lambda _: chat(client, max_tokens=4, extra_body={
+            "request_id": "mine-1"}), range(2)))
+    assert [r.id for r in got] == ["chatcmpl-mine-1"] * 2
+    assert got[0].choices[0].message.content == got[1].choices[0].message.content
+
+
+def test_chat_prompt_logprobs(server, client):
+    r = chat(client, max_tokens=1, prompt_logprobs=1)
+    got = r.model_extra["prompt_logprobs"]
+    assert len(got) == r.usage.prompt_tokens and got[0] is None
+    assert all(any(v["rank"] == 1 for v in entry.values()) for entry in got[1:])
+    body = {"model": MODEL, "messages": HI, "stream": True, "prompt_logprobs": 1}
+    r = httpx.post(server.base + "/v1/chat/completions", json=body, timeout=30)
+    assert assert_openai_error(r, 400)["param"] == "prompt_logprobs"
