@@ -210,6 +210,8 @@ class Backend(ABC):
         out: torch.Tensor | None = None,
         lse: torch.Tensor | None = None,
         keys: list | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One query row per sequence against its keys in a paged cache: q `[B, Hq, D]`;
         `[N, Hkv, D]` caches cut into pages of `block_size` slots; sequence b reads its
@@ -223,7 +225,10 @@ class Backend(ABC):
         A backend that captures graphs reads all of it on the device; this portable version
         runs `attention` per sequence on its keys: `keys[b]`, the slots the caller worked
         out on the host (a slice, a view, when they are one run of pages), or else the
-        slots read from the tables here."""
+        slots read from the tables here.
+
+        k_scale, v_scale `[N, Hkv]` float32 (both or neither): the caches are 8-bit (fp8 or
+        int8, tr_engine/kv/quant.py) and slot n of head h holds cache[n, h] x scale[n, h]."""
         outs, lses = [], []
         if keys is None:
             keys = []
@@ -232,12 +237,10 @@ class Backend(ABC):
                 page = torch.tensor(pages[: -(-n // block_size)], dtype=torch.long)
                 keys.append((page[idx // block_size] * block_size + idx % block_size
                              ).to(q.device))
+        pool = (k_cache, v_cache, k_scale, v_scale)
         for i, slots in enumerate(keys):
-            if isinstance(slots, slice):
-                k, v = k_cache[slots], v_cache[slots]
-            else:
-                k, v = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
-            o, row_lse = self.attention(q[i : i + 1], k, v, False, scale)
+            k, v, ks, vs = (None if t is None else _rows(t, slots) for t in pool)
+            o, row_lse = self._decode_row(q[i : i + 1], k, v, ks, vs, scale)
             outs.append(o)
             lses.append(row_lse)
         if out is None:
@@ -245,6 +248,35 @@ class Backend(ABC):
         out.copy_(torch.cat(outs))
         lse.copy_(torch.cat(lses))
         return out, lse
+
+    def _decode_row(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence of `decode_attention`: q `[1, Hq, D]` against its keys k, v `[n, Hkv,
+        D]` as stored (8-bit, with scales `[n, Hkv]`, or in q's dtype with None). Portable:
+        dequantized, then `attention`."""
+        if k_scale is not None:
+            from tr_engine.kv.quant import dequantize
+
+            k, v = dequantize(k, k_scale, q.dtype), dequantize(v, v_scale, q.dtype)
+        return self.attention(q, k, v, False, scale)
+
+    # Quantized KV (tr_engine/kv/quant.py): which kv_cache_dtype values this platform stores.
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        """The kv_cache_dtype values this platform can store and attend."""
+        return ("auto",)
+
+    def check_kv_cache_dtype(self, kv_cache_dtype: str) -> None:
+        """Raise ValueError, naming the values that work here, for one that does not."""
+        ok = self.kv_cache_dtypes()
+        if kv_cache_dtype not in ok:
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not available on the "
+                             f"{self.name} backend{self._kv_cache_dtype_note()}; it takes "
+                             f"{', '.join(ok)}")
+
+    def _kv_cache_dtype_note(self) -> str:
+        """Why some values are missing here, as a parenthesis (or '')."""
+        return ""
 
     def merge_gathered(self, gathered: torch.Tensor, dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,6 +373,16 @@ class Backend(ABC):
                             "process, falling back to %s", name, label, error, fallback)
                 return KernelCheck(name, False, n, f"{label}: {error}", fallback)
         return KernelCheck(name, True, len(cases))
+
+
+def _rows(t: torch.Tensor, slots: torch.Tensor | slice) -> torch.Tensor:
+    """The rows `slots` of a pool tensor (a view for a slice); fp8 pools are gathered as bytes,
+    since indexed copies are not built for float8 dtypes."""
+    if isinstance(slots, slice):
+        return t[slots]
+    if t.is_floating_point() and t.element_size() == 1:
+        return t.view(torch.uint8).index_select(0, slots).view(t.dtype)
+    return t.index_select(0, slots)
 
 
 def empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""CPU backend: gloo for communication, attention in float32 with an explicit LSE."""
+"""CPU backend: gloo for communication, attention in float32 with an explicit LSE. Every
+KV cache dtype: 8-bit pages are dequantized before attention."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ class CpuBackend(Backend):
         except (OSError, KeyError, ValueError):
             pass
         return free, pages * page
+
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        from tr_engine.config import KV_CACHE_DTYPES
+
+        return KV_CACHE_DTYPES
 
     def _attention(self, q, k, v, causal, scale):
         return math_attention(q, k, v, causal, scale)

@@ -39,6 +39,15 @@ def _flash(q, k, v, causal, scale):
     return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
+FP8_CAPABILITY = (8, 9)
+
+
+def cuda_kv_cache_dtypes(capability: tuple[int, int]) -> tuple[str, ...]:
+    """The kv_cache_dtype values a card of this compute capability takes."""
+    fp8 = ("fp8", "fp8_e4m3", "fp8_e5m2") if tuple(capability) >= FP8_CAPABILITY else ()
+    return ("auto", *fp8)
+
+
 def _math(q, k, v, causal, scale):
     return math_attention(q, k, v, causal, scale)
 
@@ -124,16 +133,27 @@ class CudaBackend(Backend):
         return torch.cuda.graph(graph, pool=pool)
 
     def decode_attention(self, q, k_cache, v_cache, tables, rows, lens, block_size, scale,
-                         out=None, lse=None, keys=None):
+                         out=None, lse=None, keys=None, k_scale=None, v_scale=None):
         d = q.shape[-1]
         if not self.graph_safe_decode(q.dtype, d):
             return super().decode_attention(q, k_cache, v_cache, tables, rows, lens,
-                                            block_size, scale, out, lse, keys)
+                                            block_size, scale, out, lse, keys, k_scale, v_scale)
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         splits = self._decode.decode_splits(q.shape[0], k_cache.shape[1], self._sms)
         return self._decode.decode_attention(q, k_cache, v_cache, tables, rows, lens,
-                                             block_size, scale, splits, out, lse)
+                                             block_size, scale, splits, out, lse,
+                                             k_scale=k_scale, v_scale=v_scale)
+
+    # fp8 pages: the decode kernel widens them in registers, which Triton builds for
+    # compute capability 8.9 on (Ada, Hopper, Blackwell). No int8 kernel is built for CUDA.
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        return cuda_kv_cache_dtypes(torch.cuda.get_device_capability())
+
+    def _kv_cache_dtype_note(self) -> str:
+        major, minor = torch.cuda.get_device_capability()
+        return (f" (compute capability {major}.{minor}: fp8 pages need 8.9 or later; int8 pages "
+                "are for Ascend and the CPU)")
 
     def merge_gathered(self, gathered, dtype):
         if self._decode is None:

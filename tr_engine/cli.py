@@ -19,7 +19,7 @@ import sys
 import time
 import types
 
-from .config import DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
+from .config import DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, EngineConfig
 
 log = logging.getLogger("tr_engine.serve")
 
@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "reuses whole blocks (default: 16)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    help="reuse the KV of prompt prefixes already on the ranks (default: on)")
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="how the KV cache stores K and V: auto (the model's dtype), fp8 = "
+                   "fp8_e4m3 or fp8_e5m2 (CUDA, CPU), int8 (Ascend, CPU), each with a scale "
+                   "per token and head: about twice the tokens (default: auto)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="launch decode steps kernel by kernel instead of replaying device "
                    "graphs recorded at start-up (CUDA)")

@@ -10,6 +10,8 @@ DEVICES = ("auto", "cpu", "cuda", "npu")
 LOAD_FORMATS = ("auto", "dummy")
 # the sharded attention algorithms (tr_engine.attention), the cost model's order of preference
 STRATEGIES = ("tokenring", "ring", "allgather_kv", "local")
+# how the KV pool stores K and V (vLLM's names; tr_engine/kv/quant.py)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class EngineConfig:
     kv_offloading_size: GiB of host memory (over every rank together, vLLM's name) for the
       host tier: a cached KV block the device evicts is copied there first and comes back
       when a later prompt needs it, instead of being computed again. 0 (default): no tier.
+    kv_cache_dtype: how the KV pool stores K and V (vLLM's name): `auto` the model's dtype;
+      `fp8` (= `fp8_e4m3`) or `fp8_e5m2` on CUDA (compute capability 8.9 on) and the CPU,
+      `int8` on Ascend and the CPU: 8 bits per value and a float32 scale per token and KV
+      head, about half the bytes (kv/quant.py). A value the device cannot do is refused
+      before any rank starts.
     skip_kernel_self_check: trust the backend's fused kernels without the start-up check
       against the portable math (Backend.self_check), which disables any that disagree.
     generation_config: where requests' sampling defaults come from (vLLM's flag): `auto`,
@@ -79,6 +86,7 @@ class EngineConfig:
     enforce_eager: bool = False
     block_size: int = 16
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
     skip_kernel_self_check: bool = False
     generation_config: str = "auto"
     kv_offloading_size: float = 0.0
@@ -88,6 +96,9 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got "
+                             f"{self.kv_cache_dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got "
                              f"{self.load_format!r}")

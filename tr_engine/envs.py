@@ -46,6 +46,13 @@ def inject_fault_token() -> int | None:
     return _int("TR_ENGINE_INJECT_FAULT")
 
 
+def kv_unit_scale() -> bool:
+    """TR_ENGINE_KV_UNIT_SCALE: 1 fixes every scale of a quantized KV cache at 1.0 instead of
+    one per token and head (what an uncalibrated per-tensor fp8 cache stores): for accuracy
+    comparisons (benchmarks/kv_quant.py), not for serving. Default 0."""
+    return os.environ.get("TR_ENGINE_KV_UNIT_SCALE", "") not in ("", "0", "false", "no")
+
+
 def torchrun() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) when started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
     with MASTER_ADDR/MASTER_PORT for the rendezvous), else None."""

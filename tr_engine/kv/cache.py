@@ -6,56 +6,112 @@ in the step plans as block-table updates; this rank keeps the tables (`BlockTabl
 turns them into slots. One spare slot after the last page holds what a rank has no use
 for: decode writes every new token's K/V on every rank, and the ranks that do not keep it
 write here.
+
+A quantized cache (`kv_cache_dtype` fp8/int8, kv/quant.py) stores K and V in 8 bits and one
+float32 scale per slot and KV head beside them, `[layers, pages·block_size + 1, Hkv]` each.
+`tensors()` lists every pooled tensor, each indexed by slot on dimension 1, so whatever
+moves a page (a copy to host memory and back) moves its scales with it.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..plan import TableOp
+from .quant import SCALE_DTYPE, KVFormat, dequantize, kv_format, quantize
+
+
+class LayerKV(NamedTuple):
+    """One layer's whole pool, `[capacity + 1, Hkv, D]` each; the scales `[capacity + 1,
+    Hkv]` float32 where the pages are quantized, else None."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
 
 
 class KVCache:
     def __init__(self, layers: int, num_pages: int, block_size: int, kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device,
+                 fmt: KVFormat | None = None) -> None:
+        self.format = fmt or kv_format("auto")
+        self.dtype = dtype  # what gather gives back and store takes
         capacity = num_pages * block_size
         shape = (layers, capacity + 1, kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        storage = self.format.storage or dtype
+        self.k = torch.empty(shape, dtype=storage, device=device)
+        self.v = torch.empty(shape, dtype=storage, device=device)
+        self.k_scale = self.v_scale = None
+        if self.format.quantized:
+            # the spare slot's scales too: decode reads what the kernel masks as 0 x scale
+            self.k_scale = torch.ones(shape[:3], dtype=SCALE_DTYPE, device=device)
+            self.v_scale = torch.ones(shape[:3], dtype=SCALE_DTYPE, device=device)
         self.capacity, self.block_size = capacity, block_size
         self.spare = capacity  # the spare slot's index
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every pooled tensor, each `[layers, capacity + 1, ...]`: slots [p·B, (p+1)·B) of
-        each are page p's. What moves a page (the host tier) moves all of them."""
-        return [self.k, self.v]
 
     def page_bytes(self) -> int:
         """Bytes of one page, over every pooled tensor."""
         return sum(t[:, : self.block_size].numel() * t.element_size() for t in self.tensors())
 
     @staticmethod
-    def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        fmt: KVFormat | None = None) -> tuple[int, int]:
+        """(K and V bytes, scale bytes) one token takes in the pool, all layers."""
+        fmt = fmt or kv_format("auto")
+        kv = 2 * layers * kv_heads * head_dim * (fmt.storage or dtype).itemsize
+        scales = 2 * layers * kv_heads * SCALE_DTYPE.itemsize if fmt.quantized else 0
+        return kv, scales
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole pool of one layer, `[capacity + 1, Hkv, D]` each."""
-        return self.k[layer], self.v[layer]
+    def tensors(self) -> list[torch.Tensor]:
+        """Every pooled tensor (K, V, then their scales where quantized), each
+        `[layers, capacity + 1, ...]`: slots [p·B, (p+1)·B) of each are page p's. What moves
+        a page (the host tier) moves all of them."""
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+
+    def layer(self, layer: int) -> LayerKV:
+        """The whole pool of one layer, as stored."""
+        if self.k_scale is None:
+            return LayerKV(self.k[layer], self.v[layer], None, None)
+        return LayerKV(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer])
 
     def gather(self, layer: int, slots: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of `slots` (an index tensor, or a slice when they are one run)."""
+        """K and V of `slots` (an index tensor, or a slice when they are one run), in the
+        model's dtype (dequantized where the pages are 8-bit)."""
+        pool = self.layer(layer)
         if isinstance(slots, slice):
-            return self.k[layer, slots], self.v[layer, slots]
-        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+            k, v, ks, vs = (None if t is None else t[slots] for t in pool)
+        else:
+            k, v, ks, vs = (None if t is None else _index_select(t, slots) for t in pool)
+        if ks is None:
+            return k, v
+        return dequantize(k, ks, self.dtype), dequantize(v, vs, self.dtype)
 
     def store(self, layer: int, slots: torch.Tensor | slice, k: torch.Tensor,
               v: torch.Tensor) -> None:
-        if isinstance(slots, slice):
-            self.k[layer, slots] = k
-            self.v[layer, slots] = v
-        else:
-            self.k[layer].index_copy_(0, slots, k)
-            self.v[layer].index_copy_(0, slots, v)
+        """Write K and V `[n, Hkv, D]` of n tokens to `slots`, quantized where the pages are
+        8-bit (scales per token and head, worked out here)."""
+        values = [k, v]
+        if self.format.quantized:
+            (kq, ks), (vq, vs) = quantize(k, self.format), quantize(v, self.format)
+            values = [kq, vq, ks, vs]
+        for pool, x in zip(self.tensors(), values):
+            if isinstance(slots, slice):
+                pool[layer, slots] = x
+            else:
+                _bytes(pool[layer]).index_copy_(0, slots, _bytes(x))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as bytes: indexed copies are not built for float8 dtypes (a byte is a
+    byte either way)."""
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
+
+
+def _index_select(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return _bytes(t).index_select(0, slots).view(t.dtype)
 
 
 class BlockTables:

@@ -31,8 +31,9 @@ class HostTier:
         self.cache, self.num_slots, self.backend, self.device = cache, num_slots, backend, device
         self.pages = cache.capacity // b
         # [slots, layers, B·rest] per pooled tensor
-        self.host = [torch.empty((num_slots, t.shape[0], b * t[0, 0].numel()), dtype=t.dtype,
-                                 pin_memory=pinned) for t in cache.tensors()]
+        self.host = [torch.empty((num_slots, t.shape[0], b * t[0, 0].numel()),
+                                 dtype=_raw(t).dtype, pin_memory=pinned)
+                     for t in cache.tensors()]
         per_page = max(h[0].numel() * h.element_size() for h in self.host)
         self.piece = max(1, STAGING_BYTES // per_page)
         self.stream = backend.new_stream()  # None on the CPU: copies in order
@@ -65,6 +66,7 @@ class HostTier:
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         """A pooled tensor as `[layers, pages, B·rest]` (a view: the spare slot left out)."""
+        t = _raw(t)
         return t[:, : self.pages * self.cache.block_size].view(t.shape[0], self.pages, -1)
 
     def _run(self, copies: list[PageCopy]) -> None:
@@ -90,6 +92,11 @@ class HostTier:
                 for i, slot, n in runs:
                     staged[i : i + n].copy_(host[slot : slot + n], non_blocking=True)
                 pool.index_copy_(1, pages, staged.transpose(0, 1))
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """fp8 pages (kv_cache_dtype fp8) as bytes: indexed copies are not built for float8."""
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
 
 
 def _batches(copies: list[PageCopy]) -> list[list[PageCopy]]:

@@ -238,6 +238,8 @@ class Cluster:
             check(read_config(model_path), config.tensor_parallel_size)
         t = time.perf_counter()
         self.backend = get_backend(config.device)
+        # a KV cache dtype this device cannot store: refused here, before any rank starts
+        self.backend.check_kv_cache_dtype(config.kv_cache_dtype)
         log.info("backend %s (%s) ready in %.1f s", self.backend.name,
                  self.backend.dist_backend, time.perf_counter() - t)
         self.procs: list[mp.Process] = []

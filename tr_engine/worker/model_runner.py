@@ -35,6 +35,7 @@ from ..distributed import tensor_parallel, zigzag
 from ..distributed.tensor_parallel import Mesh, Split
 from ..kv.cache import BlockTables, KVCache
 from ..kv.host_tier import HostTier
+from ..kv.quant import kv_format
 from ..layers.context import ForwardContext, forward_context
 from ..models import ModelConfig
 from ..models.loader import load_model, read_config, resolve_dtype
@@ -99,19 +100,21 @@ class DecodeContext(ForwardContext):
     def attention(self, layer, q, k, v, scale):
         # q [B, Hq, D], k/v [B, Hkv, D]
         runner = self.runner
-        k_cache, v_cache = runner.kv.layer(layer)
-        k_cache.index_copy_(0, self.slots, k)
-        v_cache.index_copy_(0, self.slots, v)
+        runner.kv.store(layer, self.slots, k, v)  # quantized there where the pages are 8-bit
+        pool = runner.kv.layer(layer)  # as stored: the kernel reads 8-bit pages and scales
         tables = runner.tables
-        args = (q, k_cache, v_cache, tables.device, self.rows, self.lens, tables.block_size,
+        args = (q, pool.k, pool.v, tables.device, self.rows, self.lens, tables.block_size,
                 scale)
         attend = runner.backend.decode_attention
+        extra = {"keys": self.keys}
+        if pool.k_scale is not None:
+            extra.update(k_scale=pool.k_scale, v_scale=pool.v_scale)
         if not self.merge:
-            return attend(*args, keys=self.keys)[0]
+            return attend(*args, **extra)[0]
         # out and lse go straight into the one float32 buffer the ranks all-gather
         b, h, d = q.shape
         packed = torch.empty((b, h, d + 1), dtype=torch.float32, device=q.device)
-        attend(*args, packed[..., :d], packed[..., d], keys=self.keys)
+        attend(*args, packed[..., :d], packed[..., d], **extra)
         merged = gather_merge(packed, q.dtype, runner.group)[0]
         if not runner.placement:
             return merged
@@ -150,6 +153,8 @@ class ModelRunner:
         self.comm = Communicator(group)
         self.device = backend.set_device(local_rank)
 
+        backend.check_kv_cache_dtype(config.kv_cache_dtype)  # every rank, torchrun's too
+        self.kv_format = kv_format(config.kv_cache_dtype, envs.kv_unit_scale())
         t = time.perf_counter()
         full = read_config(model_path)
         self.dtype = resolve_dtype(config.dtype, full)
@@ -178,7 +183,7 @@ class ModelRunner:
         self.capacity = self.num_pages * self.block_size
         mc = self.shard_config
         self.kv = KVCache(mc.num_layers, self.num_pages, self.block_size, mc.num_kv_heads,
-                          mc.head_dim, self.dtype, self.device)
+                          mc.head_dim, self.dtype, self.device, self.kv_format)
         # the host tier: its share of kv_offloading_size (GiB over every rank)
         self.host_tier = None
         if config.kv_offloading_size > 0:
@@ -234,8 +239,9 @@ class ModelRunner:
         """KV slots per rank: a share of the free memory after the prefill workspace, no more
         than the configured limits can ever use, and the same on every rank."""
         mc, cfg = self.shard_config, self.config
-        per_token = KVCache.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim,
-                                            self.dtype)
+        kv_bytes, scale_bytes = KVCache.bytes_per_token(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.kv_format)
+        per_token = kv_bytes + scale_bytes
         # a sequence's share of the pool, plus the blocks an uneven last chunk may add
         useful = (-(-self.max_model_len * cfg.max_num_seqs // self.world)
                   + 3 * cfg.block_size * cfg.max_num_seqs)
@@ -257,8 +263,13 @@ class ModelRunner:
                 f"blocks of {cfg.block_size}); lower "
                 "prefill_chunk/token_chunk, use more ranks, or set kv_cache_tokens"
             )
-        log.info("rank %d: KV cache %d tokens per rank (%.2f GiB), %d in all", self.mesh.rank,
-                 capacity, capacity * per_token / 2**30, capacity * self.world)
+        fmt = self.kv_format
+        stored = (f"{fmt.name}{' (every scale 1.0)' if fmt.unit_scale else ''}: "
+                  f"{kv_bytes} B of K/V + {scale_bytes} B of scales"
+                  if fmt.quantized else f"{self.dtype}: {kv_bytes} B")
+        log.info("rank %d: KV cache %d tokens per rank (%.2f GiB; per token %s), %d in all",
+                 self.mesh.rank, capacity, capacity * per_token / 2**30, stored,
+                 capacity * self.world)
         return capacity
 
     def _workspace_bytes(self) -> int:
