@@ -9,6 +9,13 @@ one program per (sequence, KV head, range) so a single long sequence still fills
 each program handles all the query heads that share its KV head (grouped-query attention)
 as the rows of one small matrix product. A second kernel merges the ranges with the same
 identity as tr_engine/attention/merge.py. Ranges and rows that see no key give (0, -inf).
+
+Quantized pages (fp8 or int8, one float32 scale per slot and KV head, tr_engine/kv/quant.py)
+are read as they are stored: a tile of keys is loaded in 8 bits with its scales and widened
+to q's dtype in registers, so decode reads about half the bytes of a 16-bit cache. The scales
+are applied where they cost least: q·(s_j k_j) = s_j (q·k_j) scales a tile's scores by
+column, and Σ_j p_j (s_j v_j) = Σ_j (p_j s_j) v_j scales the probabilities before the
+product with V (the softmax sums p_j themselves).
 """
 
 from __future__ import annotations
@@ -19,10 +26,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _split_kernel(q, k, v, tables, rows_of, lens, part_out, part_lse, scale,
-                  sq_b, sq_h, sk_n, sk_h, sv_n, sv_h, st_r, splits,
+def _split_kernel(q, k, v, k_scale, v_scale, tables, rows_of, lens, part_out, part_lse, scale,
+                  sq_b, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, st_r, splits,
                   GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                  PAGE: tl.constexpr, PRECISION: tl.constexpr):
+                  PAGE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     table = tables + tl.load(rows_of + b).to(tl.int64) * st_r
     n = tl.load(lens + b).to(tl.int32)
@@ -46,7 +53,11 @@ def _split_kernel(q, k, v, tables, rows_of, lens, part_out, part_lse, scale,
         pos = page * PAGE + keys % PAGE
         kb = tl.load(k + pos[:, None] * sk_n + h * sk_h + dims[None, :], mask=key_ok[:, None],
                      other=0.0)  # [BLOCK, D]
+        if QUANT:
+            kb = kb.to(qb.dtype)
         scores = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * scale  # [ROWS, BLOCK]
+        if QUANT:  # each key's scale, by column
+            scores = scores * tl.load(k_scale + pos * ss_n + h, mask=key_ok, other=0.0)[None, :]
         scores = tl.where(key_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp(m - m_new)
@@ -54,7 +65,12 @@ def _split_kernel(q, k, v, tables, rows_of, lens, part_out, part_lse, scale,
         total = total * alpha + tl.sum(p, 1)
         vb = tl.load(v + pos[:, None] * sv_n + h * sv_h + dims[None, :], mask=key_ok[:, None],
                      other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+        if QUANT:  # each value's scale, on its probabilities
+            vb = vb.to(qb.dtype)
+            pv = p * tl.load(v_scale + pos * ss_n + h, mask=key_ok, other=0.0)[None, :]
+        else:
+            pv = p
+        acc = acc * alpha[:, None] + tl.dot(pv.to(vb.dtype), vb, input_precision=PRECISION)
         m = m_new
 
     seen = total > 0
@@ -102,14 +118,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      tables: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor,
                      block_size: int, scale: float, splits: int,
                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                     tiles: tuple[int, int, int] | None = None
+                     tiles: tuple[int, int, int] | None = None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """q `[B, Hq, D]`; k_cache, v_cache `[N, Hkv, D]` (last dim contiguous), in pages of
     `block_size` slots; tables `[R, W]` (rows contiguous), rows and lens `[B]` integer
     tensors. Returns out `[B, Hq, D]` and lse `[B, Hq]`, written into `out` and
     `lse` when given (any dtype, rows of stride out.stride(1) and lse.stride(1): the caller
     may pass views into one packed buffer). float32 runs its products in full float32 (no
-    TF32). `tiles` = (keys per block, warps, pipeline stages) overrides the tuned ones."""
+    TF32). `tiles` = (keys per block, warps, pipeline stages) overrides the tuned ones.
+    k_scale, v_scale `[N, Hkv]` float32 (both or neither, the same strides): the caches are
+    8-bit (fp8 or int8) and slot n of head h holds cache[n, h] * scale[n, h]."""
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
@@ -117,6 +136,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("decode_attention needs the head dimension contiguous")
     if tables.stride(1) != 1:
         raise ValueError("decode_attention needs block-table rows contiguous")
+    quant = k_scale is not None
+    if quant and (v_scale is None or k_scale.stride() != v_scale.stride()
+                  or k_scale.stride(1) != 1 or k_scale.dtype != torch.float32):
+        raise ValueError("decode_attention needs k_scale and v_scale float32 [N, Hkv] alike")
+    if quant and k_cache.element_size() != 1:
+        raise ValueError("scales come with 8-bit caches")
     block, warps, stages = tiles or (BLOCK, WARPS, STAGES)
     part_out = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
@@ -125,13 +150,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if lse is None:
         lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
     _split_kernel[(b, hkv, splits)](
-        q, k_cache, v_cache, tables, rows, lens, part_out, part_lse, scale,
+        q, k_cache, v_cache, k_scale if quant else lens, v_scale if quant else lens, tables,
+        rows, lens, part_out, part_lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), tables.stride(0), splits,
+        v_cache.stride(0), v_cache.stride(1), k_scale.stride(0) if quant else 0,
+        tables.stride(0), splits,
         GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block,
         PAGE=block_size,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps,
-        num_stages=stages,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QUANT=quant,
+        num_warps=warps, num_stages=stages,
     )
     if out.stride(0) != hq * out.stride(1) or lse.stride(0) != hq * lse.stride(1):
         raise ValueError("out and lse rows must be evenly strided over (B, Hq)")

@@ -4,7 +4,9 @@ backend inherits.
 
 The kernels read block tables, rows and key counts from tensors, so the cases mix empty
 sequences, one-key sequences, pages scattered over the cache, pages smaller and larger than
-a tile of keys, and more key ranges than keys.
+a tile of keys, and more key ranges than keys. Quantized caches: fp8 pages with a float32
+scale per slot and KV head, read as stored by the kernel (and dequantized by the portable
+version).
 """
 
 from __future__ import annotations
@@ -159,3 +161,52 @@ def test_portable_decode_attention_matches_float64():
     out2, lse2 = get_backend("cpu").decode_attention(q, k_cache, v_cache, tables, rows, lens,
                                                      PAGE, 0.125, keys=keys)
     assert torch.equal(out2, out) and torch.equal(lse2, lse)
+
+
+@pytest.mark.parametrize("fmt_name", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_kernel_reads_fp8_pages_with_their_scales(kernels, fmt_name, dtype, splits):
+    """8-bit pages and a scale per slot and head, loaded in the kernel: against float64
+    attention over the pages as stored times their scales (keys of very different sizes,
+    so a wrong scale shows)."""
+    from tr_engine.kv.quant import dequantize, kv_format, quantize
+
+    fmt = kv_format(fmt_name)
+    g = torch.Generator().manual_seed(splits + 10)
+    sizes = torch.logspace(-2, 2, 400)[torch.randperm(400, generator=g)][:, None, None]
+    k8, ks = quantize(torch.randn(400, 2, 64, generator=g) * sizes, fmt)
+    v8, vs = quantize(torch.randn(400, 2, 64, generator=g) * sizes, fmt)
+    q = (torch.randn(5, 8, 64, generator=g) * 0.05).to(dtype)
+    tables, rows, lens = paged(splits)
+    out, lse = kernels.decode_attention(
+        *on_device(q, k8, v8, tables, rows, lens), PAGE, 0.125, splits,
+        k_scale=ks.to(DEVICE), v_scale=vs.to(DEVICE))
+    out, lse = out.cpu(), lse.cpu()
+    k64, v64 = dequantize(k8, ks, torch.float64), dequantize(v8, vs, torch.float64)
+    ref_out, ref_lse = reference(q, k64, v64, tables, rows, lens, 0.125)
+    err = (out.double() - ref_out).abs() / ref_out.abs().amax().clamp_min(1)
+    record_error(f"decode kernel {fmt_name} pages, {dtype}".replace("torch.", ""),
+                 err.max().item(), err.mean().item())
+    assert err.max() < (2e-6 if dtype == torch.float32 else 2e-3)
+    empty = lens == 0
+    assert torch.isneginf(lse[empty]).all() and (out[empty] == 0).all()
+    assert (lse[~empty].double() - ref_lse[~empty]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt_name", ["fp8_e4m3", "int8"])
+def test_portable_decode_attention_dequantizes_pages(fmt_name):
+    from tr_engine.kv.quant import dequantize, kv_format, quantize
+
+    fmt = kv_format(fmt_name)
+    g = torch.Generator().manual_seed(12)
+    k8, ks = quantize(torch.randn(400, 3, 64, generator=g) * 4, fmt)
+    v8, vs = quantize(torch.randn(400, 3, 64, generator=g), fmt)
+    q = torch.randn(5, 9, 64, generator=g)
+    tables, rows, lens = paged(12)
+    out, lse = get_backend("cpu").decode_attention(q, k8, v8, tables, rows, lens, PAGE, 0.125,
+                                                   k_scale=ks, v_scale=vs)
+    k64, v64 = dequantize(k8, ks, torch.float64), dequantize(v8, vs, torch.float64)
+    ref_out, ref_lse = reference(q, k64, v64, tables, rows, lens, 0.125)
+    assert (out.double() - ref_out).abs().max() < 1e-5  # float32, scores up to ~30
+    assert (lse[lens > 0].double() - ref_lse[lens > 0]).abs().max() < 1e-5
