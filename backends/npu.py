@@ -30,6 +30,15 @@ True = masked out.
 The paged form (`block_table`) is not used: the KV cache keeps each sequence's shard
 contiguous on its rank, so decode passes the shard itself.
 
+int8 KV (`kv_cache_dtype` int8, tr_engine/kv/quant.py): decode hands a sequence's int8 K and V
+to `npu_fused_infer_attention_score` with their scales as antiquant parameters, in the
+per-token + per-head mode (key/value_antiquant_mode 3, key/value_antiquant_scale
+`[B, KV_N, KV_S]` float32, no offsets: value = stored x scale), documented for Q_S = 1
+(Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_fused_infer_attention_score.md),
+so the kernel reads the 8-bit pages. Prefill over a cached prefix dequantizes it first: for
+Q_S > 1 the kernel documents only per-token scales without heads, and only up to 16 queries.
+If the installed CANN refuses the mode, decode dequantizes from then on.
+
 Merge: `npu_ring_attention_update` (release line 26.1.0 on: torch_npu 2.7.1.post8, 2.9.0.post6,
 2.10.0.post4, 2.11.0 and later) where present. CANN documents its softmax max and sum as 8
 identical positive values, so `ring_stats` shifts each row's pair of lse values to a
@@ -61,7 +70,7 @@ import os
 
 import torch
 
-from .base import Backend
+from .base import Backend, empty_result
 from .errors import BackendUnavailable
 from .reference import math_attention
 
@@ -90,6 +99,11 @@ FIA_MAX_HEAD_DIM, FIA_HEAD_DIM_ALIGN, FIA_MAX_GROUP = 512, 16, 64
 FIA_MAX_ND = 65535  # Q_S > 1, layout BSND: N * D must be less than this
 FIA_MAX_SEQ = 20971520  # Q_S > 1: S of query and key at most 20M
 FIA_MAX_DECODE_KEYS = 262144  # keys per call when Q_S == 1
+# KV antiquant (int8 pages): key/value_antiquant_mode 3 is per-token + per-head, scales
+# [B, KV_N, KV_S] float32, documented for Q_S == 1 on Atlas A2/A3; int8 inputs want D
+# aligned to 32 (documented for Q_S > 1; asked here too).
+ANTIQUANT_PER_TOKEN_HEAD = 3
+FIA_INT8_HEAD_DIM_ALIGN = 32
 FA_MAX_HEAD_DIM = 768
 FA_MAX_SEQ = 1 << 20  # S of query and key in 1..1M
 # npu_fusion_attention is documented for the Atlas A2 training series (SoC names Ascend910B*)
@@ -178,6 +192,12 @@ def import_torch_npu():
     return torch_npu
 
 
+def per_token_head(scale: torch.Tensor) -> torch.Tensor:
+    """A cache's scales `[S, Hkv]` -> FIA's per-token + per-head antiquant scale
+    `[1, Hkv, S]` (B, KV_N, KV_S) float32."""
+    return scale.float().t().contiguous().unsqueeze(0)
+
+
 def bsnd(x: torch.Tensor) -> torch.Tensor:
     """[T, H, D] -> [1, T, H, D] (BSND, B = 1); a view when x is contiguous."""
     return x.contiguous().unsqueeze(0)
@@ -248,6 +268,7 @@ class NpuBackend(Backend):
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._disabled: set[str] = set()  # kernels the self-check found wrong on this card
         self._product: str | None = None
+        self._antiquant = True  # until the installed CANN refuses int8 KV in FIA
 
     @property
     def product(self) -> str:
@@ -361,6 +382,62 @@ class NpuBackend(Backend):
 
     def _math(self, q, k, v, causal, scale):
         return math_attention(q, k, v, causal, scale)
+
+    # Decode over an int8 cache: FIA dequantizes the pages itself (antiquant, per-token and
+    # per-head mode), reading 8-bit K and V.
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        return ("auto", "int8")
+
+    def _kv_cache_dtype_note(self) -> str:
+        return (" (fp8 KV is not offered on Ascend: the documented antiquant modes of "
+                "npu_fused_infer_attention_score take int8 pages)")
+
+    def _decode_row(self, q, k, v, k_scale, v_scale, scale):
+        if (k_scale is None or k.dtype != torch.int8 or self._antiquant is False
+                or q.shape[-1] % FIA_INT8_HEAD_DIM_ALIGN
+                or "fused_infer" not in self.kernels_for(q, k)):
+            return super()._decode_row(q, k, v, k_scale, v_scale, scale)
+        try:
+            return self._fused_infer_int8(q, k, v, k_scale, v_scale, scale)
+        except RuntimeError as e:  # this CANN refuses the mode: dequantized pages from now on
+            log.warning("%s refused int8 KV with per-token scales (%s); decode dequantizes "
+                        "the pages first from now on", KERNELS["fused_infer"], _one_line(e))
+            self._antiquant = False
+            return super()._decode_row(q, k, v, k_scale, v_scale, scale)
+
+    def _fused_infer_int8(self, q, k, v, k_scale, v_scale, scale):
+        """q `[1, Hq, D]` against int8 k, v `[S, Hkv, D]` whose slot s of head h holds
+        stored x scale[s, h]: FIA's per-token + per-head antiquant (mode 3, scales
+        `[B, KV_N, KV_S]` float32, documented for Q_S = 1)."""
+        tk = k.shape[0]
+        if tk == 0:
+            return empty_result(q)
+        if tk > FIA_MAX_DECODE_KEYS:  # as _fused_infer: slices, merged
+            from tr_engine.attention.merge import merge_
+
+            step, acc = FIA_MAX_DECODE_KEYS, None
+            for a in range(0, tk, step):
+                o, lse = self._fused_infer_int8(q, k[a : a + step], v[a : a + step],
+                                                k_scale[a : a + step], v_scale[a : a + step],
+                                                scale)
+                if acc is None:
+                    acc = o.float(), lse.float().clone()
+                else:
+                    merge_(*acc, o, lse)
+            return acc[0].to(q.dtype), acc[1]
+        out, lse = self.torch_npu.npu_fused_infer_attention_score(
+            bsnd(q), bsnd(k), bsnd(v),
+            key_antiquant_scale=per_token_head(k_scale),
+            value_antiquant_scale=per_token_head(v_scale),
+            key_antiquant_mode=ANTIQUANT_PER_TOKEN_HEAD,
+            value_antiquant_mode=ANTIQUANT_PER_TOKEN_HEAD,
+            num_heads=q.shape[1],
+            num_key_value_heads=k.shape[1],
+            scale=scale,
+            input_layout="BSND",
+            softmax_lse_flag=True,
+        )
+        return out[0], lse[0, :, :, 0].transpose(0, 1)
 
     def merge_(self, out, lse, out_b, lse_b) -> None:
         if self._ring_update is not None:

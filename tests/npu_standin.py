@@ -17,6 +17,10 @@ Sources of the behaviour (Ascend/op-plugin unless noted):
 - npu_fused_infer_attention_score: docs/zh/custom_APIs/torch_npu/
   torch_npu-npu_fused_infer_attention_score.md and the same text in torch_npu
   2.10.0.post4's `_op_plugin_docs.py` (N * D < 65535 for BSH/BSND when Q_S > 1).
+  KV antiquant (int8 key and value dequantized in the kernel) is modelled in the one mode the
+  backend uses, per-token + per-head (key/value_antiquant_mode 3): scales
+  (B, KV_N, KV_S) float32, documented for Q_S = 1 only, value = scale x stored without
+  offsets; other modes and offsets raise NotImplementedError.
 - npu_fusion_attention: docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md and
   `_op_plugin_docs.py` (training only, no aclgraph, Atlas A2 training series; CANN's
   aclnnFlashAttentionScore adds Ascend 950DT). The keywords 2.10.0.post4 added at the end
@@ -151,14 +155,21 @@ def npu_fused_infer_attention_score(
     calls["npu_fused_infer_attention_score"] += 1
     unmodelled = (pse_shift, actual_seq_lengths, actual_seq_lengths_kv, dequant_scale1,
                   quant_scale1, dequant_scale2, quant_scale2, quant_offset2, antiquant_scale,
-                  antiquant_offset, key_antiquant_scale, key_antiquant_offset,
-                  value_antiquant_scale, value_antiquant_offset, block_table,
+                  antiquant_offset, key_antiquant_offset, value_antiquant_offset, block_table,
                   query_padding_size, kv_padding_size, key_shared_prefix, value_shared_prefix,
                   actual_shared_prefix_len, query_rope, key_rope, key_rope_antiquant_scale)
-    if any(x is not None for x in unmodelled) or block_size:
-        raise NotImplementedError("torch_npu stand-in: only the plain float path is modelled")
+    if any(x is not None for x in unmodelled) or block_size or antiquant_mode:
+        raise NotImplementedError("torch_npu stand-in: only the plain float path and KV "
+                                  "antiquant without offsets are modelled")
     _check(query.dtype in HALF, f"query dtype {query.dtype}; float16 and bfloat16 only")
-    _check(key.dtype == query.dtype and value.dtype == query.dtype, "q, k, v dtypes differ")
+    antiquant = key_antiquant_scale is not None or value_antiquant_scale is not None
+    if antiquant:
+        _check_antiquant(key, value, key_antiquant_scale, value_antiquant_scale,
+                         key_antiquant_mode, value_antiquant_mode)
+    else:
+        _check(key.dtype == query.dtype and value.dtype == query.dtype, "q, k, v dtypes differ")
+        _check(key_antiquant_mode == 0 and value_antiquant_mode == 0,
+               "an antiquant mode without antiquant scales")
     _check(key.shape == value.shape, "key and value shapes differ")
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check(t.is_contiguous(), f"{name} is not contiguous")
@@ -176,6 +187,16 @@ def npu_fused_infer_attention_score(
     skv = k.shape[2]
     _check(b <= 65536 and k.shape[0] == b, "batch")
     _check(k.shape[3] == d and d <= 512, f"head dim {d}")
+    if antiquant:
+        _check(sq == 1, "key/value_antiquant_mode 3 (per-token + per-head) is documented for "
+               "Q_S = 1 only (Q_S >= 2 takes modes 0 and 1)")
+        want = (b, kv_heads, skv)
+        for name, t in (("key", key_antiquant_scale), ("value", value_antiquant_scale)):
+            _check(tuple(t.shape) == want, f"{name}_antiquant_scale has shape "
+                   f"{tuple(t.shape)}; per-token + per-head mode takes (B, KV_N, KV_S) = {want}")
+        # symmetric antiquant (no offsets): value = scale x stored, per token and head
+        k = k.float() * key_antiquant_scale.float().unsqueeze(-1)
+        v = v.float() * value_antiquant_scale.float().unsqueeze(-1)
     _check(sparse_mode in (0, 1, 2, 3, 4), f"sparse_mode {sparse_mode} unsupported")
     if sq == 1:  # incremental branch: sparse_mode and pre/next tokens have no effect
         _check(skv <= FIA_MAX_DECODE_KEYS, f"{skv} keys > {FIA_MAX_DECODE_KEYS} with Q_S = 1")
@@ -198,6 +219,22 @@ def npu_fused_infer_attention_score(
     if not softmax_lse_flag:
         return out, torch.zeros(1)
     return out, torch.logsumexp(s, dim=-1, keepdim=True)  # [B, N, Sq, 1]
+
+
+def _check_antiquant(key, value, k_scale, v_scale, k_mode, v_mode) -> None:
+    """KV antiquant as the backend uses it: per-token + per-head mode (3), int8 key and
+    value, float32 scales for both (the documented dtype of that mode), no offsets."""
+    _check(k_scale is not None and v_scale is not None,
+           "key_antiquant_scale and value_antiquant_scale are both given or neither")
+    _check(k_mode == v_mode, f"key_antiquant_mode {k_mode} and value_antiquant_mode {v_mode} "
+           "differ")
+    if k_mode != 3:
+        raise NotImplementedError(f"torch_npu stand-in: antiquant mode {k_mode} is not "
+                                  "modelled (3, per-token + per-head, is)")
+    _check(key.dtype == torch.int8 and value.dtype == torch.int8,
+           f"antiquant takes int8 key and value, got {key.dtype} and {value.dtype}")
+    _check(k_scale.dtype == torch.float32 and v_scale.dtype == torch.float32,
+           "per-token + per-head antiquant scales are float32")
 
 
 def npu_fusion_attention(
