@@ -45,6 +45,14 @@ WEIGHT_BYTES = 2 * (LINEAR_PARAMS + 2 * VOCAB * HIDDEN + (2 * LAYERS + 1) * HIDD
 KV_BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
 
 
+def kv_bytes_per_token(kv_cache_dtype: str = "auto") -> int:
+    """Bytes decode reads per cached token of the 8B shape: bf16, or 8-bit K/V plus their
+    float32 scales."""
+    if kv_cache_dtype == "auto":
+        return KV_BYTES_PER_TOKEN
+    return KV_BYTES_PER_TOKEN // 2 + 2 * LAYERS * KV_HEADS * 4
+
+
 def reuse_checkpoint(path: Path, max_len: int) -> bool:
     """Whether a checkpoint is already at `path`; its context limit is raised to `max_len`
     if it was written for shorter prompts (the weights do not depend on it)."""
@@ -147,6 +155,7 @@ def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
                           token_chunk=8192, max_num_seqs=1,
                           kv_cache_tokens=None if args.plan_memory else per_rank,
                           attention_strategy=args.strategy,
+                          kv_cache_dtype=args.kv_cache_dtype,
                           enable_prefix_caching=False)  # the warm-up serves the same prompt
     try:
         engine = LLMEngine(config)
@@ -174,11 +183,14 @@ def bench_engine(path: Path, world: int, seqs: list[int], args) -> list[dict]:
         replay = replay_ms(engine, s) if world == 1 else None
         bare = bare_step_ms(engine, s)
         shard = -(-s // world)
-        bound = (WEIGHT_BYTES + shard * KV_BYTES_PER_TOKEN) / (COPY_GBPS * 1e9)
+        bound = (WEIGHT_BYTES + shard * kv_bytes_per_token(args.kv_cache_dtype)) / (
+            COPY_GBPS * 1e9)
         row = {"world": world, "S": s, "ttft": ttft, "decode": decode, "bound": bound,
                "peak_gib": torch.cuda.max_memory_reserved() / 2**30,
                "mfu": flops(s) / world / ttft / (MATMUL_TFLOPS * 1e12),
                "strategy": engine._choose_strategy(s, 0), "replay_ms": replay,
+               "pool_tokens": engine.kv_capacity * engine.world,
+               "kv_cache_dtype": args.kv_cache_dtype,
                "bare_step_ms": bare}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -247,6 +259,8 @@ def main() -> None:
                          "set-up for new shapes stays out of the numbers)")
     ap.add_argument("--plan-memory", action="store_true",
                     help="size the KV pool from free memory (default: exactly what is needed)")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="the engine's kv_cache_dtype (the decode bound counts its bytes)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -280,7 +294,8 @@ def report(rows, hf, args) -> str:
              f"{f'chunks of {args.prefill_chunk} tokens' if args.prefill_chunk else 'one chunk'}"
              ", token-wise work "
              f"in slices of 8192 tokens, attention strategy {args.strategy}. Prompts up to "
-             f"{args.warmup_max // 1024}K tokens are served once untimed first.", "",
+             f"{args.warmup_max // 1024}K tokens are served once untimed first; "
+             f"KV cache {args.kv_cache_dtype}.", "",
              "| GPUs | prompt | TTFT (s) | MFU | decode (ms/token) | decode bound (ms) | "
              "decode / bound | peak memory, rank 0 (GiB) | strategy |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -298,6 +313,11 @@ def report(rows, hf, args) -> str:
         if (1, s) in by and (2, s) in by:
             ratio = by[(1, s)]["ttft"] / by[(2, s)]["ttft"]
             notes.append(f"- {s // 1024}K: 2 GPUs prefill {ratio:.2f}x faster than 1.")
+    pools = sorted({(r["world"], r["pool_tokens"]) for r in rows if "pool_tokens" in r})
+    for world, pool in pools:
+        sized = ", sized from free memory" if args.plan_memory else ""
+        notes.append(f"- {world} GPU(s): the KV pool holds {pool} tokens "
+                     f"({args.kv_cache_dtype}{sized}).")
     for r in rows:
         if r.get("bare_step_ms"):
             gpus = f"{r['world']} GPU{'s' if r['world'] > 1 else ''}"

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 from common import copy_gbps, drain, machine, today, tr_serve, write_section
-from prefill import KV_BYTES_PER_TOKEN, VOCAB, WEIGHT_BYTES, write_checkpoint
+from prefill import VOCAB, WEIGHT_BYTES, kv_bytes_per_token, write_checkpoint
 
 
 def serve(engine, ids: list[int], decode_steps: int = 0) -> tuple[float, list[float], int]:
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--prefill-chunk", type=int, default=262144)
     ap.add_argument("--ckpt", default="/tmp/llama31-8b-random")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--section", default="prefix-cache")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--http", action="store_true", help="through a tr-serve, over HTTP")
@@ -97,7 +99,7 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(
         model=args.ckpt, device="cuda", world_size=world, dtype="bfloat16",
         max_model_len=longest, prefill_chunk=args.prefill_chunk, max_num_seqs=1,
-        kv_cache_tokens=per_rank))
+        kv_cache_tokens=per_rank, kv_cache_dtype=args.kv_cache_dtype))
     auto = engine.scheduler.choose_strategy
     g = torch.Generator().manual_seed(0)
 
@@ -130,7 +132,8 @@ def main() -> None:
         ttft, steps, _ = serve(engine, follow, args.decode_steps)
         row["decode_ms"] = statistics.median(steps[2:]) * 1e3
         shard = -(-(c + args.new) // world)
-        row["bound_ms"] = (WEIGHT_BYTES + shard * KV_BYTES_PER_TOKEN) / (copy * 1e9) * 1e3
+        row["bound_ms"] = (WEIGHT_BYTES + shard * kv_bytes_per_token(args.kv_cache_dtype)
+                           ) / (copy * 1e9) * 1e3
         rows.append(row)
         print(json.dumps(row), flush=True)
     engine.shutdown()
@@ -139,7 +142,7 @@ def main() -> None:
     text = report(rows, args, copy)
     print(text)
     if args.out:
-        write_section(args.out, "prefix-cache", text)
+        write_section(args.out, args.section, text)
 
 
 def pinned_gbps() -> tuple[float, float]:
@@ -267,7 +270,8 @@ def report(rows, args, copy) -> str:
     lines = [f"## Prefix caching: follow-ups on a cached prefix — {today()}", "",
              f"Machine: {machine()}; device copy {copy:.0f} GB/s.", "",
              "Command: `python benchmarks/prefix.py " + " ".join(sys.argv[1:]) + "`", "",
-             f"Llama-3.1-8B shape, random bf16 weights, {args.world} GPUs, through the engine. "
+             f"Llama-3.1-8B shape, random bf16 weights, {args.world} GPUs, through the engine, "
+             f"KV cache {args.kv_cache_dtype}. "
              f"A follow-up is the cached document plus {args.new} new tokens; its TTFT is the "
              "median of 3. Uncached: the document alone, and (up to "
              f"{args.uncached_max // 1024}K) the same follow-up prompt with the cache emptied.",
