@@ -126,3 +126,32 @@ def test_npu_takes_int8_and_refuses_fp8_naming_what_works(npu):
     backend.check_kv_cache_dtype("int8")
     with pytest.raises(ValueError, match="it takes auto, int8"):
         backend.check_kv_cache_dtype("fp8")
+
+
+def test_fp8_on_ascend_is_refused_before_any_rank_starts(tmp_path):
+    """Through the engine: the refusal comes from the cluster, before it spawns a rank."""
+    import multiprocessing
+
+    from checkpoints import make_checkpoint
+    from tr_engine.backends import get_backend
+
+    from tr_engine import LLM
+
+    ckpt = str(make_checkpoint("llama3.1", tmp_path))
+    with hccl_env_restored(), npu_standin.install():
+        try:
+            with pytest.raises(ValueError, match="not available on the npu backend.*it takes "
+                               "auto, int8"):
+                LLM(ckpt, device="npu", world_size=2, kv_cache_dtype="fp8")
+        finally:
+            get_backend.cache_clear()  # the backend built on the stand-in stays out of others
+    assert multiprocessing.active_children() == []
+
+
+def test_the_flag_reaches_the_config():
+    from tr_engine.cli import load_settings
+
+    assert load_settings(["--kv-cache-dtype", "int8"])[0].kv_cache_dtype == "int8"
+    assert load_settings([])[0].kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):
+        load_settings(["--kv-cache-dtype", "fp4"])
