@@ -183,7 +183,7 @@ def host_tier(args) -> None:
     world, doc_len, new = args.world, args.doc_len, args.new
     longest = doc_len + 2 * new + 64
     write_checkpoint(Path(args.ckpt), max(longest, args.idle_prompt + 128))
-    doc_bytes = doc_len * KV_BYTES_PER_TOKEN
+    doc_bytes = doc_len * kv_bytes_per_token(args.kv_cache_dtype)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gib = args.host_gib or min(1.05 * (args.docs - args.pool_docs) * doc_bytes, 0.8 * ram) \
         / 2**30
@@ -194,7 +194,7 @@ def host_tier(args) -> None:
             model=args.ckpt, device="cuda", world_size=world, dtype="bfloat16",
             max_model_len=max(longest, args.idle_prompt + 128),
             prefill_chunk=args.prefill_chunk, max_num_seqs=4, kv_cache_tokens=per_rank,
-            kv_offloading_size=offload))
+            kv_offloading_size=offload, kv_cache_dtype=args.kv_cache_dtype))
 
     g = torch.Generator().manual_seed(0)
 
