@@ -142,13 +142,85 @@ def compare(batch: int, n: int, variants: dict[str, tuple[int, ...]]) -> list[st
             for name, ms in rows]
 
 
+def _bf16_and_fp8_ms(batch: int, n: int, fmt) -> tuple[float, float]:
+    """The kernel's time on bf16 pages, then on the same pages quantized."""
+    from tr_engine.kv.quant import quantize
+
+    q, k, v, paged, _ = slabs(batch, n)
+    splits = cuda_decode.decode_splits(batch, HKV, SMS)
+    bf16 = graph_ms(lambda: cuda_decode.decode_attention(q, k, v, *paged, PAGE, D**-0.5,
+                                                         splits))
+    (k8, ks), (v8, vs) = quantize(k, fmt), quantize(v, fmt)
+    ms = graph_ms(lambda: cuda_decode.decode_attention(
+        q, k8, v8, *paged, PAGE, D**-0.5, splits, k_scale=ks, v_scale=vs))
+    return bf16, ms
+
+
+def fp8(copy: float) -> str:
+    """The kernel on fp8 (e4m3) pages with per-slot, per-head scales against bf16 pages:
+    checked against float64 over the pages times their scales, then timed; GB/s and the
+    bound count the bytes read (8-bit K/V plus float32 scales, or bf16 K/V)."""
+    from tr_engine.kv.quant import dequantize, kv_format, quantize
+
+    fmt = kv_format("fp8")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k8, ks = quantize(torch.randn(20000, HKV, D, device="cuda", generator=g) * 3, fmt)
+    v8, vs = quantize(torch.randn(20000, HKV, D, device="cuda", generator=g), fmt)
+    q = torch.randn(4, HQ, D, device="cuda", generator=g).bfloat16()
+    sizes = [5000, 0, 1, 14000]
+    tables, rows = paged_tables(sizes, 20000 // PAGE, seed=1)
+    lens = torch.tensor(sizes, device="cuda")
+    out, lse = cuda_decode.decode_attention(q, k8, v8, tables, rows, lens, PAGE, D**-0.5,
+                                            cuda_decode.decode_splits(4, HKV, SMS),
+                                            k_scale=ks, v_scale=vs)
+    k64, v64 = dequantize(k8, ks, torch.float64), dequantize(v8, vs, torch.float64)
+    worst = 0.0
+    for b, n in enumerate(sizes):
+        if n == 0:
+            assert (out[b] == 0).all() and torch.isneginf(lse[b]).all()
+            continue
+        idx = torch.arange(n, device="cuda")
+        slots = tables[b].long()[idx // PAGE] * PAGE + idx % PAGE
+        ref, ref_lse = attention64(q[b : b + 1], k64[slots], v64[slots], causal=False,
+                                   scale=D**-0.5)
+        worst = max(worst, (out[b].double() - ref[0]).abs().max().item())
+        assert (lse[b].double() - ref_lse[0]).abs().max() < 1e-3
+    assert worst < 2e-2, f"fp8 pages: {worst:.2e}"
+    lines = [f"## Decode attention kernel on fp8 pages — {today()}", "",
+             f"Machine: {machine()}; device copy {copy:.0f} GB/s (read + write). Command: "
+             "`python benchmarks/decode_kernels.py --fp8`.", "",
+             f"Correctness: fp8 e4m3 pages with their scales, bf16 queries: max abs error "
+             f"{worst:.1e} against float64 over the pages times their scales.", "",
+             "32 query / 8 KV heads, D 128, one query row; pages of 16 scattered at random; "
+             "bound = bytes read / (copy rate / 2).", "",
+             "| batch | keys per sequence | pages | us | GB/s read | bound (us) | vs bf16 |",
+             "|---|---|---|---|---|---|---|"]
+    for batch, n in ((1, 65536), (1, 131072), (1, 409600), (8, 8192), (32, 4096)):
+        bf16, ms = _bf16_and_fp8_ms(batch, n, fmt)
+        for name, t, per in (("bf16", bf16, 2 * HKV * D * 2), ("fp8", ms, 2 * HKV * (D + 4))):
+            read = batch * n * per
+            bound = read / (copy / 2 * 1e9) * 1e6
+            lines.append(f"| {batch} | {n // 1024}K | {name} | {t * 1e3:.1f} | "
+                         f"{read / t / 1e6:.0f} | {bound:.1f} | {bf16 / t:.2f}x |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main() -> None:
     global SMS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fp8", action="store_true",
+                    help="the kernel on fp8 pages against bf16 pages (section decode-kernel-fp8)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     SMS = torch.cuda.get_device_properties(0).multi_processor_count
     copy = copy_gbps()
+    if args.fp8:
+        text = fp8(copy)
+        print(text)
+        if args.out:
+            write_section(args.out, "decode-kernel-fp8", text)
+        return
     head = [f"## Decode attention kernel — {today()}", "",
             f"Machine: {machine()}; device copy {copy:.0f} GB/s (read + write).", "",
             "Command: `python benchmarks/decode_kernels.py " + " ".join(sys.argv[1:]) + "`", ""]
