@@ -249,3 +249,39 @@ def test_decode_and_follow_up_match_float64_with_the_same_quantization(llm, refe
           f"{off2:.2e}")
     assert min(off, off2) > 3 * TOL  # the check tells quantized reads from plain ones
 
+
+
+def test_a_long_prefix_is_read_in_pieces_on_one_rank(llm, reference, monkeypatch):
+    """The local strategy dequantizes a long prefix piece by piece (pieces of 16 keys here,
+    16384 in service): the same result as the reference."""
+    from tr_engine.worker import model_runner
+
+    if llm.config.world_size != 1:
+        pytest.skip("pieces are the local strategy's, on one rank")
+    monkeypatch.setattr(model_runner, "PREFIX_PIECE", 16)
+    calls = []
+    monkeypatch.setattr(model_runner.PrefillContext, "_local_over_pieces",
+                        _counting(model_runner.PrefillContext._local_over_pieces, calls))
+    name = llm.config.kv_cache_dtype
+    llm.engine.reset_prefix_cache()
+    doc = byte_ids(100, 21)
+    follow = doc + byte_ids(9, 22)
+    recorder = Recorder(llm.engine.scheduler)
+    try:
+        llm.generate([{"prompt_token_ids": doc}], GREEDY)
+        doc_chunks = chunk_starts(recorder.plans)
+        recorder.plans.clear()
+        out = llm.generate([{"prompt_token_ids": follow}], GREEDY)[0]
+        follow_chunks = chunk_starts(recorder.plans)
+    finally:
+        recorder.close()
+    assert out.num_cached_tokens == 96 and calls  # 96 cached keys in 6 pieces
+    check(reference, out, follow, doc_chunks + follow_chunks, kv_format(name),
+          f"{name} P1 prefix in pieces")
+
+
+def _counting(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapped

@@ -60,6 +60,11 @@ class PrefillContext(ForwardContext):
 
     def attention(self, layer, q, k, v, scale):
         cache = self.runner.kv
+        if (cache.format.quantized and self.plan.strategy == "local"
+                and self.prefix is not None and _count(self.prefix) > PREFIX_PIECE):
+            out = self._local_over_pieces(layer, q, k, v, scale)
+            cache.store(layer, self.store, k[: self.n_valid], v[: self.n_valid])
+            return out
         prefix = {}
         if self.prefix is not None:  # this rank's share of the prefix (order does not matter)
             prefix["k_prefix"], prefix["v_prefix"] = cache.gather(layer, self.prefix)
@@ -68,12 +73,36 @@ class PrefillContext(ForwardContext):
         cache.store(layer, self.store, k[: self.n_valid], v[: self.n_valid])
         return out
 
+    def _local_over_pieces(self, layer, q, k, v, scale):
+        """The local strategy over a long 8-bit prefix: dequantized PREFIX_PIECE keys at a
+        time, each piece attended without a mask and merged by its LSE, then the chunk's own
+        keys under the causal mask; no dequantized copy of the whole prefix is made."""
+        backend, slots = self.runner.backend, self.prefix
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        for a in range(0, _count(slots), PREFIX_PIECE):
+            piece = (slice(slots.start + a, min(slots.stop, slots.start + a + PREFIX_PIECE))
+                     if isinstance(slots, slice) else slots[a : a + PREFIX_PIECE])
+            kp, vp = self.runner.kv.gather(layer, piece)
+            backend.merge_(out, lse, *backend.attention(q, kp, vp, False, scale))
+        backend.merge_(out, lse, *backend.attention(q, k, v, True, scale))
+        return out.to(q.dtype)
+
 
 def _feeds(plan: StepPlan, token: int) -> bool:
     """Whether a step computes `token` at some position (a prompt chunk or a decode)."""
     parts = [plan.prefill, *plan.local]
     return any(token in p.tokens for p in parts if p is not None) or (
         plan.decode is not None and token in plan.decode.tokens)
+
+
+# Keys of an 8-bit prefix dequantized at a time by the local strategy (the largest key
+# piece the CUDA backend prepares cuDNN for, so each piece meets a prepared shape).
+PREFIX_PIECE = 16384
+
+
+def _count(slots) -> int:
+    return slots.stop - slots.start if isinstance(slots, slice) else len(slots)
 
 
 def _on(slots, device):
