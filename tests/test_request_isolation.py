@@ -104,14 +104,14 @@ def test_logit_bias_steers_greedy(llm):
 
 
 def test_a_request_that_raises_ends_alone(llm, alone, monkeypatch):
-    real = Sampler._sample_row
+    real = Sampler._generator  # a seeded row's own work, on the host
 
-    def faulty(self, logits, seq):
+    def faulty(self, seq):
         if seq.params.seed == 666 and len(seq.output_ids) == 1:
             raise RuntimeError("injected fault")
-        return real(self, logits, seq)
+        return real(self, seq)
 
-    monkeypatch.setattr(Sampler, "_sample_row", faulty)
+    monkeypatch.setattr(Sampler, "_generator", faulty)
     doomed = SamplingParams(max_tokens=NEW + 2, temperature=1.0, seed=666, ignore_eos=True)
     ref, bad, other = llm.generate(
         [REFERENCE, {"prompt_token_ids": [3, 4]}, {"prompt_token_ids": [9, 9, 9]}],

@@ -1,5 +1,5 @@
-"""Turning logits into tokens, per request: logit bias, penalties, temperature, top-k/p, min-p,
-seed.
+"""Turning logits into tokens, for the whole batch at once on the device: an allowed-token
+mask, logit bias, penalties, temperature, top-k, min-p, top-p, seeds, logprobs.
 
 Every value SamplingParams accepts must give a token, never an exception: a repetition
 penalty of 1e-38 or a temperature of 1e-30 overflows float32 logits to inf, and a top_p that
@@ -7,21 +7,64 @@ rounds to 0 in float32 would drop every token. So logits are kept finite (inf cl
 largest float32, NaN to -inf), the first token of the top-p order is always kept, and where
 the filters leave no probability mass the row falls back to greedy.
 
-A decode step's batch is sampled with one host synchronisation where it can: the greedy rows
-that need no bias or penalty take one argmax over the batch, the logprobs of every row come
-from one log-softmax and one top-k, and all of it reaches the host in one transfer. Other
-rows are drawn one by one.
+One pass over the batch: each step's per-row settings go to the device as one small tensor,
+every filter is a tensor operation over all the rows that sample, and the tokens with the
+logprobs come back in one transfer (the step's only wait for the device). The rows that
+sample, in this order:
+
+    logits (+ bias, penalties) / temperature
+    top_k: keep the logits >= the k-th largest        (one sort of the rows, if any asks)
+    softmax
+    min_p: keep p >= min_p x the largest p
+    top_p: keep the most likely tokens until the mass before the next reaches top_p,
+           measured on the min_p-filtered p (the first token always kept)
+    draw:  argmax(p / E), E ~ Exp(1) for each token (an exponential race: a draw from p
+           normalised)
+
+Each filter is a threshold on values, found in the sorted order and applied in the
+vocabulary's order, so ties at a threshold are all kept and a row's kept set never depends
+on the order of a sort or on the other rows. E for a seeded row comes from that request's
+own generator (one [V] draw a step), for the other rows from one draw of the sampler's
+generator: a seeded request gets the same tokens alone or in any batch, on any number of
+ranks (rank 0 samples), eager or from graphs.
+
+A row whose own work on the host raises (its generator, say) gets token 0 and its
+exception; if the batch's device work raises, the rows are sampled one by one, so a
+failure is the row's alone.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
 from ..outputs import TokenLogprob
+from . import penalties
+from .penalties import PenaltyState
 from .sequence import Sequence
+
+_MAX = torch.finfo(torch.float32).max
+_TINY = torch.finfo(torch.float32).tiny
+_NO_TOP_P = 2.0  # above any mass: keeps every token
+# the per-row settings, in the columns of the tensor that carries them to the device
+_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _REPETITION, _PRESENCE, _FREQUENCY = range(7)
+
+
+@dataclass
+class _Batch:
+    """What the host knows of a batch before any device work: the rows that sample, the
+    penalised rows, the biases, the logprobs asked for."""
+
+    settings: list[tuple[float, ...]]  # one per row, in the columns above
+    sampled: list[int]  # rows with temperature > 0
+    sort: bool  # a sampled row has top_k or top_p
+    min_p: bool
+    top_p: bool
+    penalized: list[int]
+    bias: list[tuple[int, int, float]]  # (row, token id, bias)
+    want: list[int]  # rows that ask for logprobs
+    top: int  # the most alternatives a row asks for
 
 
 class Sampler:
@@ -32,9 +75,11 @@ class Sampler:
         self.device = device
         self._default = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
+        self.penalties = PenaltyState(device)
 
     def forget(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
+        self.penalties.forget(seq_id)
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -46,68 +91,193 @@ class Sampler:
         return g
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 allowed: torch.Tensor | None = None
                  ) -> tuple[list[int], list[TokenLogprob | None], dict[int, Exception]]:
-        """logits `[B, V]`, one row per sequence (in order). Returns the tokens, their
-        logprobs, and the failures by row: a row that raised gets token 0 and its exception,
-        so one request's failure never reaches the others."""
-        logits = logits.float()
+        """logits `[B, V]`, one row per sequence (in order). `allowed`: which tokens each row
+        may take, None for all; an int32 bitmask `[B, ceil(V / 32)]` (bit j of word i allows
+        token 32 i + j; a row of -1 allows every token), applied before anything else.
+        Returns the tokens, their logprobs (the model's own, before the mask, bias,
+        penalties and temperature), and the failures by row: a row that raised gets token 0
+        and its exception, so one request's failure never reaches the others."""
+        raw = logits.float()
         n = len(seqs)
-        tokens: list[int] = [0] * n
-        logprobs: list[TokenLogprob | None] = [None] * n
         errors: dict[int, Exception] = {}
-        plain = [_plain_greedy(s.params) for s in seqs]
-        for i, seq in enumerate(seqs):
-            if not plain[i]:
-                try:
-                    tokens[i] = self._sample_row(logits[i], seq)
-                except Exception as e:  # reported to this request alone
-                    errors[i] = e
-        tops = [None if i in errors else seq.params.logprobs for i, seq in enumerate(seqs)]
-        if any(plain) or any(t is not None for t in tops):
-            try:
-                _batched(logits, plain, tops, tokens, logprobs)
-            except Exception:  # then row by row, where a failure is that row's alone
-                self._one_by_one(logits, seqs, plain, tops, tokens, logprobs, errors)
+        batch = _describe(seqs)
+        noise = self._noise(raw, seqs, batch.sampled, errors)
+        try:
+            picked = self._tokens(raw, seqs, batch, noise, allowed)
+        except Exception:  # then row by row, where a failure is that row's alone
+            picked = self._one_by_one(raw, seqs, batch, noise, allowed, errors)
+        got = _fetch(raw, picked, batch)
+        tokens = [0 if i in errors else int(t) for i, t in enumerate(got[:n])]
+        logprobs: list[TokenLogprob | None] = [None] * n
+        k = batch.top
+        lps, vals, ids = got[n : n + len(batch.want)], got[n + len(batch.want) :][::2], \
+            got[n + len(batch.want) :][1::2]
+        for j, i in enumerate(batch.want):
+            if i in errors:
+                continue
+            top = seqs[i].params.logprobs
+            alternatives = {int(t): v for t, v in zip(ids[j * k : j * k + top],
+                                                      vals[j * k : j * k + top])}
+            logprobs[i] = TokenLogprob(tokens[i], lps[j], alternatives)
         return tokens, logprobs, errors
 
-    def _one_by_one(self, logits, seqs, plain, tops, tokens, logprobs, errors) -> None:
-        for i, seq in enumerate(seqs):
-            try:
-                if plain[i]:
-                    tokens[i] = self._sample_row(logits[i], seq)
-                if tops[i] is not None:
-                    logprobs[i] = _logprobs(logits[i : i + 1], [tokens[i]], tops[i])[0]
-            except Exception as e:
-                errors[i], tokens[i] = e, 0
-
     def _sample_row(self, logits: torch.Tensor, seq: Sequence) -> int:
+        """One row `[V]` alone, through the same batched path."""
+        tokens, _, errors = self(logits[None], [seq])
+        if errors:
+            raise errors[0]
+        return tokens[0]
+
+    def _noise(self, raw: torch.Tensor, seqs: list[Sequence], sampled: list[int],
+               errors: dict[int, Exception]) -> torch.Tensor | None:
+        """E ~ Exp(1) `[len(sampled), V]`: a seeded row's from its own generator, the others'
+        from one draw of the sampler's. Drawn before any other work, so that sampling row by
+        row after a failure uses the same draws."""
+        if not sampled:
+            return None
+        noise = torch.empty(len(sampled), raw.shape[1], device=raw.device)
+        shared = [j for j, i in enumerate(sampled) if seqs[i].params.seed is None]
+        if len(shared) == len(sampled):
+            return noise.exponential_(generator=self._default)
+        if shared:
+            rows = torch.tensor(shared, dtype=torch.long).to(raw.device, non_blocking=True)
+            drawn = torch.empty(len(shared), raw.shape[1], device=raw.device)
+            noise.index_copy_(0, rows, drawn.exponential_(generator=self._default))
+        for j, i in enumerate(sampled):
+            if seqs[i].params.seed is not None:
+                try:
+                    noise[j].exponential_(generator=self._generator(seqs[i]))
+                except Exception as e:  # reported to this request alone
+                    errors[i] = e
+                    noise[j].fill_(1.0)
+        return noise
+
+    def _tokens(self, raw: torch.Tensor, seqs: list[Sequence], batch: _Batch,
+                noise: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
+        """The batch's tokens `[B]` (long, on the device); counts them for the penalties."""
+        dev, vocab = raw.device, raw.shape[1]
+        settings = torch.tensor(batch.settings, dtype=torch.float32).to(dev, non_blocking=True)
+        x = raw if allowed is None else apply_token_bitmask(raw, allowed)
+        bias = [(r, t, b) for r, t, b in batch.bias if t < vocab]
+        if bias:
+            flat = torch.tensor([r * vocab + t for r, t, _ in bias], dtype=torch.long)
+            values = torch.tensor([b for _, _, b in bias], dtype=torch.float32)
+            x = x.flatten().index_add(0, flat.to(dev, non_blocking=True),
+                                      values.to(dev, non_blocking=True)).view_as(x)
+        rows = pen_idx = None
+        if batch.penalized:
+            pen = [seqs[i] for i in batch.penalized]
+            rows = _index(self.penalties.rows(pen, vocab), dev)
+            whole = len(pen) == len(seqs)
+            pen_idx = None if whole else _index(batch.penalized, dev)
+            s = settings if whole else settings[pen_idx]
+            y = penalties.apply(x if whole else x[pen_idx], self.penalties.table[rows],
+                                s[:, _REPETITION], s[:, _PRESENCE], s[:, _FREQUENCY])
+            x = y if whole else x.index_copy(0, pen_idx, y)
+        x = _finite(x)
+        tokens = torch.argmax(x, dim=-1)
+        if batch.sampled:
+            whole = len(batch.sampled) == len(seqs)
+            idx = None if whole else _index(batch.sampled, dev)
+            s = settings if whole else settings[idx]
+            drawn = _draw(x if whole else x[idx], s, batch, noise)
+            tokens = drawn if whole else tokens.index_copy(0, idx, drawn)
+        if rows is not None:
+            self.penalties.record(pen, rows, tokens if pen_idx is None else tokens[pen_idx])
+        return tokens
+
+    def _one_by_one(self, raw, seqs, batch, noise, allowed, errors) -> torch.Tensor:
+        tokens = torch.zeros(len(seqs), dtype=torch.long, device=raw.device)
+        for i, seq in enumerate(seqs):
+            if i in errors:
+                continue
+            try:
+                one = _describe([seq])
+                own = None
+                if one.sampled:
+                    own = noise[batch.sampled.index(i)][None]
+                mask = None if allowed is None else allowed[i : i + 1]
+                tokens[i] = self._tokens(raw[i : i + 1], [seq], one, own, mask)[0]
+            except Exception as e:  # reported to this request alone
+                errors[i] = e
+        return tokens
+
+
+def _describe(seqs: list[Sequence]) -> _Batch:
+    settings, sampled, penalized, bias, want = [], [], [], [], []
+    sort = min_p = top_p = False
+    top = 0
+    for i, seq in enumerate(seqs):
         p = seq.params
-        logits = _finite(_penalize(_bias(logits, p.logit_bias), seq))
-        if p.greedy:
-            return int(torch.argmax(logits))
-        logits = _finite(logits / p.temperature)
-        if p.top_k > 0 and p.top_k < logits.shape[0]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        if p.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p, and always the first token
-            # (a top_p below float32's smallest number is 0 here: every token would drop)
-            drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= p.top_p
-            drop[0] = False
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        total = float(probs.sum())
-        if not (total > 0.0 and math.isfinite(total)):
-            return int(torch.argmax(logits))  # nothing left to draw from: greedy
-        return int(torch.multinomial(probs, 1, generator=self._generator(seq)))
+        if not p.greedy:
+            sampled.append(i)
+            sort = sort or p.top_k > 0 or p.top_p < 1.0
+            min_p = min_p or p.min_p > 0.0
+            top_p = top_p or p.top_p < 1.0
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            penalized.append(i)
+        if p.logit_bias:
+            bias += [(i, t, b) for t, b in p.logit_bias]
+        if p.logprobs is not None:
+            want.append(i)
+            top = max(top, p.logprobs)
+        settings.append((
+            max(p.temperature, _TINY) if not p.greedy else 1.0,
+            float(p.top_k), p.top_p if p.top_p < 1.0 else _NO_TOP_P, p.min_p,
+            p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
+    return _Batch(settings, sampled, sort, min_p, top_p, penalized, bias, want, top)
 
 
-_MAX = torch.finfo(torch.float32).max
+def _draw(x: torch.Tensor, s: torch.Tensor, batch: _Batch, noise: torch.Tensor
+          ) -> torch.Tensor:
+    """The sampled rows' tokens `[n]`: x `[n, V]` finite logits, s `[n, 7]` their settings."""
+    vocab = x.shape[1]
+    x = _finite(x / s[:, _TEMPERATURE : _TEMPERATURE + 1])
+    order = None
+    if batch.sort:
+        ranked, order = torch.sort(x, dim=-1, descending=True)
+        k = s[:, _TOP_K].long()
+        k = torch.where((k <= 0) | (k > vocab), vocab, k)
+        kth = ranked.gather(1, (k - 1)[:, None])
+        x = x.masked_fill(x < kth, float("-inf"))
+    p = torch.softmax(x, dim=-1)
+    if batch.min_p:
+        p = p.masked_fill(p < s[:, _MIN_P : _MIN_P + 1] * p.amax(-1, keepdim=True), 0.0)
+    if batch.top_p:
+        # the logits' order is the probabilities' (softmax is monotone): no second sort
+        ranked = p.gather(1, order)
+        before = torch.cumsum(ranked, dim=-1) - ranked
+        keep = (before < s[:, _TOP_P : _TOP_P + 1]) & (ranked > 0)
+        keep[:, 0] = True
+        last = keep.sum(-1, keepdim=True) - 1
+        p = p.masked_fill(p < ranked.gather(1, last), 0.0)
+    drawn = torch.argmax(p / noise.clamp_min(_TINY), dim=-1)
+    total = p.sum(-1)
+    usable = (total > 0) & torch.isfinite(total)  # else nothing left to draw from: greedy
+    return torch.where(usable, drawn, torch.argmax(x, dim=-1))
+
+
+def _fetch(raw: torch.Tensor, tokens: torch.Tensor, batch: _Batch) -> list[float]:
+    """The tokens, and each logprobs row's chosen logprob and (value, id) alternatives,
+    brought to the host in one transfer."""
+    parts = [tokens.double()]
+    if batch.want:
+        whole = len(batch.want) == len(tokens)
+        idx = None if whole else _index(batch.want, raw.device)
+        lp = torch.log_softmax(raw if whole else raw[idx], dim=-1)
+        chosen = tokens if whole else tokens[idx]
+        parts.append(lp.gather(1, chosen[:, None])[:, 0].double())
+        if batch.top > 0:
+            vals, ids = torch.topk(lp, batch.top, dim=-1)
+            parts.append(torch.stack([vals.double(), ids.double()], dim=-1).flatten())
+    return torch.cat(parts).tolist()
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
@@ -116,74 +286,12 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=float("-inf"), posinf=_MAX, neginf=float("-inf"))
 
 
-def _bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
-    """OpenAI's logit_bias: added to the logits of the given token ids before anything else."""
-    if not bias:
-        return logits
-    ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=logits.device)
-    values = torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
-    keep = ids < logits.shape[0]
-    return logits.index_add(0, ids[keep], values[keep])
-
-
-def _penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    p = seq.params
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)),
-                            dtype=torch.long, device=logits.device)
-        seen = seen[seen < logits.shape[0]]
-        vals = logits[seen]
-        logits = logits.clone()
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
-                                   vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        counts = Counter(seq.output_ids)
-        ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
-        n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
-        logits = logits.clone()
-        logits[ids] -= p.presence_penalty + p.frequency_penalty * n
-    return logits
-
-
-def _plain_greedy(p) -> bool:
-    """Greedy with nothing that changes the logits first: the argmax of the batch."""
-    return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0
-            and not p.presence_penalty and not p.frequency_penalty)
-
-
-def _batched(logits: torch.Tensor, plain: list[bool], tops: list[int | None],
-             tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
-    """The plain greedy rows' tokens (one argmax over the batch) and the logprobs of the
-    rows that ask for them (one log-softmax, one top-k), brought to the host in one
-    transfer: a decode step waits for the device once. Fills `tokens` and `logprobs`."""
-    n = len(plain)
-    picked = torch.argmax(_finite(logits), dim=-1)
-    parts = [picked.double()]
-    want = [i for i in range(n) if tops[i] is not None]
-    k = max((tops[i] for i in want), default=0)
-    if want:
-        chosen = picked
-        if not all(plain):  # the rows sampled on the host bring their tokens
-            host = torch.tensor(tokens, dtype=torch.long).to(logits.device, non_blocking=True)
-            mask = torch.tensor(plain).to(logits.device, non_blocking=True)
-            chosen = torch.where(mask, picked, host)
-        lp = torch.log_softmax(logits, dim=-1)
-        parts.append(lp.gather(1, chosen[:, None])[:, 0].double())
-        if k > 0:
-            vals, ids = torch.topk(lp, k, dim=-1)
-            parts += [vals.double().flatten(), ids.double().flatten()]
-    got = torch.cat(parts).tolist()
-    for i in range(n):
-        if plain[i]:
-            tokens[i] = int(got[i])
-    if not want:
-        return
-    lps, vals, ids = got[n : 2 * n], got[2 * n : 2 * n + n * k], got[2 * n + n * k :]
-    for i in want:
-        top = tops[i]
-        alternatives = {int(t): v for t, v in zip(ids[i * k : i * k + top],
-                                                  vals[i * k : i * k + top])}
-        logprobs[i] = TokenLogprob(tokens[i], lps[i], alternatives)
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits `[B, V]` with the tokens a bitmask `[B, ceil(V / 32)]` int32 leaves out set to
+    -inf (bit j of word i: token 32 i + j allowed)."""
+    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    ok = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, : logits.shape[1]]
+    return logits.masked_fill(~ok, float("-inf"))
 
 
 def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
