@@ -139,7 +139,7 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
         if bad is not None:
             raise APIError(400, f"Token id {bad} is outside the vocabulary "
                            f"(0..{serving.vocab_size - 1}).", "tokens", "invalid_value")
-        text = await serving.in_pool(serving.tokenizer.decode, req.tokens)
+        text = await serving.in_pool(serving.decode, req.tokens)
         return DetokenizeResponse(prompt=text)
 
     return app

@@ -58,7 +58,7 @@ async def create_completion(
         echo = None
         if req.echo:  # the prompt as the client sent it, or its decoded ids
             echo = text if text is not None else \
-                await serving.in_pool(serving.tokenizer.decode, ids)
+                await serving.in_pool(serving.decode, ids)
         echoes.append(echo)
     rid = rid.named(req.request_id)
     request_id = rid.public
@@ -147,6 +147,7 @@ def _events(serving: Serving, request_id: str, streams: list[RequestStream], log
             prompt_lps: bool = False) -> AsyncIterator[str]:
     """Stream i is choice i: choice j of prompt i // n."""
     created = int(time.time())
+    sent = [0] * len(streams)  # characters of each choice's text streamed so far
 
     def chunk(choices: list[CompletionChoice], usage=None) -> str:
         return sse(CompletionResponse(id=request_id, created=created, model=serving.model_name,
@@ -154,11 +155,12 @@ def _events(serving: Serving, request_id: str, streams: list[RequestStream], log
 
     def choice(i: int, out, c, with_logprobs: bool) -> CompletionChoice:
         echo = echoes[i // n]
-        offset = len(echo or "") + len(c.text) - len(c.delta_text)
+        offset = len(echo or "") + sent[i]
+        sent[i] += len(c.delta_text)
         lps, prefix = None, ""
         if with_logprobs:
             lps = serving.completion_logprobs(c.delta_logprobs, offset)
-            if echo is not None and len(c.token_ids) == len(c.delta_token_ids):
+            if echo is not None and c.num_tokens == len(c.delta_token_ids):
                 # the first token's chunk: the echoed prompt and its logprobs go before it
                 lps, prefix = _join(_echo_logprobs(serving, out), lps), echo
         first_token = len(c.token_ids) == len(c.delta_token_ids)

@@ -446,7 +446,7 @@ def usage(outs: RequestOutput | list[RequestOutput], n: int | None = None) -> Us
     outs = outs if isinstance(outs, list) else [outs]
     firsts = outs[:: n or len(outs)]  # each prompt's first choice
     prompt = sum(len(o.prompt_token_ids) for o in firsts)
-    completion = sum(len(o.outputs[0].token_ids) for o in outs)
+    completion = sum(o.outputs[0].num_tokens for o in outs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion,
                      # each prompt as its first choice met it (the others reuse its KV)

@@ -71,8 +71,11 @@ class Serving:
         self.settings = settings
         self.metrics = metrics
         self.model_name: str = engine.model_name
-        self.tokenizer = engine.tokenizer
-        self.vocab_size = len(self.tokenizer)
+        # each thread its own tokenizer: the pool's, the event loop's, the engine's
+        self.tokenizers = engine.tokenizers
+        self.tokenizers.prepare(_TOKENIZER_THREADS)
+        tokenizer = self.tokenizers.get()
+        self.vocab_size = len(tokenizer)
         self.max_model_len: int = engine.max_model_len
         # what a request leaves unset: the model's generation config's values, where it has
         # them (--generation-config), else the plain ones
@@ -87,7 +90,7 @@ class Serving:
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
         # No token is longer than this many characters, so a text of more than
         # context_limit * max_token_chars characters cannot fit and is refused untokenized.
-        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
+        self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1) or 1
         self.max_prompt_chars = self.context_limit * self.max_token_chars
         self.tool_parser = make_parser(settings.tool_call_parser) \
             if settings.enable_auto_tool_choice else None
@@ -134,8 +137,14 @@ class Serving:
     async def encode_text(self, text: str, add_special_tokens: bool = True,
                           param: str = "prompt") -> list[int]:
         self.check_chars(len(text), param)
-        return await self.in_pool(
-            functools.partial(self.tokenizer.encode, add_special_tokens=add_special_tokens), text)
+        return await self.in_pool(self._encode, text, add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizers.get().encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids to text, on the calling thread's own tokenizer (run it in the pool)."""
+        return self.tokenizers.get().decode(ids)
 
     async def encode_chat(self, messages: list[dict], **options) -> list[int]:
         """The chat template applied (options: LLMEngine.encode_chat's) and tokenized."""
@@ -199,6 +208,8 @@ class Serving:
             stop=req.stop if req.stop is not None else (),  # "" is refused, not ignored
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
+            # a stream needs only each step's delta; a whole response, the whole at the end
+            output_kind="delta" if req.stream else "final",
             logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens if skip_special_tokens is None
@@ -321,7 +332,7 @@ class Serving:
         return result
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.tokenizers.get().decode([token_id])
 
     def chat_logprobs(self, entries: list[TokenLogprob] | None, top_n: int) -> ChatLogprobs:
         content = []

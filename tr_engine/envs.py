@@ -53,6 +53,12 @@ def kv_unit_scale() -> bool:
     return os.environ.get("TR_ENGINE_KV_UNIT_SCALE", "") not in ("", "0", "false", "no")
 
 
+def max_queued_outputs() -> int:
+    """TR_ENGINE_MAX_QUEUED_OUTPUTS: how many of a request's outputs (about one a token) may
+    wait unread before its reader counts as gone and the request is aborted (default 1024)."""
+    return _int("TR_ENGINE_MAX_QUEUED_OUTPUTS") or 1024
+
+
 def torchrun() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) when started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
     with MASTER_ADDR/MASTER_PORT for the rendezvous), else None."""

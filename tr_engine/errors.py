@@ -21,8 +21,14 @@ class RequestFailed(RuntimeError):
     (HTTP 500)."""
 
 
+class ReaderTooSlow(RequestFailed):
+    """The request's outputs piled up unread past envs.max_queued_outputs (a client that
+    stopped reading): it was aborted and its KV freed."""
+
+
 class EngineDead(RuntimeError):
     """The engine loop or a rank has died (HTTP 503 until restarted)."""
 
 
-__all__ = ["EngineDead", "InvalidParameter", "QueueFull", "RequestFailed", "RequestTooLong"]
+__all__ = ["EngineDead", "InvalidParameter", "QueueFull", "ReaderTooSlow", "RequestFailed",
+           "RequestTooLong"]

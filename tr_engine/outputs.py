@@ -16,8 +16,12 @@ class TokenLogprob:
 
 @dataclass
 class CompletionOutput:
-    """One generated sequence. `text`/`token_ids` are cumulative (generated part only);
-    the `delta_*` fields hold what this step added, for streaming."""
+    """One generated sequence, as one step left it. The `delta_*` fields hold what the step
+    added (a token, the text it completes, its logprob): each output costs the same however
+    long the sequence has grown. `text`, `token_ids` and `logprobs` are the whole output
+    (generated part only), given once, in the last output of a request whose
+    SamplingParams.output_kind is "final" (the default); otherwise they stay empty.
+    `num_tokens` counts the tokens generated so far."""
 
     index: int = 0
     text: str = ""
@@ -28,6 +32,7 @@ class CompletionOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[TokenLogprob] | None = None
+    num_tokens: int = 0
 
 
 @dataclass

@@ -64,7 +64,9 @@ class SamplingParams:
     -> a bias in [-100, 100] added to its logit before anything else; given as a dict or
     pairs, kept as sorted pairs. `prompt_logprobs`: as `logprobs`, for every prompt token
     but the first (which nothing predicts); the prefill then keeps every position's logits,
-    so it is limited to prompts of PROMPT_LOGPROBS_MAX_TOKENS.
+    so it is limited to prompts of PROMPT_LOGPROBS_MAX_TOKENS. `output_kind`: "final" gives
+    the whole text, token ids and logprobs with the last output (each output also holds its
+    step's delta); "delta" gives only the deltas, for a stream that never needs the whole.
 
     Masks on the next token (engine/token_mask.py): `min_tokens` (no EOS or stop token id
     before that many tokens, and no stop string either), `bad_words` (vLLM's: a word's last
@@ -93,6 +95,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None
     structured_outputs: StructuredOutputs | None = None
+    output_kind: str = "final"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +154,8 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 and isinstance(b, int | float)
                  and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
              "logit_bias", "must map token ids to biases in [-100, 100]"),
+            (self.output_kind in ("final", "delta"),
+             "output_kind", f"must be 'final' or 'delta', got {self.output_kind!r}"),
         ]
         for ok, param, message in checks:
             if not ok:

@@ -27,12 +27,12 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from .. import envs
 from ..config import EngineConfig
-from ..errors import EngineDead, QueueFull
+from ..errors import EngineDead, QueueFull, ReaderTooSlow
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .llm_engine import LLMEngine
@@ -67,16 +67,45 @@ class EngineStats:
     batched_tokens: tuple = ((), [0], 0.0)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+def _put_all(items: list[tuple[_Outputs, object]]) -> None:
+    for outputs, item in items:
+        outputs.put(item)
+
+
+class _Outputs:
+    """One request's outputs waiting for its reader, on the reader's event loop. At most
+    `bound` wait: a reader that far behind has stopped reading (a client that went quiet
+    without hanging up), so the request is aborted, freeing its KV, and the reader gets
+    what waited, then ReaderTooSlow. The last output or an error always gets in."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, bound: int,
+                 abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.bound = bound
+        self._abort = abort
+        self.overflowed = False
+
+    def put(self, item) -> None:
+        if self.overflowed:
+            return
+        last = isinstance(item, BaseException) or item.finished
+        if self.queue.qsize() >= self.bound and not last:
+            self.overflowed = True
+            self.queue.put_nowait(ReaderTooSlow(
+                f"{self.bound} outputs waited unread; the request was aborted"))
+            self._abort(self.request_id)
+            return
+        self.queue.put_nowait(item)
 
 
 class AsyncEngine:
     """Start with `AsyncEngine.start(config)` (blocking: loads weights on every rank, plans
     memory, logs each phase with its time). Then, from the server's event loop:
 
-    - `engine.tokenizer`: the Hugging Face tokenizer; `engine.model_name`;
+    - `engine.tokenizer`: the Hugging Face tokenizer, the calling thread's own copy
+      (`engine.tokenizers.get()`: never share one between threads); `engine.model_name`;
       `engine.max_model_len`; `engine.kv_capacity_tokens` (all ranks together);
       `engine.max_open_requests` (max_num_seqs + max_waiting).
     - `engine.encode_chat(messages, **options) -> list[int]`: the chat template applied
@@ -86,28 +115,30 @@ class AsyncEngine:
     - `engine.check(prompt_token_ids, params)`: raises RequestTooLong (message names the
       prompt length, max_tokens, and the limit) if it can never fit.
     - `async for out in engine.generate(request_id, prompt_token_ids, params, prompt=None)`:
-      yields a RequestOutput each time new tokens arrive (cumulative text/token_ids plus
-      delta_text/delta_token_ids), the last one with finished=True and finish_reason set.
+      yields a RequestOutput each time new tokens arrive (delta_text/delta_token_ids/
+      delta_logprobs; the whole text, token ids and logprobs in the last one, which has
+      finished=True and finish_reason set, for params.output_kind "final").
       `generate` itself raises RequestTooLong, QueueFull or EngineDead, before anything is
       queued. At most max_num_seqs + max_waiting requests are open at once (running,
       waiting, or on their way to the scheduler): a burst gets exactly as many in as
       requests sent one at a time. A request whose serving raised ends with RequestFailed
       out of its iteration; the others go on. If the consumer stops iterating (client
-      gone), the request is aborted and its KV freed.
+      gone), the request is aborted and its KV freed; so it is if it falls more than
+      envs.max_queued_outputs outputs behind (ReaderTooSlow out of its iteration).
     - `engine.abort(request_id)`; `engine.stats() -> EngineStats`; `engine.healthy` (False
       once the loop or a rank died); `engine.shutdown(step_timeout)` stops every rank.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         # SamplingParams fields a request leaves unset take these (generation_config.json)
         self.sampling_defaults = dict(engine.sampling_defaults)
         self.kv_capacity_tokens = engine.kv_capacity * engine.world
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Outputs] = {}
+        self._max_queued = envs.max_queued_outputs()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -130,6 +161,15 @@ class AsyncEngine:
                                           daemon=True)
         self._thread.start()
         self._watchdog.start()
+
+    @property
+    def tokenizer(self):
+        """The calling thread's own copy of the tokenizer (see tokenizers.py)."""
+        return self.engine.tokenizer
+
+    @property
+    def tokenizers(self):
+        return self.engine.tokenizers
 
     @classmethod
     def start(cls, config: EngineConfig) -> AsyncEngine:
@@ -232,8 +272,7 @@ class AsyncEngine:
                 if done:
                     self._live.discard(request_id)
                 if target is not None:
-                    loop, q = target
-                    by_loop.setdefault(loop, []).append((q, item))
+                    by_loop.setdefault(target.loop, []).append((target, item))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
@@ -241,8 +280,8 @@ class AsyncEngine:
         self._dead = error
         with self._lock:
             streams = list(self._streams.values())
-        for loop, q in streams:
-            loop.call_soon_threadsafe(q.put_nowait, error)
+        for outputs in streams:
+            outputs.loop.call_soon_threadsafe(outputs.put, error)
 
     def _watch(self) -> None:
         quiet_after = envs.heartbeat_timeout_s()
@@ -306,7 +345,7 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDead(str(self._dead))
         self.check(prompt_token_ids, params)
-        q: asyncio.Queue = asyncio.Queue()
+        outputs = _Outputs(request_id, asyncio.get_running_loop(), self._max_queued, self.abort)
         config = self.engine.config
         with self._lock:
             if request_id in self._streams:
@@ -315,10 +354,10 @@ class AsyncEngine:
                 raise QueueFull(f"the queue is full ({config.max_num_seqs} requests running "
                                 f"and {config.max_waiting} waiting)")
             self._live.add(request_id)
-            self._streams[request_id] = (asyncio.get_running_loop(), q)
+            self._streams[request_id] = outputs
         self._inbox.put(("add", (request_id, list(prompt_token_ids), params, prompt)))
         self._wake.set()
-        return self._outputs(request_id, q)
+        return self._outputs(request_id, outputs.queue)
 
     async def _outputs(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False

@@ -28,12 +28,17 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_ids[-6:])
         self.prefix_offset = 0  # window start
         self.read_offset = len(self.ids)  # tokens already turned into text
-        self.text = ""
+        self._pieces: list[str] = []  # the text, joined only when asked for
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = self._backend = None
         if DecodeStream is not None and backend is not None:
             self._backend = backend
             self._stream = DecodeStream(list(self.ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def text(self) -> str:
+        """All the text so far (joined on each call: the engine uses what `add` returns)."""
+        return "".join(self._pieces)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
@@ -47,7 +52,7 @@ class IncrementalDetokenizer:
                 return ""
             self.prefix_offset = self.read_offset  # as below: the window this text ended
             self.read_offset = len(self.ids)
-            self.text += delta
+            self._pieces.append(delta)
             return delta
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
@@ -55,7 +60,7 @@ class IncrementalDetokenizer:
             delta = full[len(prefix) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            self.text += delta
+            self._pieces.append(delta)
             return delta
         return ""
 
@@ -67,5 +72,5 @@ class IncrementalDetokenizer:
         full = self._decode(self.ids[self.prefix_offset :])
         delta = full[len(prefix) :]
         self.read_offset = len(self.ids)
-        self.text += delta
+        self._pieces.append(delta)
         return delta

@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..attention.cost import choose
 from ..config import EngineConfig
@@ -28,6 +29,7 @@ from .sampler import Sampler, prompt_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .token_mask import TokenMasks
+from .tokenizers import ThreadTokenizers
 
 log = logging.getLogger("tr_engine")
 
@@ -52,13 +54,22 @@ BATCHED_TOKENS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 409
                           16384, 32768, 65536, 131072, 262144)
 
 
+@dataclass
+class _Outgoing:
+    """A request's text on its way out: what is held back (it could still begin a stop
+    string) and, for output_kind "final", the pieces handed out (joined once, at the end)."""
+
+    held: str = ""
+    sent: list[str] | None = None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         t = time.perf_counter()
         model_path = resolve_model_path(config.model)
         # before the ranks start: a bad generation_config.json stops start-up at once
         self.sampling_defaults = sampling_defaults(model_path, config.generation_config)
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizers = ThreadTokenizers(load_tokenizer(model_path))
         self.cluster = Cluster(config, model_path)
         self.config = self.cluster.config  # world_size as the cluster found it (torchrun)
         self.info = info = self.cluster.info
@@ -69,13 +80,13 @@ class LLMEngine:
         self.eos_ids = set(mc.eos_token_ids)
         self.scheduler = Scheduler(self.config, info, self._choose_strategy)
         self.sampler = Sampler(self.cluster.device, config.seed)
-        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, self.eos_ids)
-        self.masks = TokenMasks(self.grammars, self.tokenizer, mc.vocab_size, self.eos_ids,
+        self.grammars = GrammarCompiler(self.tokenizers.own(), mc.vocab_size, self.eos_ids)
+        self.masks = TokenMasks(self.grammars, self.tokenizers.own(), mc.vocab_size, self.eos_ids,
                                 self.cluster.device, config.max_num_seqs + 1)
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
-        self._emitted: dict[int, int] = {}
+        self._text: dict[int, _Outgoing] = {}
         self._prompt_lps: dict[int, list] = {}  # seq_id -> prompt logprobs so far
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -89,6 +100,11 @@ class LLMEngine:
                  "tokens", time.perf_counter() - t, mc.architecture, self.config.world_size,
                  self.cluster.backend.name, self.max_model_len, self.kv_capacity * self.world)
         log.info("%s", describe(self.sampling_defaults, config.generation_config))
+
+    @property
+    def tokenizer(self):
+        """The calling thread's own copy of the tokenizer (see tokenizers.py)."""
+        return self.tokenizers.get()
 
     @property
     def world(self) -> int:
@@ -165,7 +181,7 @@ class LLMEngine:
         self._seqs[seq.seq_id] = seq
         self._detok[seq.seq_id] = IncrementalDetokenizer(
             self.tokenizer, seq.prompt_ids, params.skip_special_tokens)
-        self._emitted[seq.seq_id] = 0
+        self._text[seq.seq_id] = _Outgoing(sent=[] if params.output_kind == "final" else None)
         return seq
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -173,7 +189,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        return self._output(seq)
+        return self._output(seq, None)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -275,7 +291,8 @@ class LLMEngine:
         self.scheduler.finish(seq, "error")
         seq.metrics.finished = time.time()
         self._forget(seq)
-        completion = CompletionOutput(token_ids=list(seq.output_ids), finish_reason="error")
+        completion = CompletionOutput(token_ids=list(seq.output_ids), finish_reason="error",
+                                      num_tokens=len(seq.output_ids))
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, [completion], True,
                              seq.metrics, error=RequestFailed(
                                  f"serving this request failed ({type(error).__name__})"))
@@ -303,7 +320,8 @@ class LLMEngine:
         seq.metrics.first_token = seq.metrics.first_token or now
         seq.metrics.last_token = now
         self.generation_tokens_total += 1
-        if logprob is not None:
+        out = self._text[seq.seq_id]
+        if logprob is not None and out.sent is not None:  # kept for the whole view at the end
             seq.logprobs.append(logprob)
         detok = self._detok[seq.seq_id]
         reason = None
@@ -314,57 +332,63 @@ class LLMEngine:
         elif token in self.eos_ids and not p.ignore_eos:
             reason = "stop"
         else:
-            detok.add(token)
+            out.held += detok.add(token)
             # vLLM's min_tokens holds off stop strings too
-            if p.stop and len(seq.output_ids) >= p.min_tokens and self._cut_at_stop(seq, detok):
+            if p.stop and len(seq.output_ids) >= p.min_tokens and self._cut_at_stop(seq, out):
                 reason = "stop"
         if reason is None and (len(seq.output_ids) >= p.max_tokens
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
             if reason == "length":
-                detok.flush()
+                out.held += detok.flush()
             self.scheduler.finish(seq, reason)
-        return self._output(seq)
+        return self._output(seq, token, logprob)
 
-    def _cut_at_stop(self, seq: Sequence, detok: IncrementalDetokenizer) -> bool:
-        """Truncate the text at the first stop string, if one has appeared."""
-        text, p = detok.text, seq.params
-        longest = max(len(s) for s in p.stop)
-        search_from = max(0, self._emitted[seq.seq_id] - longest)
-        hits = [(text.find(s, search_from), s) for s in p.stop]
+    def _cut_at_stop(self, seq: Sequence, out: _Outgoing) -> bool:
+        """Truncate the text at the first stop string, if one has appeared. Only the text
+        not yet handed out can hold one: what went out was checked, and what could begin a
+        stop string was held back."""
+        p = seq.params
+        hits = [(out.held.find(s), s) for s in p.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
             return False
         i, s = min(hits)
-        detok.text = text[: i + len(s)] if p.include_stop_str_in_output else text[:i]
+        out.held = out.held[: i + len(s)] if p.include_stop_str_in_output else out.held[:i]
         seq.stop_reason = s
         return True
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        detok = self._detok[seq.seq_id]
-        text = detok.text
-        emitted = self._emitted[seq.seq_id]
-        end = len(text)
-        if not seq.finished and seq.params.stop:
+    def _output(self, seq: Sequence, token: int | None, logprob=None) -> RequestOutput:
+        """What this step adds to `seq` (its token, if any, the text it completes and its
+        logprob): O(1) in the output's length. The whole text, token ids and logprobs come
+        once, with the last output, and only for output_kind "final"."""
+        out, p = self._text[seq.seq_id], seq.params
+        delta = out.held
+        if not seq.finished and p.stop:
             # hold back what could still turn out to be the start of a stop string
-            end = max(emitted, len(text) - (max(len(s) for s in seq.params.stop) - 1))
-        delta = text[emitted:end]
-        self._emitted[seq.seq_id] = end
-        n_new = 1 if seq.output_ids else 0
+            cut = max(0, len(delta) - (max(len(s) for s in p.stop) - 1))
+            delta, out.held = delta[:cut], delta[cut:]
+        else:
+            out.held = ""
+        if delta and out.sent is not None:
+            out.sent.append(delta)
         completion = CompletionOutput(
             index=0,
-            text=text[:end],
-            token_ids=list(seq.output_ids),
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
-            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             delta_text=delta,
-            delta_token_ids=seq.output_ids[-n_new:] if seq.finish_reason != "abort" else [],
-            delta_logprobs=seq.logprobs[-1:] if seq.params.logprobs is not None else None,
+            delta_token_ids=[token] if token is not None else [],
+            delta_logprobs=None if p.logprobs is None else [logprob] if logprob is not None
+            else [],
+            num_tokens=len(seq.output_ids),
         )
         prompt_lps = self._prompt_lps.get(seq.seq_id)
         if seq.finished:
+            if out.sent is not None:  # the whole view, built once
+                completion.text = "".join(out.sent)
+                completion.token_ids = list(seq.output_ids)
+                completion.logprobs = list(seq.logprobs) if p.logprobs is not None else None
             seq.metrics.finished = time.time()
             self._forget(seq)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, [completion],
@@ -375,7 +399,7 @@ class LLMEngine:
         self._prompt_lps.pop(seq.seq_id, None)
         self._seqs.pop(seq.seq_id, None)
         self._detok.pop(seq.seq_id, None)
-        self._emitted.pop(seq.seq_id, None)
+        self._text.pop(seq.seq_id, None)
         self.sampler.forget(seq.seq_id)
         self.masks.forget(seq.seq_id)
 
