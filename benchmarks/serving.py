@@ -9,7 +9,10 @@ Llama-3.1-8B shape, random bf16 weights (the checkpoint of benchmarks/prefill.py
 --tiny a 2-layer Llama of hidden size 64 written by transformers, for a run on the CPU. One
 `tr-serve` per world size in --worlds, one after the other, driven by the openai client
 (AsyncOpenAI): completions of random byte token ids (fresh for every request, so the prefix
-cache does not hit), streamed, temperature 0, ignore_eos. Every time is client wall clock
+cache does not hit), streamed, temperature 0, ignore_eos. With --temperature (and --top-p,
+--top-k) the throughput scenario also runs each C sampled, and with --repetition-penalty
+sampled with that penalty too, on the same server right after greedy: the rows side by side,
+each against greedy's tokens/s. Every time is client wall clock
 (time.perf_counter), from just before the request is sent.
 
 The server sends no chunk for a token that adds no text (a random model's tokens mostly
@@ -205,11 +208,14 @@ class Client:
         return self.rng.choices(range(256), k=n)  # byte tokens: in every byte-level vocabulary
 
     async def stream(self, n_prompt: int, max_tokens: int, rec: Stream | None = None,
-                     schema: bool = False) -> Stream:
+                     schema: bool = False, sampling: dict | None = None) -> Stream:
         rec = rec or Stream()
         ids = self.fresh(n_prompt)
         extra = {} if self.args.no_logprobs else {"logprobs": 0}
-        body = {"ignore_eos": True}
+        sampling = dict(sampling or GREEDY)  # top_k and repetition_penalty are vLLM's extras
+        body = {"ignore_eos": True, **{k: sampling.pop(k) for k in ("top_k",
+                                                                    "repetition_penalty")
+                                       if k in sampling}}
         if schema:  # a string that cannot close before max_tokens (tokens of <= 128 chars)
             body["structured_outputs"] = {"json": {
                 "type": "object", "required": ["text"],
@@ -217,8 +223,8 @@ class Client:
         rec.schema = schema
         rec.sent = time.perf_counter()
         events = await self.api.completions.create(
-            model=self.model, prompt=ids, max_tokens=max_tokens, temperature=0.0, stream=True,
-            stream_options={"include_usage": True}, extra_body=body, **extra)
+            model=self.model, prompt=ids, max_tokens=max_tokens, stream=True,
+            stream_options={"include_usage": True}, extra_body=body, **sampling, **extra)
         async for chunk in events:
             t = time.perf_counter()
             if chunk.choices:
@@ -284,12 +290,40 @@ async def stalls(client: Client, args, world: int) -> dict:
     return row
 
 
-async def throughput(client: Client, args, world: int, c: int, fraction: float = 0.0) -> dict:
+GREEDY = {"temperature": 0.0}
+
+
+def samplings(args) -> list[tuple[str, dict]]:
+    """(label, request fields) of each way the throughput scenario samples: greedy, then
+    sampled (--temperature, --top-p, --top-k), then that with --repetition-penalty."""
+    out = [("greedy", GREEDY)]
+    sampled = {}
+    if args.temperature is not None:
+        sampled["temperature"] = args.temperature
+        if args.top_p is not None:
+            sampled["top_p"] = args.top_p
+        if args.top_k is not None:
+            sampled["top_k"] = args.top_k
+        out.append(("sampled", sampled))
+    if args.repetition_penalty is not None:
+        out.append(("sampled + repetition" if sampled else "greedy + repetition",
+                    {**(sampled or GREEDY), "repetition_penalty": args.repetition_penalty}))
+    return out
+
+
+def describe(sampling: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sampling.items())
+
+
+async def throughput(client: Client, args, world: int, c: int, fraction: float = 0.0,
+                     label: str = "greedy", sampling: dict = GREEDY) -> dict:
     k = round(fraction * c)  # streams with a JSON schema
-    await asyncio.gather(*(client.stream(args.prompt, 2, schema=i < k) for i in range(c)))
+    await asyncio.gather(*(client.stream(args.prompt, 2, schema=i < k, sampling=sampling)
+                           for i in range(c)))
     recs = [Stream() for _ in range(c)]
     cpu = time.process_time()
-    await asyncio.gather(*(client.stream(args.prompt, args.output, r, schema=i < k)
+    await asyncio.gather(*(client.stream(args.prompt, args.output, r, schema=i < k,
+                                         sampling=sampling)
                            for i, r in enumerate(recs)))
     cpu = time.process_time() - cpu
     wall = max(r.times[-1] for r in recs) - min(r.sent for r in recs)
@@ -298,7 +332,8 @@ async def throughput(client: Client, args, world: int, c: int, fraction: float =
     ttfts = [r.ttft() for r in recs]
     return {
         "world": world, "concurrency": c, "prompt": args.prompt, "output": args.output,
-        "schema_streams": k, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+        "schema_streams": k, "sampling": label, "params": describe(sampling),
+        "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
         "itl_ms": statistics.median(gaps) * 1e3, "mean_itl_ms": statistics.fmean(gaps) * 1e3,
         "p99_itl_ms": pct(gaps, 99) * 1e3,
         "ttft_s": statistics.median(ttfts), "max_ttft_s": max(ttfts),
@@ -375,9 +410,10 @@ async def drive(url: str, args, world: int, shard_min: int | None) -> list[dict]
         if "throughput" in args.scenarios:
             for c in args.concurrency:
                 for f in args.schema_fractions:
-                    rows.append({"scenario": "throughput",
-                                 **await throughput(client, args, world, c, f)})
-                    print(json.dumps(rows[-1]), flush=True)
+                    for label, sampling in samplings(args):
+                        rows.append({"scenario": "throughput", **await throughput(
+                            client, args, world, c, f, label, sampling)})
+                        print(json.dumps(rows[-1]), flush=True)
         if "admission" in args.scenarios:
             for c in args.concurrency:
                 rows.append({"scenario": "admission",
@@ -417,6 +453,12 @@ def main() -> None:
     ap.add_argument("--concurrency", default="16,64", help="throughput: requests at once")
     ap.add_argument("--prompt", type=int, default=1000, help="throughput: prompt tokens")
     ap.add_argument("--output", type=int, default=256, help="throughput: output tokens")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="throughput: also sample at this temperature (beside greedy)")
+    ap.add_argument("--top-p", type=float, default=None, help="with --temperature")
+    ap.add_argument("--top-k", type=int, default=None, help="with --temperature")
+    ap.add_argument("--repetition-penalty", type=float, default=None,
+                    help="throughput: also with this repetition penalty (beside the others)")
     ap.add_argument("--lone", default="1024,4096,8192,16384,32768",
                     help="lone: prompt lengths, one request at a time")
     ap.add_argument("--lone-output", type=int, default=256, help="lone: output tokens")
@@ -494,7 +536,8 @@ def report(rows, args, ckpt, dtype, weights, kv_per_token, bound_ms, copy) -> st
              "Command: `python benchmarks/serving.py " + " ".join(sys.argv[1:]) + "`", "",
              f"{shape}, {dtype}, on `--device {args.device}`, checkpoint `{ckpt}`; one "
              "`tr-serve` per world size driven by the openai client (AsyncOpenAI, streamed "
-             "completions of fresh random token ids, temperature 0, ignore_eos"
+             "completions of fresh random token ids, temperature 0 unless a row's sampling "
+             "says otherwise, ignore_eos"
              + ("" if args.no_logprobs else ", logprobs 0 so that each token is one chunk")
              + "). Times are client wall clock from just before a request is sent."
              + (f" Server flags added: `{args.server_args}`." if args.server_args else "")]
@@ -538,24 +581,30 @@ def report(rows, args, ckpt, dtype, weights, kv_per_token, bound_ms, copy) -> st
             lines += ["", f"Bound per decode step: {bound_ms:.2f} ms, {how}; with KV, plus "
                       f"this rank's share of the KV of C mean contexts ({args.prompt} + "
                       f"{args.output}/2 tokens, {kv_per_token / 1024:g} KiB a token)."]
-        head = (f"| ranks | C | schema streams | tokens/s | tokens/s, this / {ranks(first)} | "
-                "tokens/s, this / no schema | median ITL (ms) "
-                "| mean ITL (ms) | P99 ITL (ms) | median TTFT (s) | largest TTFT (s) | client "
-                "CPU | chunks = tokens |")
-        sep = "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        head = (f"| ranks | C | schema streams | sampling | tokens/s | tokens/s, this / "
+                f"{ranks(first)} | tokens/s, this / no schema | tokens/s, this / greedy | "
+                "median ITL (ms) | mean ITL (ms) | P99 ITL (ms) | median TTFT (s) | largest "
+                "TTFT (s) | client CPU | chunks = tokens |")
+        sep = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         if bound_ms is not None:
             head += " bound (ms) | bound with KV (ms) | mean ITL / bound with KV |"
             sep += "---|---|---|"
         lines += ["", head, sep]
         for r in thr:
-            ref = next((x for x in thr if x["world"] == first and x["concurrency"]
-                        == r["concurrency"] and x["schema_streams"] == r["schema_streams"]), r)
-            plain = next((x for x in thr if x["world"] == r["world"] and x["concurrency"]
-                          == r["concurrency"] and x["schema_streams"] == 0), r)
-            line = (f"| {r['world']} | {r['concurrency']} | {r['schema_streams']} | "
+            same = [x for x in thr if x["concurrency"] == r["concurrency"]]
+            ref = next((x for x in same if x["world"] == first and x["schema_streams"]
+                        == r["schema_streams"] and x["sampling"] == r["sampling"]), r)
+            plain = next((x for x in same if x["world"] == r["world"] and x["schema_streams"]
+                          == 0 and x["sampling"] == r["sampling"]), r)
+            greedy = next((x for x in same if x["world"] == r["world"] and x["schema_streams"]
+                           == r["schema_streams"] and x["sampling"] == "greedy"), r)
+            what = r["sampling"] if r["sampling"] == "greedy" else \
+                f"{r['sampling']} ({r['params']})"
+            line = (f"| {r['world']} | {r['concurrency']} | {r['schema_streams']} | {what} | "
                     f"{r['tokens_per_s']:.0f} | "
                     f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x | "
-                    f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x | {r['itl_ms']:.1f} | "
+                    f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x | "
+                    f"{r['tokens_per_s'] / greedy['tokens_per_s']:.2f}x | {r['itl_ms']:.1f} | "
                     f"{r['mean_itl_ms']:.1f} | "
                     f"{r['p99_itl_ms']:.1f} | {r['ttft_s']:.3f} | {r['max_ttft_s']:.3f} | "
                     f"{r['client_cpu']:.0%} | {'yes' if r['counted'] else '**NO**'} |")

@@ -8,7 +8,9 @@ Llama-3.1-8B shape, random weights (load_format dummy), one GPU or --world GPUs 
 of --steps decode steps is cut into: schedule (the scheduler's plan), run (the plan sent to
 the other ranks, the forward — a graph replay — and the logits; synchronised at its end),
 sample (synchronised too), update (the scheduler's bookkeeping) and outputs (stop checks,
-detokenizing, RequestOutputs), host work alone. The
+detokenizing, RequestOutputs), host work alone. Each batch runs greedy, then sampled
+(--temperature, --top-p, --top-k), then sampled with --repetition-penalty: the sampler's share
+of the step is its cost against greedy's. The
 bound is the weights (the embedding table apart) plus the batch's KV read once at the
 measured copy bandwidth.
 """
@@ -28,13 +30,20 @@ from tensor_parallel import counts, write_config
 PHASES = ("schedule", "run", "sample", "update", "outputs")
 
 
-def profile(engine, batch: int, steps: int, prompt: int, logprobs: int | None = None
-            ) -> dict[str, float]:
+def samplings(args) -> list[tuple[str, dict]]:
+    """(label, SamplingParams fields) of each way a batch is profiled."""
+    sampled = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    return [("greedy", {"temperature": 0.0}), ("sampled", sampled),
+            ("+ repetition", {**sampled, "repetition_penalty": args.repetition_penalty})]
+
+
+def profile(engine, batch: int, steps: int, prompt: int, logprobs: int | None = None,
+            sampling: dict | None = None) -> dict[str, float]:
     from tr_engine.sampling_params import SamplingParams
 
     g = torch.Generator().manual_seed(batch)
-    params = SamplingParams(max_tokens=steps + 1500, temperature=0, ignore_eos=True,
-                            logprobs=logprobs)
+    params = SamplingParams(max_tokens=steps + 1500, ignore_eos=True, logprobs=logprobs,
+                            **(sampling or {"temperature": 0.0}))
     for i in range(batch):
         engine.add_request(f"b{batch}-{i}", torch.randint(0, 256, (prompt,), generator=g)
                            .tolist(), params)
@@ -140,6 +149,10 @@ def main() -> None:
                     help="the requests ask for this many top logprobs (as the serving "
                     "benchmark's streams do, with 0)")
     ap.add_argument("--kernel-batches", default="1", help="batches of the kernel tables")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.1)
     ap.add_argument("--section", default="step-profile")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -163,15 +176,24 @@ def main() -> None:
              f"Llama-3.1-8B shape, random bf16 weights, {args.world} GPU(s), tensor "
              f"parallel {args.tp}; {args.prompt}-token prompts, median of {args.steps} decode "
              "steps, ms (the phases that launch GPU work synchronised at their end).", "",
-             "| batch | step | schedule | run (forward, logits) | sample | update | outputs "
-             "| bound |", "|---|---|---|---|---|---|---|---|"]
+             "Sampled: " + ", ".join(f"{k} {v:g}" for k, v in samplings(args)[1][1].items())
+             + f"; + repetition: that and repetition_penalty {args.repetition_penalty:g}.", "",
+             "| batch | sampling | step | schedule | run (forward, logits) | sample | sample "
+             "share | step / greedy | update | outputs | bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in batches:
-        row = profile(engine, b, args.steps, args.prompt, args.logprobs)
         bound = (weights + b * (args.prompt + args.steps) * kv / (args.world // args.tp)) \
             / (gbps * 1e9) * 1e3
-        lines.append(f"| {b} | {row['step']:.2f} | " + " | ".join(f"{row[p]:.2f}" for p in
-                                                                  PHASES) + f" | {bound:.2f} |")
-        print(lines[-1], flush=True)
+        greedy = None
+        for label, sampling in samplings(args):
+            row = profile(engine, b, args.steps, args.prompt, args.logprobs, sampling)
+            greedy = greedy or row
+            phases = [f"{row[p]:.2f}" for p in PHASES]
+            lines.append(f"| {b} | {label} | {row['step']:.2f} | " + " | ".join(phases[:3])
+                         + f" | {row['sample'] / row['step']:.1%} | "
+                         f"{row['step'] / greedy['step']:.2f}x | " + " | ".join(phases[3:])
+                         + f" | {bound:.2f} |")
+            print(lines[-1], flush=True)
     for b in kernel_batches:
         lines += ["", *kernel_table(engine, args.prompt, b)]
     engine.shutdown()
