@@ -121,11 +121,11 @@ def test_follow_up_on_a_request_still_decoding(llm, hf):
     doc = ids(60, 7)
     engine.add_request("long", doc, SamplingParams(max_tokens=40, temperature=0,
                                                    ignore_eos=True))
-    outs = {}
+    outs, so_far = {}, []  # each output holds its step's token: the reply so far is theirs
     while len(engine._seqs) and not any(s.fed >= 10 for s in engine._seqs.values()):
         for o in engine.step():
             outs[o.request_id] = o
-    so_far = outs["long"].token_ids
+            so_far += o.outputs[0].delta_token_ids
     follow = doc + so_far[:9] + ids(4, 8)  # the document and what it said so far
     engine.add_request("follow", follow, GREEDY)
     while engine.has_work():
