@@ -1,6 +1,6 @@
 """Sampling through the engine, on one CPU rank and on two gloo ranks (a small random
 checkpoint): a seeded request's tokens are the same alone and in a batch of 32 requests of
-mixed parameters, and greedy decoding with penalties follows transformers (its
+mixed parameters, on either, and greedy decoding with penalties follows transformers (its
 repetition_penalty) and OpenAI's presence/frequency formula on the model's own logits."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ KINDS = [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_p
          dict(temperature=0.8, presence_penalty=0.5, frequency_penalty=0.5, logprobs=3),
          dict(temperature=1.0, min_p=0.2, logit_bias={65: 5.0}), dict(temperature=0.5,
                                                                       seed=8, logprobs=0)]
+ALONE: dict[int, list[int]] = {}  # the target's tokens alone, by world size
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,8 @@ def test_a_seeded_request_is_the_same_alone_and_in_a_mixed_batch(llm):
     outs = llm.generate(prompts[:17] + [prompt] + prompts[17:],
                         params[:17] + [TARGET] + params[17:])
     assert outs[17].token_ids == alone and len(alone) == NEW
+    ALONE[llm.config.world_size] = alone
+    assert alone == ALONE.get(1, alone)  # and on one rank (whose tests run first)
     assert all(o.finish_reason == "length" for o in outs)
     other = llm.generate(prompt, SamplingParams(**{**_fields(TARGET), "seed": 1}))[0]
     assert other.token_ids != alone  # the seed decides
