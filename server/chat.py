@@ -115,6 +115,7 @@ def _events(serving: Serving, request_id: str, streams: list[RequestStream],
             tools: ToolUse | None) -> AsyncIterator[str]:
     created = int(time.time())
     tool_streams = [ToolStream(tools) for _ in streams] if tools else []
+    texts = [""] * len(streams)  # with tools: each choice's text so far, which the parser reads
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
         return sse(ChatCompletionChunk(id=request_id, created=created, model=serving.model_name,
@@ -124,7 +125,8 @@ def _events(serving: Serving, request_id: str, streams: list[RequestStream],
         finish = c.finish_reason if out.finished else None
         if tool_streams:
             ts = tool_streams[i]
-            text, calls = ts.step(c.text, out.finished)
+            texts[i] += c.delta_text
+            text, calls = ts.step(texts[i], out.finished)
             delta = DeltaMessage(content=text or None, tool_calls=calls or None)
             if ts.calls and finish == "stop":
                 finish = "tool_calls"

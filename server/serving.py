@@ -94,7 +94,7 @@ class Serving:
         self.max_prompt_chars = self.context_limit * self.max_token_chars
         self.tool_parser = make_parser(settings.tool_call_parser) \
             if settings.enable_auto_tool_choice else None
-        template = getattr(self.tokenizer, "chat_template", None) or ""
+        template = getattr(tokenizer, "chat_template", None) or ""
         if isinstance(template, dict):
             template = "\n".join(template.values())
         # a template that never mentions tools does not render them: tools.py writes them
