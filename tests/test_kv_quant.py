@@ -230,15 +230,7 @@ def test_decode_and_follow_up_match_float64_with_the_same_quantization(llm, refe
     llm.engine.reset_prefix_cache()
     doc = byte_ids(100, 11)  # in chunks: the later ones attend the earlier as stored
     follow = doc + byte_ids(12, 12)
-    recorder = Recorder(llm.engine.scheduler)
-    try:
-        first = llm.generate([{"prompt_token_ids": doc}], GREEDY)[0]
-        doc_chunks = chunk_starts(recorder.plans)
-        recorder.plans.clear()
-        second = llm.generate([{"prompt_token_ids": follow}], GREEDY)[0]
-        follow_chunks = chunk_starts(recorder.plans)
-    finally:
-        recorder.close()
+    first, second, doc_chunks, follow_chunks = _document_then_follow_up(llm, doc, follow)
     assert len(doc_chunks) >= 3  # chunks are padded to 2 x world blocks: 16, 32, 48 tokens
     assert second.num_cached_tokens == 96 and follow_chunks == [96]
     off = check(reference, first, doc, doc_chunks, fmt, f"{name} P{world} decode")
@@ -249,6 +241,19 @@ def test_decode_and_follow_up_match_float64_with_the_same_quantization(llm, refe
           f"{off2:.2e}")
     assert min(off, off2) > 3 * TOL  # the check tells quantized reads from plain ones
 
+
+def _document_then_follow_up(llm, doc: list[int], follow: list[int]):
+    """Greedy outputs of `doc`, then of `follow`, and the starts of each one's prefill chunks
+    (from the recorded plans)."""
+    recorder = Recorder(llm.engine.scheduler)
+    try:
+        first = llm.generate([{"prompt_token_ids": doc}], GREEDY)[0]
+        doc_chunks = chunk_starts(recorder.plans)
+        recorder.plans.clear()
+        second = llm.generate([{"prompt_token_ids": follow}], GREEDY)[0]
+        return first, second, doc_chunks, chunk_starts(recorder.plans)
+    finally:
+        recorder.close()
 
 
 def test_a_long_prefix_is_read_in_pieces_on_one_rank(llm, reference, monkeypatch):
@@ -266,15 +271,7 @@ def test_a_long_prefix_is_read_in_pieces_on_one_rank(llm, reference, monkeypatch
     llm.engine.reset_prefix_cache()
     doc = byte_ids(100, 21)
     follow = doc + byte_ids(9, 22)
-    recorder = Recorder(llm.engine.scheduler)
-    try:
-        llm.generate([{"prompt_token_ids": doc}], GREEDY)
-        doc_chunks = chunk_starts(recorder.plans)
-        recorder.plans.clear()
-        out = llm.generate([{"prompt_token_ids": follow}], GREEDY)[0]
-        follow_chunks = chunk_starts(recorder.plans)
-    finally:
-        recorder.close()
+    _, out, doc_chunks, follow_chunks = _document_then_follow_up(llm, doc, follow)
     assert out.num_cached_tokens == 96 and calls  # 96 cached keys in 6 pieces
     check(reference, out, follow, doc_chunks + follow_chunks, kv_format(name),
           f"{name} P1 prefix in pieces")
