@@ -191,6 +191,9 @@ def tr_serve(flags: list[str], port: int, pythonpath: str | None = None,
            "sys.exit(serve_main())", "--port", str(port), *flags]
     # run from elsewhere: the source folder would shadow the installed package
     server = subprocess.Popen(cmd, start_new_session=True, cwd="/tmp", env=env)
+    # a SIGTERM (a time limit ending this script) still runs the finally below, which ends
+    # the server's group: a server left behind would hold the card for the next benchmark
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         t0 = time.perf_counter()
         while True:
@@ -215,3 +218,4 @@ def tr_serve(flags: list[str], port: int, pythonpath: str | None = None,
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+        signal.signal(signal.SIGTERM, previous)

@@ -8,7 +8,10 @@ Six fixed chat prompts; `auto`'s greedy continuation is the reference. For each 
   reference (the full length where none does);
 - teacher-forced through decode (every step reads the whole cache as stored, the reference
   tokens fed back): mean |Δ logprob| of the reference tokens, and top-1 agreement (the
-  share of steps whose most likely token is the reference's).
+  share of steps whose most likely token is the reference's);
+- the pass-key test (tests/kv_measures.py): keys hidden at three depths of a filler
+  haystack of 570-1,050 tokens, the haystack put in the prefix cache by a first question and
+  read from there by the pass-key question; keys found in the greedy answers (`auto` too).
 `fp8 (scale 1.0)` is fp8_e4m3 with every scale fixed at 1.0 (TR_ENGINE_KV_UNIT_SCALE=1),
 what vLLM stores without calibrated scales; the other rows use per-token, per-head scales.
 Worlds above 1 run the same through the sharded path (gloo on the CPU). The table goes to
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from kv_measures import PROMPTS, agreement, chat_prompts, forced, greedy  # noqa: E402
+import kv_measures as km  # noqa: E402
 
 from tr_engine import LLM  # noqa: E402
 
@@ -62,30 +65,39 @@ def unit_scale(on: bool):
 def run(device: str, world: int, new: int) -> list[tuple[str, dict]]:
     kw = dict(device=device, world_size=world, dtype="float32" if device == "cpu" else "auto",
               shard_min_tokens=0)
-    rows = []
     with LLM(None, **kw) as llm:
-        prompts = chat_prompts(llm)
-        ref = greedy(llm, prompts, new)
+        prompts = km.chat_prompts(llm)
+        ref = km.greedy(llm, prompts, new)
+        keys = km.pass_keys(llm)
+    rows = [("auto", {"keys": keys})]
     for label, name, unit in VARIANTS:
         t = time.perf_counter()
         with unit_scale(unit), LLM(None, kv_cache_dtype=name, **kw) as llm:
-            row = agreement(ref, greedy(llm, prompts, new), forced(llm, prompts, ref))
+            row = km.agreement(ref, km.greedy(llm, prompts, new), km.forced(llm, prompts, ref))
+            row["keys"] = km.pass_keys(llm)
         print(f"  P{world} {label}: {row} ({time.perf_counter() - t:.0f} s)", flush=True)
         rows.append((label, row))
     return rows
 
 
 def table(results: dict[int, list], new: int, device: str) -> str:
-    lines = [f"Embedded SmolLM2-135M-Instruct (real weights), {len(PROMPTS)} chat prompts, "
+    lines = [f"Embedded SmolLM2-135M-Instruct (real weights), {len(km.PROMPTS)} chat prompts, "
              f"{new} greedy tokens each, {device}; the reference is `auto` at the same "
              "world size.", "",
              "| ranks | kv_cache_dtype | greedy first divergence (of "
-             f"{new}) | mean abs Δ logprob | top-1 agreement |",
-             "|---|---|---|---|---|"]
+             f"{new}) | mean abs Δ logprob | top-1 agreement | pass keys found "
+             "(haystack cached) |",
+             "|---|---|---|---|---|---|"]
     for world, rows in results.items():
         for label, r in rows:
+            keys = r["keys"]
+            found = f"{sum(k[0] for k in keys)} of {len(km.PASS_KEYS)} (cached " + \
+                ", ".join(f"{c}/{n}" for _, c, n in keys) + ")"
+            if "top1" not in r:  # the reference itself
+                lines.append(f"| {world} | {label} | - | - | - | {found} |")
+                continue
             lines.append(f"| {world} | {label} | {r['first_divergence']:.1f} | "
-                         f"{r['dlogprob']:.4f} | {100 * r['top1']:.1f}% |")
+                         f"{r['dlogprob']:.4f} | {100 * r['top1']:.1f}% | {found} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,9 @@ whole cache as stored).
     ref = greedy(llm_auto, prompts, new)            # the reference continuations
     row = agreement(ref, greedy(llm, prompts, new), forced(llm, prompts, ref))
 
-Used by tests/test_kv_quant.py and benchmarks/kv_quant.py.
+    found = pass_keys(llm)                           # the pass-key test, haystack cached
+
+Used by tests/test_kv_quant_embedded.py and benchmarks/kv_quant.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,38 @@ PROMPTS = (
     "What is 17 times 23? Show your working.",
     "Translate 'good morning, how are you?' into Spanish and German.",
 )
+
+
+# the pass-key test: a key hidden in filler text at a depth; (filler sentences, key, depth)
+# on which the embedded model finds the key with `auto` (it loses keys past ~1,500 tokens)
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+          "again. ")
+PASS_KEYS = ((20, 68157, 0.3), (40, 41923, 0.6), (30, 52896, 0.9))
+
+
+def haystack(sentences: int, key: int, depth: float) -> str:
+    parts = [FILLER] * sentences
+    parts.insert(int(sentences * depth), f"The pass key is {key}. Remember it. {key} is the "
+                 "pass key. ")
+    return ("There is important info hidden inside a lot of irrelevant text. Find it and "
+            "memorize it. I will quiz you about the important information there.\n\n"
+            + "".join(parts))
+
+
+def pass_keys(llm) -> list[tuple[bool, int, int]]:
+    """For each of PASS_KEYS: a first question on the haystack puts it in the prefix cache,
+    then the pass-key question reads it from there. (key found in the greedy answer, cached
+    tokens of the second prompt, its length)."""
+    params = SamplingParams(max_tokens=12, temperature=0)
+    found = []
+    for sentences, key, depth in PASS_KEYS:
+        text = haystack(sentences, key, depth)
+        first, ask = (llm.engine.encode_chat([{"role": "user", "content": f"{text}\n\n{q}"}])
+                      for q in ("What color is the sky?", "What is the pass key?"))
+        llm.generate([{"prompt_token_ids": first}], params)
+        out = llm.generate([{"prompt_token_ids": ask}], params)[0]
+        found.append((str(key) in out.outputs[0].text, out.num_cached_tokens, len(ask)))
+    return found
 
 
 def chat_prompts(llm) -> list[list[int]]:
