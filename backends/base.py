@@ -65,6 +65,29 @@ class Backend(ABC):
 
     def __init__(self) -> None:
         self._refused: set[tuple] = set()  # (kernel, *shape class) pairs a kernel refused
+        # kernel variants built in this process (a cuDNN graph for a shape met the first
+        # time, a Triton specialisation), and how many of them came before start-up ended
+        self.kernel_builds = 0
+        self._builds_at_start: int | None = None
+
+    def count_build(self, what: str) -> None:
+        """A kernel variant was built: counted and logged, as late once start-up has ended
+        (a request waited for it)."""
+        self.kernel_builds += 1
+        if self._builds_at_start is None:
+            log.debug("kernel build at start-up: %s", what)
+        else:
+            log.info("kernel build on a request's path: %s (%d since start-up)", what,
+                     self.late_builds())
+
+    def started(self) -> None:
+        """Start-up has ended: builds from now on are late."""
+        self._builds_at_start = self.kernel_builds
+
+    def late_builds(self) -> int:
+        """Kernel variants built since start-up ended."""
+        return self.kernel_builds - (self._builds_at_start or 0) \
+            if self._builds_at_start is not None else 0
 
     @classmethod
     def is_available(cls) -> bool:

@@ -52,6 +52,22 @@ def _math(q, k, v, causal, scale):
     return math_attention(q, k, v, causal, scale)
 
 
+def _count_triton_builds(backend: Backend) -> None:
+    """Every Triton specialisation compiled (or loaded from Triton's disk cache) in this
+    process counts as a kernel build of `backend` (Backend.count_build)."""
+    try:
+        from triton import knobs
+    except ImportError:  # a Triton without knobs: not counted
+        return
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def hook(**kw):
+        backend.count_build(f"Triton {kw.get('repr', '?')}")
+        return previous(**kw) if previous is not None else None
+
+    knobs.runtime.jit_post_compile_hook = hook
+
+
 class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
@@ -95,6 +111,8 @@ class CudaBackend(Backend):
         self._decode = cuda_decode
         self._sms: int | None = None
         self.cudnn_shapes: set[tuple] = set()  # shapes cuDNN has built a graph for
+        if cuda_decode is not None:
+            _count_triton_builds(self)
         self._piece_rows: tuple[int, ...] = ()  # query buckets prepared for key pieces
 
     @classmethod
@@ -222,9 +240,9 @@ class CudaBackend(Backend):
             shape = (q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2], causal, q.dtype)
             if shape not in self.cudnn_shapes:
                 self.cudnn_shapes.add(shape)
-                log.info("cuDNN attention meets a new shape (queries %d, keys %d, heads %d/%d, "
-                         "dim %d, causal %s, %s): it builds an execution graph for it once "
-                         "(%d shapes so far)", *shape, len(self.cudnn_shapes))
+                q_rows, keys, hq, hkv, d, causal_, dtype = shape
+                self.count_build(f"cuDNN attention graph for queries {q_rows}, keys {keys}, "
+                                 f"heads {hq}/{hkv}, dim {d}, causal {causal_}, {dtype}")
         return self._first_accepting(kernels, shape_class, q, k, v, causal, scale)
 
     @staticmethod

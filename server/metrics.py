@@ -105,6 +105,10 @@ class EngineCollector:
                        "Attention kernel builds for shapes met the first time (cuDNN graphs on "
                        "rank 0); a request that meets one waits for the build.",
                        stats.attention_shapes_built)
+        yield _counter("tr_engine:kernel_builds_late",
+                       "Kernel variants rank 0 built after start-up (cuDNN graphs, Triton "
+                       "specialisations): each one a request waited for.",
+                       stats.kernel_builds_late)
         bounds, counts, total = stats.batched_tokens
         cumulative, buckets = 0, []
         for bound, n in zip([*(str(float(b)) for b in bounds), "+Inf"], counts):

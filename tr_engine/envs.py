@@ -53,6 +53,12 @@ def kv_unit_scale() -> bool:
     return os.environ.get("TR_ENGINE_KV_UNIT_SCALE", "") not in ("", "0", "false", "no")
 
 
+def step_trace_path() -> str | None:
+    """TR_ENGINE_STEP_TRACE: a file to which rank 0 appends one JSON line per engine step
+    (tr_engine/engine/step_trace.py); unset: no trace."""
+    return os.environ.get("TR_ENGINE_STEP_TRACE") or None
+
+
 def max_queued_outputs() -> int:
     """TR_ENGINE_MAX_QUEUED_OUTPUTS: how many of a request's outputs (about one a token) may
     wait unread before its reader counts as gone and the request is aborted (default 1024)."""

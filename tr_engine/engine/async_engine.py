@@ -53,6 +53,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, tokens whose KV was reused
     attention_shapes_built: int = 0  # kernel builds for new shapes on rank 0 (cuDNN)
+    kernel_builds_late: int = 0  # kernel variants rank 0 built after start-up (Backend)
     num_preemptions: int = 0  # running sequences whose KV was freed for room (recomputed)
     failed_steps: int = 0  # steps whose forward raised and failed their requests alone
     # the host tier: tokens in use per rank, capacity per rank, prompt tokens restored from
@@ -312,6 +313,7 @@ class AsyncEngine:
             prefill_tokens_per_s=e.last_prefill_tokens_per_s,
             prefix_cache_queries=s.blocks.queries, prefix_cache_hits=s.blocks.hits,
             attention_shapes_built=len(getattr(e.cluster.backend, "cudnn_shapes", ())),
+            kernel_builds_late=e.cluster.backend.late_builds(),
             num_preemptions=s.num_preemptions, failed_steps=e.failed_steps_total,
             host_used_tokens=[n * s.block_size for n in s.blocks.host_used()],
             host_capacity_tokens=e.info.host_slots * s.block_size,

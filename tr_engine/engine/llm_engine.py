@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import envs
 from ..attention.cost import choose
 from ..config import EngineConfig
 from ..errors import RequestFailed, RequestTooLong
@@ -28,6 +29,7 @@ from .grammar import GrammarCompiler
 from .sampler import Sampler, prompt_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .step_trace import StepTrace
 from .token_mask import TokenMasks
 from .tokenizers import ThreadTokenizers
 
@@ -96,6 +98,9 @@ class LLMEngine:
         self.on_scheduled: Callable[[StepPlan], None] | None = None  # once a step is planned
         # once the step's device work is queued, before the host waits for it
         self.on_launched: Callable[[], None] | None = None
+        trace = envs.step_trace_path()
+        self.trace = StepTrace(trace, self.cluster.backend) if trace else None
+        self.cluster.backend.started()  # kernel variants built from now on are late
         log.info("engine ready in %.1f s: %s on %d %s rank(s), context %d tokens, KV cache %d "
                  "tokens", time.perf_counter() - t, mc.architecture, self.config.world_size,
                  self.cluster.backend.name, self.max_model_len, self.kv_capacity * self.world)
@@ -212,9 +217,14 @@ class LLMEngine:
         an out-of-memory there). Otherwise (a collective failed, a rank raised) it is the
         whole engine's and propagates. One raised while sampling or finishing a single
         request ends that request alone (RequestOutput.error set)."""
+        trace = self.trace
+        if trace is not None:
+            trace.begin()
         plan = self.scheduler.schedule()
         if plan is None:
             return []
+        if trace is not None:
+            trace.mark("schedule")
         if self.on_scheduled is not None:  # the step may take minutes (a long prefill chunk)
             self.on_scheduled(plan)
         t = time.perf_counter()
@@ -233,6 +243,8 @@ class LLMEngine:
             return self._fail_step(plan, e)
         if self.on_launched is not None:
             self.on_launched()
+        if trace is not None:
+            trace.mark("forward", synchronize=True)
         if scored is not None:
             try:
                 logits = self._score_prompt(scored, plan.prefill, logits)
@@ -247,6 +259,8 @@ class LLMEngine:
         tokens, logprobs, errors = self.sampler(logits, seqs) if logits is not None \
             else ([], [], {})
         errors = {**errors, **masked}
+        if trace is not None:
+            trace.mark("sample")
         touched = self.scheduler.update(plan, tokens)
         self._account(plan, t)
         by_seq = dict(zip((s.seq_id for s in seqs), logprobs))
@@ -261,6 +275,8 @@ class LLMEngine:
                 except Exception as e:  # this request's stop checks or text
                     error = e
             outs.append(self.fail(seq, error))
+        if trace is not None:
+            trace.end(plan)
         return outs
 
     def _score_prompt(self, seq: Sequence, plan: PrefillPlan, logits):
@@ -424,3 +440,5 @@ class LLMEngine:
         """Stop every rank; those not gone `timeout` seconds after the stop plan are
         killed."""
         self.cluster.shutdown(timeout)
+        if self.trace is not None:
+            self.trace.close()

@@ -1,0 +1,43 @@
+"""TR_ENGINE_STEP_TRACE: one JSON line per engine step, with its chunks, decode rows and
+times; and the backend's count of kernel variants built after start-up."""
+
+from __future__ import annotations
+
+import json
+
+from checkpoints import byte_ids, make_checkpoint
+from tr_engine.backends import get_backend
+
+from tr_engine import LLM, SamplingParams
+
+
+def test_every_step_is_traced_with_its_work(tmp_path, monkeypatch):
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("TR_ENGINE_STEP_TRACE", str(path))
+    ckpt = str(make_checkpoint("llama3.2", tmp_path / "ckpt"))
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    with LLM(ckpt, device="cpu", dtype="float32", prefill_chunk=32,
+             max_num_batched_tokens=32) as llm:
+        llm.generate([{"prompt_token_ids": byte_ids(70, 1)}], params)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    chunks = [c for r in rows for c in r["prefill"]]
+    # the prompt in chunks of at most 32, in order, then 4 decode steps (the 5th token
+    # comes from the last chunk)
+    assert [c["start"] for c in chunks] == [0, 32, 64]
+    assert sum(c["tokens"] for c in chunks) == 70
+    assert [r["decode"] for r in rows if not r["prefill"]] == [1, 1, 1, 1]
+    for r in rows:
+        assert r["kind"] in ("prefill", "decode", "mixed")
+        for part in ("idle", "schedule", "forward", "sample", "outputs"):
+            assert r[f"{part}_ms"] >= 0
+        assert r["builds"] == 0  # the CPU builds no kernel variants
+
+
+def test_builds_after_start_up_count_as_late():
+    backend = type(get_backend("cpu"))()  # a fresh one: the engines' may have started
+    backend.count_build("a variant at start-up")
+    assert backend.late_builds() == 0
+    backend.started()
+    backend.count_build("a variant on a request's path")
+    backend.count_build("another")
+    assert backend.late_builds() == 2 and backend.kernel_builds == 3

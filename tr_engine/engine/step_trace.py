@@ -1,0 +1,55 @@
+"""TR_ENGINE_STEP_TRACE=FILE: one JSON line per engine step, to find where a stall goes.
+
+Each line: `t` (time.time() at the step's start), `idle_ms` (since the previous step
+ended: the engine thread's own work between steps, adding requests, or waiting for the
+interpreter lock), `schedule_ms`, `forward_ms` (the plan sent and the device finished: the
+trace synchronizes here, so the sampler's share is its own), `sample_ms`, `outputs_ms`
+(stop checks, text, the outputs handed over), the step's kind, its prefill chunks (`start`,
+tokens, strategy, cached prefix per rank), its decode rows, and `builds` (kernel variants
+the backend built during the step: cuDNN graphs, Triton specialisations). Off (no cost)
+unless the variable names a file; the synchronize makes the traced engine a little
+slower, so compare a trace with a trace.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+class StepTrace:
+    def __init__(self, path: str, backend) -> None:
+        # a line at a time: readable while it runs; closed by close() at shutdown
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115
+        self.backend = backend
+        self.ended = time.perf_counter()
+        self.row: dict = {}
+        self.t = self.ended
+
+    def begin(self) -> None:
+        now = time.perf_counter()
+        self.row = {"t": time.time(), "idle_ms": round(1e3 * (now - self.ended), 3),
+                    "builds": self.backend.late_builds()}
+        self.t = now
+
+    def mark(self, name: str, synchronize: bool = False) -> None:
+        if synchronize:
+            self.backend.synchronize()
+        now = time.perf_counter()
+        self.row[f"{name}_ms"] = round(1e3 * (now - self.t), 3)
+        self.t = now
+
+    def end(self, plan) -> None:
+        self.mark("outputs")
+        row = self.row
+        row["builds"] = self.backend.late_builds() - row["builds"]
+        row["kind"] = plan.kind
+        row["prefill"] = [{"seq": p.seq_id, "start": p.start, "tokens": len(p.tokens),
+                           "strategy": p.strategy, "prefix": p.prefix_len, "home": p.home}
+                          for p in [plan.prefill, *plan.local] if p is not None]
+        row["decode"] = len(plan.decode.seq_ids) if plan.decode is not None else 0
+        self.file.write(json.dumps(row) + "\n")
+        self.ended = time.perf_counter()
+
+    def close(self) -> None:
+        self.file.close()
