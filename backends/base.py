@@ -115,6 +115,10 @@ class Backend(ABC):
     def new_stream(self):
         return None
 
+    def current_stream(self):
+        """The stream work is queued on now (None: the CPU, in order)."""
+        return None
+
     def stream(self, stream) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 

@@ -135,6 +135,9 @@ class CudaBackend(Backend):
     def new_stream(self):
         return torch.cuda.Stream()
 
+    def current_stream(self):
+        return torch.cuda.current_stream()
+
     def stream(self, stream):
         return torch.cuda.stream(stream)
 

@@ -301,6 +301,9 @@ class NpuBackend(Backend):
     def new_stream(self):
         return self.npu.Stream()
 
+    def current_stream(self):
+        return self.npu.current_stream()
+
     def stream(self, stream):
         return self.npu.stream(stream)
 

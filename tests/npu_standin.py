@@ -352,12 +352,22 @@ class Stream:
 class Event:
     def __init__(self, enable_timing=False, blocking=False, interprocess=False):
         self.enable_timing = enable_timing
+        self.recorded = self.waited = 0
 
     def record(self, stream=None):
-        pass
+        _check(stream is None or isinstance(stream, Stream), "record() takes a Stream")
+        self.recorded += 1
 
     def wait(self, stream=None):
-        pass
+        _check(self.recorded > 0, "an event waited for before it was recorded")
+        self.waited += 1
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end):
+        _check(self.enable_timing and end.enable_timing, "elapsed_time needs timing events")
+        return 0.0
 
     def synchronize(self):
         pass
@@ -393,6 +403,7 @@ def _npu_module(device_count: int, mem_info: tuple[int, int]) -> types.ModuleTyp
     npu.current_device = lambda: npu.current
     npu.mem_get_info = lambda device=None: mem_info
     npu.set_device, npu.synchronize, npu.stream = set_device, synchronize, stream
+    npu.current_stream = lambda device=None: Stream(device)
     npu.Stream, npu.Event = Stream, Event
     return npu
 

@@ -122,3 +122,31 @@ def test_page_copies_move_every_pooled_tensor_in_any_page_order():
         for got, want in zip(page(p), before[source[s]]):
             assert torch.equal(got, want), (s, p)
     assert torch.count_nonzero(page(9)[0]) == 0  # untouched pages stay as they were
+
+
+def test_each_attention_layer_waits_for_its_layer_of_the_copies():
+    """A forward whose step restored pages layer by layer: each attention layer waits for
+    its own layer's event (the stand-in's events count the waits) before it attends."""
+    import torch
+    from npu_standin import Event
+
+    from tr_engine.layers.attention import Attention
+    from tr_engine.layers.context import ForwardContext, forward_context
+
+    events = [Event() for _ in range(3)]
+    for e in events:
+        e.record()
+    seen = []
+
+    class Step(ForwardContext):
+        def attention(self, layer, q, k, v, scale):
+            seen.append((layer, [e.waited for e in events]))
+            return q
+
+    ctx = Step()
+    ctx.layer_ready = events
+    q, kv = torch.zeros(2, 2, 4), torch.zeros(2, 1, 4)
+    with forward_context(ctx):
+        for layer in range(3):
+            Attention(layer, 2, 1, 4)(q, kv, kv)
+    assert seen == [(0, [1, 0, 0]), (1, [1, 1, 0]), (2, [1, 1, 1])]

@@ -155,3 +155,38 @@ def test_the_flag_reaches_the_config():
     assert load_settings([])[0].kv_cache_dtype == "auto"
     with pytest.raises(SystemExit):
         load_settings(["--kv-cache-dtype", "fp4"])
+
+
+def test_int8_pages_go_to_the_host_tier_and_back_layer_by_layer(npu):
+    """The host tier through the NPU backend's streams and events (the stand-in's, which
+    run in order): int8 pages and their scales copied out, the pool overwritten, then back
+    with one event per layer recorded on the copy stream, which a forward's layers wait
+    for; every tensor comes back byte-equal, and the restore is timed by its events."""
+    from tr_engine.kv.cache import KVCache
+    from tr_engine.kv.host_tier import HostTier
+    from tr_engine.plan import PageCopy
+
+    _, backend = npu
+    cpu = torch.device("cpu")  # the stand-in's tensors live on the host
+    cache = KVCache(3, 8, 4, 2, 16, torch.bfloat16, cpu, INT8)
+    for t in cache.tensors():
+        t.copy_(torch.randint(-100, 100, t.shape) if t.dtype == torch.int8 else
+                torch.rand(t.shape).to(t.dtype))
+    before = [t.clone() for t in cache.tensors()]
+    tier = HostTier(cache, 4, backend, cpu)
+    assert isinstance(tier.stream, npu_standin.Stream)
+    out = [PageCopy(0, p, s, to_host=True) for p, s in [(6, 0), (5, 1), (2, 2)]]
+    assert tier.copy(out) is None  # not layered: the forward after it sees them done
+    for t in cache.tensors():
+        t.zero_()
+    back = [PageCopy(0, p, s, to_host=False) for p, s in [(6, 0), (5, 1), (2, 2)]]
+    events = tier.copy(back, timed=True, layered=True)
+    assert len(events) == 3 and all(e.recorded == 1 for e in events)
+    for e in events:  # what the attention layers do before reading their pages
+        e.wait()
+    tier.finish()
+    for got, want in zip(cache.tensors(), before):
+        for p in (6, 5, 2):
+            assert torch.equal(got[:, p * 4 : (p + 1) * 4], want[:, p * 4 : (p + 1) * 4])
+        assert torch.count_nonzero(got[:, 0:4]) == 0  # pages not restored stay as they were
+    assert tier.restore_s == 0.0 and not tier._timing  # the stand-in's events: 0 ms, read

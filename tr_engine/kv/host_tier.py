@@ -2,14 +2,16 @@
 between them and the pool (rank 0 decides which, see host_pages).
 
 Every tensor the KV pool holds (`KVCache.tensors()`: K and V, and whatever else a page
-carries) has a host twin laid out by slot, `[slots, layers, page]`, a slot's page of every
-layer contiguous. Pages of a copy batch are gathered into (or scattered from) a staging
-buffer on the device with one index kernel per tensor, and each run of consecutive slots
-crosses the link as one contiguous copy: a document's pages need not be consecutive in the
-pool (eviction hands them out tail first). The twins are pinned where the device has its
-own memory (CUDA, NPU), and the copies run on a stream of their own: the step's forward
-waits for them on the device, the host does not. On the CPU the second pool is ordinary
-memory and the same copies run in order.
+carries) has a host twin laid out layer by layer, `[layers, slots, page]`: one layer's page
+of a run of consecutive slots is contiguous. Pages of a copy batch are gathered into (or
+scattered from) a staging buffer on the device with one index kernel per tensor and layer,
+and each run of consecutive slots crosses the link as one contiguous copy: a document's
+pages need not be consecutive in the pool (eviction hands them out tail first). The twins
+are pinned where the device has its own memory (CUDA, NPU), and the copies run on a stream
+of their own, layer after layer, an event recorded after each layer's: the step's forward
+waits on the device for layer l's event before its layer l (restores overlap the layers
+before), the host never waits. On the CPU the second pool is ordinary memory and the same
+copies run in order before the forward.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from ..plan import PageCopy
 from .cache import KVCache
 
-STAGING_BYTES = 64 * 2**20  # pages per gather/scatter: about this much of one tensor
+STAGING_BYTES = 64 * 2**20  # pages per gather/scatter: about this much of one tensor's layer
 
 
 class HostTier:
@@ -30,68 +32,111 @@ class HostTier:
         pinned = device.type != "cpu"
         self.cache, self.num_slots, self.backend, self.device = cache, num_slots, backend, device
         self.pages = cache.capacity // b
-        # [slots, layers, B·rest] per pooled tensor
-        self.host = [torch.empty((num_slots, t.shape[0], b * t[0, 0].numel()),
+        self.layers = cache.tensors()[0].shape[0]
+        # [layers, slots, B·rest] per pooled tensor
+        self.host = [torch.empty((t.shape[0], num_slots, b * t[0, 0].numel()),
                                  dtype=_raw(t).dtype, pin_memory=pinned)
                      for t in cache.tensors()]
-        per_page = max(h[0].numel() * h.element_size() for h in self.host)
+        per_page = max(h[0, 0].numel() * h.element_size() for h in self.host)
         self.piece = max(1, STAGING_BYTES // per_page)
         self.stream = backend.new_stream()  # None on the CPU: copies in order
-        self.restore_s = 0.0  # time rank 0 waited for restores (tests, metrics)
+        self._restore_s = 0.0
+        self._timing: list[tuple] = []  # (start, end) events of restores not yet read
 
     @staticmethod
     def slots_for(size_bytes: float, cache: KVCache) -> int:
         """Slots in `size_bytes` of host memory."""
         return int(size_bytes // cache.page_bytes())
 
-    def copy(self, copies: list[PageCopy], timed: bool = False) -> None:
-        """Run this rank's `copies` in order; the forward after them sees their pages (and
-        page reuse waits for the copies out of them). `timed`: wait for the restores and
-        add their time to restore_s."""
+    @property
+    def restore_s(self) -> float:
+        """Time the restores took (rank 0's; on a copy stream, the device time of those that
+        have ended), for the metrics and tests."""
+        while self._timing and self._timing[0][1].query():
+            a, b = self._timing.pop(0)
+            self._restore_s += a.elapsed_time(b) / 1e3
+        return self._restore_s
+
+    def copy(self, copies: list[PageCopy], timed: bool = False,
+             layered: bool = False) -> list | None:
+        """Run this rank's `copies` in order, after the device work queued before them. With
+        `layered` (and a copy stream), returns an event per layer: a forward's layer l
+        waits for the l-th (layer_wait), and `finish` orders everything after the copies.
+        Otherwise (None) the forward queued after this sees every copy done. `timed`: add
+        the restores' time to restore_s."""
         if not copies:
-            return
-        t = time.perf_counter()
+            return None
+        restores = timed and any(not c.to_host for c in copies)
         if self.stream is None:
-            self._run(copies)
-        else:  # after the steps before (the KV copied out is written) ...
-            main = torch.accelerator.current_stream()
-            self.stream.wait_stream(main)
-            with self.backend.stream(self.stream):
-                self._run(copies)
-            main.wait_stream(self.stream)  # ... and before this step's forward
-        if timed and any(not c.to_host for c in copies):
-            if self.stream is not None:
-                self.stream.synchronize()
-            self.restore_s += time.perf_counter() - t
+            pieces = self._pieces(copies)
+            t = time.perf_counter()
+            for layer in range(self.layers):
+                self._layer(pieces, layer)
+            if restores:
+                self._restore_s += time.perf_counter() - t
+            return None
+        main = self.backend.current_stream()
+        self.stream.wait_stream(main)  # after the steps before: the KV copied out is written
+        events = []
+        with self.backend.stream(self.stream):
+            pieces = self._pieces(copies)  # their index tensors live on this stream
+            start = self.backend.new_event(timing=True) if restores else None
+            if start is not None:
+                start.record(self.stream)
+            for layer in range(self.layers):
+                self._layer(pieces, layer)
+                if layered:
+                    events.append(self.backend.new_event())
+                    events[-1].record(self.stream)
+            if start is not None:
+                end = self.backend.new_event(timing=True)
+                end.record(self.stream)
+                self._timing.append((start, end))
+        if not layered:
+            main.wait_stream(self.stream)  # before this step's forward
+            return None
+        return events
+
+    def finish(self) -> None:
+        """After a layered copy's forward: later work on the main stream comes after every
+        copy (a forward that skipped a layer's wait included)."""
+        if self.stream is not None:
+            self.backend.current_stream().wait_stream(self.stream)
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         """A pooled tensor as `[layers, pages, B·rest]` (a view: the spare slot left out)."""
         t = _raw(t)
         return t[:, : self.pages * self.cache.block_size].view(t.shape[0], self.pages, -1)
 
-    def _run(self, copies: list[PageCopy]) -> None:
+    def _pieces(self, copies: list[PageCopy]) -> list[tuple[bool, torch.Tensor, list]]:
+        """The copies as pieces of one direction, each (to_host, its pages on the device,
+        its runs of consecutive slots): batches with no page or slot twice, in order; within
+        a batch, by slot."""
+        pieces = []
         for batch in _batches(copies):
             batch.sort(key=lambda c: c.slot)  # independent copies: any order
             for a in range(0, len(batch), self.piece):
-                self._piece(batch[a : a + self.piece])
+                piece = batch[a : a + self.piece]
+                pages = torch.tensor([c.page for c in piece], dtype=torch.long).to(
+                    self.device, non_blocking=True)
+                pieces.append((piece[0].to_host, pages, _slot_runs([c.slot for c in piece])))
+        return pieces
 
-    def _piece(self, piece: list[PageCopy]) -> None:
-        """Copies of one direction, sorted by slot, with no page or slot twice."""
-        pages = torch.tensor([c.page for c in piece], dtype=torch.long).to(
-            self.device, non_blocking=True)
-        runs = _slot_runs([c.slot for c in piece])
-        for t, host in zip(self.cache.tensors(), self.host):
-            pool = self._pool(t)  # [L, pages, X]
-            if piece[0].to_host:
-                staged = pool.index_select(1, pages).transpose(0, 1).contiguous()  # [n, L, X]
-                for i, slot, n in runs:
-                    host[slot : slot + n].copy_(staged[i : i + n], non_blocking=True)
-            else:
-                staged = torch.empty((len(piece), *host.shape[1:]), dtype=host.dtype,
-                                     device=self.device)
-                for i, slot, n in runs:
-                    staged[i : i + n].copy_(host[slot : slot + n], non_blocking=True)
-                pool.index_copy_(1, pages, staged.transpose(0, 1))
+    def _layer(self, pieces, layer: int) -> None:
+        """Every piece's copies of one layer, in order."""
+        for to_host, pages, runs in pieces:
+            for t, host in zip(self.cache.tensors(), self.host):
+                pool, twin = self._pool(t)[layer], host[layer]  # [pages, X], [slots, X]
+                if to_host:
+                    staged = pool.index_select(0, pages)  # [n, X]
+                    for i, slot, n in runs:
+                        twin[slot : slot + n].copy_(staged[i : i + n], non_blocking=True)
+                else:
+                    staged = torch.empty((len(pages), twin.shape[1]), dtype=twin.dtype,
+                                         device=self.device)
+                    for i, slot, n in runs:
+                        staged[i : i + n].copy_(twin[slot : slot + n], non_blocking=True)
+                    pool.index_copy_(0, pages, staged)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:

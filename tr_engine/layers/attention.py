@@ -26,4 +26,6 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]
-        return current().attention(self.layer, q, k, v, self.scale)
+        ctx = current()
+        ctx.before_layer(self.layer)  # the KV this layer reads is in its pages
+        return ctx.attention(self.layer, q, k, v, self.scale)

@@ -22,6 +22,13 @@ class ForwardContext:
     norms) processes at once; None = all at once."""
 
     token_chunk: int | None = None
+    # per layer, an event the forward waits for (on the device) before that layer's
+    # attention: the host tier's copies of that layer (kv.host_tier); None: nothing to wait for
+    layer_ready: list | None = None
+
+    def before_layer(self, layer: int) -> None:
+        if self.layer_ready is not None:
+            self.layer_ready[layer].wait()
 
     def attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

@@ -206,6 +206,7 @@ class ModelRunner:
         # Whether this rank has passed its step's last collective (see `_head`); the
         # cluster clears it before each plan goes out.
         self.past_collectives = False
+        self._layer_ready = None  # this step's host tier events per layer (run)
         self.fault_token = envs.inject_fault_token() if mesh.rank == 0 else None
         self._fault = False  # this step raises where rank 0 computes logits (tests)
         self.num_pages = self._plan_memory() // self.block_size
@@ -351,17 +352,25 @@ class ModelRunner:
         entry of `plan.sampled()`."""
         self.past_collectives = False
         self._fault = self.fault_token is not None and _feeds(plan, self.fault_token)
+        # host tier copies: layer by layer under a prefill's forward (its layer l waits for
+        # their layer l); before a decode step's (graphs replay the whole model)
+        self._layer_ready = None
         if plan.copies:
-            self.host_tier.copy([c for c in plan.copies if c.rank == self.rank],
-                                timed=self.mesh.rank == 0)
+            self._layer_ready = self.host_tier.copy(
+                [c for c in plan.copies if c.rank == self.rank], timed=self.mesh.rank == 0,
+                layered=plan.kind != "decode")
         for op in plan.tables:
             if op.rank == self.rank:
                 self.tables.apply(op)
-        if plan.kind == "prefill" and not plan.local:
-            return self.prefill(plan.prefill)
-        if plan.kind == "decode":
-            return self.decode(plan)
-        return self.mixed(plan)
+        try:
+            if plan.kind == "prefill" and not plan.local:
+                return self.prefill(plan.prefill)
+            if plan.kind == "decode":
+                return self.decode(plan)
+            return self.mixed(plan)
+        finally:
+            if self._layer_ready is not None:
+                self.host_tier.finish()
 
     def _prefill_inputs(self, p: PrefillPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of a chunk: token ids and positions, on the device."""
@@ -373,7 +382,9 @@ class ModelRunner:
 
     def _prefill_context(self, p: PrefillPlan) -> PrefillContext:
         n_valid = zigzag.local_len(len(p.tokens), self.world, self.rank, self.block_size)
-        return PrefillContext(self, p, n_valid)
+        ctx = PrefillContext(self, p, n_valid)
+        ctx.layer_ready = self._layer_ready
+        return ctx
 
     def _last_hidden(self, p: PrefillPlan, hidden: torch.Tensor) -> torch.Tensor:
         """The chunk's last position's hidden state, on every rank (its owner sends it)."""
@@ -422,6 +433,7 @@ class ModelRunner:
         if not parts:  # nothing of this step is this rank's
             return self._logits(plan, None, None, None, idx)
         ctx = StepContext([(c, len(ids)) for c, ids, _ in parts])
+        ctx.layer_ready = self._layer_ready
         with forward_context(ctx):
             hidden = self.model(torch.cat([ids for _, ids, _ in parts]),
                                 torch.cat([pos for _, _, pos in parts]))
