@@ -57,15 +57,17 @@ def _count_triton_builds(backend: Backend) -> None:
     process counts as a kernel build of `backend` (Backend.count_build)."""
     try:
         from triton import knobs
-    except ImportError:  # a Triton without knobs: not counted
+
+        runtime = knobs.runtime
+        previous = runtime.jit_post_compile_hook
+    except (ImportError, AttributeError):  # a Triton without the hook: not counted
         return
-    previous = knobs.runtime.jit_post_compile_hook
 
     def hook(**kw):
         backend.count_build(f"Triton {kw.get('repr', '?')}")
         return previous(**kw) if previous is not None else None
 
-    knobs.runtime.jit_post_compile_hook = hook
+    runtime.jit_post_compile_hook = hook
 
 
 class CudaBackend(Backend):
