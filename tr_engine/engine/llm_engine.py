@@ -244,7 +244,7 @@ class LLMEngine:
         if self.on_launched is not None:
             self.on_launched()
         if trace is not None:
-            trace.mark("forward", synchronize=True)
+            trace.mark("forward")
         if scored is not None:
             try:
                 logits = self._score_prompt(scored, plan.prefill, logits)

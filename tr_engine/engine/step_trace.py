@@ -2,13 +2,13 @@
 
 Each line: `t` (time.time() at the step's start), `idle_ms` (since the previous step
 ended: the engine thread's own work between steps, adding requests, or waiting for the
-interpreter lock), `schedule_ms`, `forward_ms` (the plan sent and the device finished: the
-trace synchronizes here, so the sampler's share is its own), `sample_ms`, `outputs_ms`
+interpreter lock), `schedule_ms`, `forward_ms` (the plan sent and the forward queued: on a
+device that runs ahead of the host, most of the device's time shows in the next part, where
+the host first waits for a result), `sample_ms` (with that wait), `outputs_ms`
 (stop checks, text, the outputs handed over), the step's kind, its prefill chunks (`start`,
 tokens, strategy, cached prefix per rank), its decode rows, and `builds` (kernel variants
-the backend built during the step: cuDNN graphs, Triton specialisations). Off (no cost)
-unless the variable names a file; the synchronize makes the traced engine a little
-slower, so compare a trace with a trace.
+the backend built during the step: cuDNN graphs, Triton specialisations). Off unless the
+variable names a file; on, it adds a line's writing a step and never waits for the device.
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ class StepTrace:
                     "builds": self.backend.late_builds()}
         self.t = now
 
-    def mark(self, name: str, synchronize: bool = False) -> None:
-        if synchronize:
-            self.backend.synchronize()
+    def mark(self, name: str) -> None:
         now = time.perf_counter()
         self.row[f"{name}_ms"] = round(1e3 * (now - self.t), 3)
         self.t = now
