@@ -1,5 +1,6 @@
 """The host-memory tier on 1 and 2 gloo ranks (float32, against transformers): documents
-cycling through a KV pool that holds two come back from host memory whole, and every
+cycling through a KV pool that holds two (sharded, or short ones on one rank each) come
+back from host memory whole, and every
 output is exactly transformers' greedy; the tier never holds more than its size, and
 resetting the prefix cache empties it.
 
@@ -34,13 +35,20 @@ def hf(ckpt):
     return greedy_reference(ckpt)
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=lambda p: f"P{p}")
+# (ranks, shard_min_tokens, host pages per rank): sharded documents on 1 and 2 ranks, and on
+# 2 ranks short ones, each on one rank (its home) and back to that rank; an idle engine homes
+# them all on rank 0, whose tier then needs the room of both
+CASES = [(1, 0, SLOTS), (2, 0, SLOTS), (2, 1024, 2 * SLOTS)]
+
+
+@pytest.fixture(scope="module", params=CASES,
+                ids=lambda c: f"P{c[0]}" + ("-short" if c[1] else ""))
 def llm(request, ckpt):
-    world = request.param
+    world, shard_min, slots = request.param
     with LLM(ckpt, device="cpu", world_size=world, dtype="float32", block_size=BLOCK,
              prefill_chunk=CHUNK, kv_cache_tokens=20 * BLOCK // world, max_model_len=256,
-             shard_min_tokens=0, kv_offloading_size=SLOTS * PAGE_BYTES * world / 2**30,
-             ) as engine:
+             shard_min_tokens=shard_min,
+             kv_offloading_size=slots * PAGE_BYTES * world / 2**30) as engine:
         yield engine
 
 
@@ -50,8 +58,10 @@ def run(llm, prompt: list[int]):
 
 def test_the_tier_has_the_size_asked(llm):
     tier = llm.engine.cluster.runner.host_tier
-    assert tier.num_slots == SLOTS and llm.engine.info.page_bytes == PAGE_BYTES
-    assert llm.engine.info.host_slots == SLOTS
+    slots = next(c[2] for c in CASES if c[:2] == (llm.engine.world,
+                                                  llm.engine.config.shard_min_tokens))
+    assert tier.num_slots == slots and llm.engine.info.page_bytes == PAGE_BYTES
+    assert llm.engine.info.host_slots == slots
 
 
 def test_documents_come_back_from_host_memory_whole(llm, hf):
@@ -78,8 +88,8 @@ def test_the_host_bound_holds_and_reset_empties_it(llm, hf):
     docs = [ids(DOC, 100 + i) for i in range(12 * s.world)]  # far more than the tier holds
     for d in docs:
         run(llm, d)
-        assert all(n <= SLOTS for n in s.blocks.host_used())
-    assert max(s.blocks.host_used()) == SLOTS  # full, never over
+        assert all(n <= s.blocks.host.ranks[0].num_slots for n in s.blocks.host_used())
+    assert max(s.blocks.host_used()) == s.blocks.host.ranks[0].num_slots  # full, never over
     prompt = docs[0] + [1, 2, 3]  # the oldest left the host tier too: computed again
     out = run(llm, prompt)
     assert out.num_cached_tokens < DOC and out.token_ids == hf(tuple(prompt), NEW)

@@ -216,14 +216,18 @@ class Scheduler:
                 load[s.home] += 1 + self.prefix_cost * s.num_tokens
         return load
 
-    def _place(self, seq: Sequence, hits: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    def _place(self, seq: Sequence, hits: list[tuple[int, int]],
+               host: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
         """Choose a short request's home (see the module's policy) among the ranks where its
-        pages fit; returns the cached blocks it uses there, None if no rank has room."""
+        pages fit; returns the cached blocks it uses there, None if no rank has room. The
+        rank that holds its first cached block (on the card, else in the host tier, `host`
+        after `hits`) goes first unless it is busier than the others."""
         load = self.loads()
         order = sorted(range(self.world), key=lambda r: (load[r], r))
-        if hits and load[hits[0][0]] <= load[order[0]] + 1:
-            order.remove(hits[0][0])
-            order.insert(0, hits[0][0])
+        first = hits[0][0] if hits else host[0][0] if host else None
+        if first is not None and load[first] <= load[order[0]] + 1:
+            order.remove(first)
+            order.insert(0, first)
         for r in order:
             seq.home = r
             mine = self._usable(seq, hits)
@@ -248,10 +252,15 @@ class Scheduler:
 
     def _try_admit(self, seq: Sequence) -> bool:
         hits = self.blocks.lookup(seq.keys)
-        placed = self._place(seq, hits) if self._is_short(seq) else None
-        host = [] if placed is not None else self.blocks.lookup_host(seq.keys[len(hits) :])
-        if placed is not None:
+        host = self.blocks.lookup_host(seq.keys[len(hits) :])
+        placed = self._place(seq, hits, host) if self._is_short(seq) else None
+        if placed is not None:  # a short request: what follows its blocks on its home rank
+            # comes back from the host tier there (the same pages: a block restored takes
+            # the page it would otherwise compute into)
             hits = placed
+            host = self.blocks.lookup_host(seq.keys[len(hits) :])
+            host = host[: next((i for i, (r, _) in enumerate(host) if r != seq.home),
+                               len(host))]
         elif host and self._fits_with(seq, hits, host):
             pass  # (the host's blocks come back too)
         elif not self.blocks.can_reserve(self._need(seq, hits), hits, self._margin()):
