@@ -530,6 +530,20 @@ def test_short_requests_live_on_one_rank_each_spread_by_load():
     assert s.kv_used() == [0, 0, 0] and s.blocks.reserved() == [0, 0, 0]
 
 
+def test_short_documents_one_after_another_spread_over_the_ranks_pools():
+    """On an idle engine every rank's load is the same: each new short document goes to
+    the rank caching the least, so three of them are cached on three ranks, not evicting
+    each other on one."""
+    s = make(world=3, pages=6, seqs=4, short=20)
+    for i in range(3):
+        s.add(seq(i, 12, max_tokens=4, first=100 * i + 1))
+        run_all(s)
+    assert s.blocks.pages_cached() == [3, 3, 3]  # 15 tokens of KV each: 3 full blocks
+    for i in range(3):  # each is still whole where it is
+        keys = block_keys(list(range(100 * i + 1, 100 * i + 13)), B)
+        assert len(s.blocks.lookup(keys)) == 3
+
+
 def test_a_follow_up_goes_to_the_rank_holding_its_prefix_unless_that_one_is_busier():
     s = make(world=2, pages=50, seqs=8, short=40)
     doc = list(range(100, 112))  # 3 blocks

@@ -223,7 +223,10 @@ class Scheduler:
         rank that holds its first cached block (on the card, else in the host tier, `host`
         after `hits`) goes first unless it is busier than the others."""
         load = self.loads()
-        order = sorted(range(self.world), key=lambda r: (load[r], r))
+        # ties (an idle engine): the rank caching the least, so documents spread over the
+        # ranks' pools instead of evicting each other on one
+        cached = self.blocks.pages_cached()
+        order = sorted(range(self.world), key=lambda r: (load[r], cached[r], r))
         first = hits[0][0] if hits else host[0][0] if host else None
         if first is not None and load[first] <= load[order[0]] + 1:
             order.remove(first)
