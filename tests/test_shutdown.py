@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -213,3 +214,21 @@ def test_a_stopped_rank_turns_health_to_503(model):
     r = httpx.post(server.base + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
     assert r.status_code == 503
     _stop_and_time(server, signal.SIGTERM)  # the stopped rank is killed, not waited for
+
+
+def test_a_rank_that_dies_while_starting_is_an_error_at_once(model, tmp_path):
+    """A script that starts a 2-rank engine without the `__main__` guard: the spawned rank
+    re-imports it and dies while bootstrapping. Rank 0 raises at once, naming the rank and
+    the guard, instead of waiting out the rendezvous' timeout."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("from tr_engine import LLM\n"
+                      f"LLM({str(model)!r}, device='cpu', world_size=2, dtype='float32')\n"
+                      "print('started')\n")
+    t = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, start_new_session=True)
+    took = time.monotonic() - t
+    assert done.returncode != 0 and "started" not in done.stdout
+    assert "rank(s) 1 (exit code 1) exited while the ranks were starting" in done.stderr
+    assert "__main__" in done.stderr
+    assert took < 120, took  # the rendezvous' own timeout is 600 s

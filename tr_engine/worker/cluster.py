@@ -265,7 +265,7 @@ class Cluster:
             if self.backend.device_type == "cpu":
                 _set_threads(local_world)
             mesh = Mesh(0, world, config.tensor_parallel_size)
-            self.groups = _init_groups(self.backend, mesh, init_method)
+            self.groups = self._meet(mesh, init_method)
             self.channel = PlanChannel(self.groups.host)
             self.runner = _make_runner(self.config, model_path, self.backend, mesh,
                                        local_rank, self.groups)
@@ -275,6 +275,39 @@ class Cluster:
         except BaseException:
             self._kill()
             raise
+
+    def _meet(self, mesh: Mesh, init_method: str) -> Groups:
+        """The process groups (the rendezvous of every rank), watching the spawned ranks
+        meanwhile: one that exits first (it failed to start: an import error, a script
+        without its `if __name__ == "__main__":` guard, a device that would not open) is
+        an error here at once, not a wait of the collectives' timeout."""
+        if not self.procs:
+            return _init_groups(self.backend, mesh, init_method)
+        done: dict = {}
+
+        def meet() -> None:
+            try:
+                done["groups"] = _init_groups(self.backend, mesh, init_method)
+            except BaseException as e:  # re-raised below
+                done["error"] = e
+
+        # (a thread: the rendezvous cannot be interrupted; if a rank dies, the thread
+        # stays blocked until the rendezvous times out, and is a daemon)
+        thread = threading.Thread(target=meet, name="tr-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+            dead = [(i + 1, p.exitcode) for i, p in enumerate(self.procs)
+                    if p.exitcode is not None]
+            if dead and thread.is_alive():
+                raise RuntimeError(
+                    "rank(s) " + ", ".join(f"{r} (exit code {c})" for r, c in dead)
+                    + " exited while the ranks were starting; see the error logged above "
+                    "(spawned ranks re-import the main module: a script that starts the "
+                    "engine needs an `if __name__ == \"__main__\":` guard)")
+        if "error" in done:
+            raise done["error"]
+        return done["groups"]
 
     def _spawn(self, config, model_path, world, init_method) -> None:
         ctx = mp.get_context("spawn")
