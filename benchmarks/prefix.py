@@ -219,13 +219,16 @@ def host_tier(args) -> None:
     uncached, _, cached_after = serve(e, follow)
     assert cached_after == 0
     transfer = doc_bytes / world / (h2d * 1e9)
+    print(json.dumps({"from_host": from_host, "cached": cached, "pages_restored": pages,
+                      "restore_s": restore_s, "on_card": on_card, "uncached": uncached,
+                      "transfer_s": transfer}), flush=True)  # before the second engine
     # the tier idle against off: a fresh prompt, then decode steps
     e.reset_prefix_cache()
     idle = {}
     for name in ("on", "off"):
         if name == "off":
             e.shutdown()
-            del e
+            del e, s  # every reference to the first engine: its KV pool must go first
             gc.collect()
             torch.cuda.empty_cache()
             e = engine(0.0)
