@@ -86,8 +86,9 @@ class Backend(ABC):
 
     def late_builds(self) -> int:
         """Kernel variants built since start-up ended."""
-        return self.kernel_builds - (self._builds_at_start or 0) \
-            if self._builds_at_start is not None else 0
+        if self._builds_at_start is None:
+            return 0
+        return self.kernel_builds - self._builds_at_start
 
     @classmethod
     def is_available(cls) -> bool:

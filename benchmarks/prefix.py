@@ -219,9 +219,12 @@ def host_tier(args) -> None:
     uncached, _, cached_after = serve(e, follow)
     assert cached_after == 0
     transfer = doc_bytes / world / (h2d * 1e9)
-    print(json.dumps({"from_host": from_host, "cached": cached, "pages_restored": pages,
-                      "restore_s": restore_s, "on_card": on_card, "uncached": uncached,
-                      "transfer_s": transfer}), flush=True)  # before the second engine
+    row = {"h2d_gbps": h2d, "d2h_gbps": d2h, "host_gib": gib, "doc_ttft": doc_ttfts,
+           "on_device_blocks": on_device, "on_host_blocks": on_host,
+           "from_host": from_host, "cached": cached, "pages_restored": pages,
+           "restore_s": restore_s, "on_card": on_card, "uncached": uncached,
+           "transfer_s": transfer}
+    print(json.dumps(row), flush=True)  # before the second engine, which may not start
     # the tier idle against off: a fresh prompt, then decode steps
     e.reset_prefix_cache()
     idle = {}
@@ -236,11 +239,7 @@ def host_tier(args) -> None:
         ttft, steps, _ = serve(e, fresh(args.idle_prompt), args.decode_steps)
         idle[name] = (ttft, statistics.median(steps[2:]) * 1e3)
     e.shutdown()
-    row = {"h2d_gbps": h2d, "d2h_gbps": d2h, "host_gib": gib, "doc_ttft": doc_ttfts,
-           "on_device_blocks": on_device, "on_host_blocks": on_host,
-           "from_host": from_host, "cached": cached, "pages_restored": pages,
-           "restore_s": restore_s, "on_card": on_card, "uncached": uncached, "transfer_s": transfer,
-           "idle": idle}
+    row["idle"] = idle
     print(json.dumps(row), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(row))

@@ -260,10 +260,9 @@ class Scheduler:
         if placed is not None:  # a short request: what follows its blocks on its home rank
             # comes back from the host tier there (the same pages: a block restored takes
             # the page it would otherwise compute into)
-            hits = placed
-            host = self.blocks.lookup_host(seq.keys[len(hits) :])
-            host = host[: next((i for i, (r, _) in enumerate(host) if r != seq.home),
-                               len(host))]
+            if len(placed) != len(hits):  # its cached run ends sooner on its home
+                host = self.blocks.lookup_host(seq.keys[len(placed) :])
+            hits, host = placed, self._usable(seq, host)
         elif host and self._fits_with(seq, hits, host):
             pass  # (the host's blocks come back too)
         elif not self.blocks.can_reserve(self._need(seq, hits), hits, self._margin()):

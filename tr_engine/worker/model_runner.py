@@ -371,6 +371,7 @@ class ModelRunner:
         finally:
             if self._layer_ready is not None:
                 self.host_tier.finish()
+                self._layer_ready = None
 
     def _prefill_inputs(self, p: PrefillPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of a chunk: token ids and positions, on the device."""
@@ -382,9 +383,7 @@ class ModelRunner:
 
     def _prefill_context(self, p: PrefillPlan) -> PrefillContext:
         n_valid = zigzag.local_len(len(p.tokens), self.world, self.rank, self.block_size)
-        ctx = PrefillContext(self, p, n_valid)
-        ctx.layer_ready = self._layer_ready
-        return ctx
+        return PrefillContext(self, p, n_valid)
 
     def _last_hidden(self, p: PrefillPlan, hidden: torch.Tensor) -> torch.Tensor:
         """The chunk's last position's hidden state, on every rank (its owner sends it)."""
@@ -397,7 +396,9 @@ class ModelRunner:
 
     def prefill(self, p: PrefillPlan) -> torch.Tensor | None:
         ids, positions = self._prefill_inputs(p)
-        with forward_context(self._prefill_context(p)):
+        ctx = self._prefill_context(p)
+        ctx.layer_ready = self._layer_ready  # (the forward's own context waits for them)
+        with forward_context(ctx):
             hidden = self.model(ids, positions)  # [2L, hidden]
         if p.all_logits:
             shards = self.comm.all_gather(hidden)
