@@ -163,7 +163,40 @@ def _bf16_and_fp8_ms(batch: int, n: int, fmt) -> tuple[float, float]:
     return bf16, ms
 
 
-def fp8(copy: float) -> str:
+def fp8_sweep(fmt, shapes=((1, 409600), (32, 4096))) -> list[str]:
+    """The tiles (keys per block, warps, stages, programs per SM) on fp8 pages, swept."""
+    lines = []
+    for batch, n in shapes:
+        lines += _fp8_sweep_shape(fmt, batch, n)
+        print(lines[-1], flush=True)
+    return lines
+
+
+def _fp8_sweep_shape(fmt, batch: int, n: int) -> list[str]:
+    from tr_engine.kv.quant import quantize
+
+    q, k, v, paged, _ = slabs(batch, n)
+    (k8, ks), (v8, vs) = quantize(k, fmt), quantize(v, fmt)
+    del k, v
+    best, lines = None, []
+    for waves in (4, 8, 16):
+        splits = cuda_decode.decode_splits(batch, HKV, SMS, waves)
+        for tiles in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
+            try:
+                ms = graph_ms(lambda t=tiles, s=splits: cuda_decode.decode_attention(
+                    q, k8, v8, *paged, PAGE, D**-0.5, s, tiles=t, k_scale=ks, v_scale=vs))
+            except Exception as e:  # e.g. out of shared memory for this tile
+                lines.append(f"  fp8 tiles {tiles} waves {waves}: refused ({type(e).__name__})")
+                continue
+            lines.append(f"  fp8 batch {batch} {n // 1024}K tiles {tiles} waves {waves}: "
+                         f"{ms * 1e3:7.1f} us")
+            if best is None or ms < best[1]:
+                best = ((*tiles, waves), ms)
+    lines.append(f"fp8 batch {batch}, {n // 1024}K keys: best {best[0]} {best[1] * 1e3:.1f} us")
+    return lines
+
+
+def fp8(copy: float, sweep: bool = False) -> str:
     """The kernel on fp8 (e4m3) pages with per-slot, per-head scales against bf16 pages:
     checked against float64 over the pages times their scales, then timed; GB/s and the
     bound count the bytes read (8-bit K/V plus float32 scales, or bf16 K/V)."""
@@ -200,6 +233,8 @@ def fp8(copy: float) -> str:
             lines.append(f"| {batch} | {n // 1024}K | {name} | {t * 1e3:.1f} | "
                          f"{read / t / 1e6:.0f} | {bound:.1f} | {bf16 / t:.2f}x |")
             print(lines[-1], flush=True)
+    if sweep:
+        lines += ["", "Sweep of the tiles on fp8 pages:", "", "```", *fp8_sweep(fmt), "```"]
     return "\n".join(lines)
 
 
@@ -208,12 +243,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fp8", action="store_true",
                     help="the kernel on fp8 pages against bf16 pages (section decode-kernel-fp8)")
+    ap.add_argument("--fp8-sweep", action="store_true", help="with --fp8: sweep its tiles")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     SMS = torch.cuda.get_device_properties(0).multi_processor_count
     copy = copy_gbps()
     if args.fp8:
-        text = fp8(copy)
+        text = fp8(copy, args.fp8_sweep)
         print(text)
         if args.out:
             write_section(args.out, "decode-kernel-fp8", text)

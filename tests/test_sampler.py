@@ -95,7 +95,19 @@ def _steps(sampler, seqs, steps: int, seed: int) -> list[list[int]]:
     return out
 
 
-def test_a_seeded_row_draws_the_same_alone_and_in_a_mixed_batch():
+def _triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _triton(), reason="the fused kernel runs where Triton is installed"))])
+def test_a_seeded_row_draws_the_same_alone_and_in_a_mixed_batch(fused):
+    """Both paths: the tensor operations, and the fused kernel (tr_engine/backends/
+    cuda_sample.py; in Triton's interpreter on the CPU)."""
     kinds = [dict(temperature=0.9, top_p=0.95), dict(temperature=0), dict(temperature=1.2),
              dict(temperature=0.8, top_k=40, repetition_penalty=1.2), dict(temperature=1.0,
              min_p=0.05, seed=3), dict(temperature=0, frequency_penalty=0.5, logprobs=2)]
@@ -105,7 +117,7 @@ def test_a_seeded_row_draws_the_same_alone_and_in_a_mixed_batch():
     g = torch.Generator().manual_seed(9)
     rows = [torch.randn(300, generator=g) * 3 for _ in range(12)]
     want = []
-    solo = Sampler(torch.device("cpu"), seed=5)
+    solo = Sampler(torch.device("cpu"), seed=5, fused=fused)
     for r in rows:
         t, _, _ = solo(r[None], [alone])
         alone.output_ids.append(t[0])
@@ -114,7 +126,7 @@ def test_a_seeded_row_draws_the_same_alone_and_in_a_mixed_batch():
              for i in range(31)]
     target_seq = Sequence(99, "t", [5, 6], SamplingParams(**target))
     batch.insert(17, target_seq)
-    mixed = Sampler(torch.device("cpu"), seed=6)
+    mixed = Sampler(torch.device("cpu"), seed=6, fused=fused)
     got = []
     for r in rows:
         logits = torch.randn(32, 300, generator=g) * 3

@@ -71,8 +71,11 @@ class Sampler:
     """Runs on rank 0 only. Each seeded request owns a generator, so the same seed gives the
     same tokens whatever else is in the batch."""
 
-    def __init__(self, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, device: torch.device, seed: int = 0, fused: bool | None = None) -> None:
+        """fused: the filters and the draw in one kernel (tr_engine/backends/cuda_sample.py)
+        instead of tensor operations; the default where it is compiled, on CUDA."""
         self.device = device
+        self.fused = _fused_default(device) if fused is None else fused
         self._default = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
         self.penalties = PenaltyState(device)
@@ -167,6 +170,8 @@ class Sampler:
             values = torch.tensor([b for _, _, b in bias], dtype=torch.float32)
             x = x.flatten().index_add(0, flat.to(dev, non_blocking=True),
                                       values.to(dev, non_blocking=True)).view_as(x)
+        if self.fused and (batch.sampled or batch.penalized):
+            return self._fused(x, seqs, batch, settings, noise)
         rows = pen_idx = None
         if batch.penalized:
             pen = [seqs[i] for i in batch.penalized]
@@ -189,6 +194,26 @@ class Sampler:
             self.penalties.record(pen, rows, tokens if pen_idx is None else tokens[pen_idx])
         return tokens
 
+    def _fused(self, x: torch.Tensor, seqs: list[Sequence], batch: _Batch,
+               settings: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """_tokens in one kernel: each row's penalty-table row and noise row (-1: none)."""
+        from ..backends import cuda_sample
+
+        n = len(seqs)
+        which = [[-1] * n, [-1] * n]
+        pen = [seqs[i] for i in batch.penalized]
+        for i, row in zip(batch.penalized, self.penalties.rows(pen, x.shape[1])):
+            which[0][i] = row
+        for j, i in enumerate(batch.sampled):
+            which[1][i] = j
+        rows = torch.tensor(which, dtype=torch.long).to(x.device, non_blocking=True)
+        tokens = cuda_sample.sample(x, settings, rows, noise,
+                                    self.penalties.table if pen else None)
+        if pen:
+            self.penalties.record(pen, rows[0][_index(batch.penalized, x.device)],
+                                  tokens[_index(batch.penalized, x.device)])
+        return tokens
+
     def _one_by_one(self, raw, seqs, batch, noise, allowed, errors) -> torch.Tensor:
         tokens = torch.zeros(len(seqs), dtype=torch.long, device=raw.device)
         for i, seq in enumerate(seqs):
@@ -204,6 +229,16 @@ class Sampler:
             except Exception as e:  # reported to this request alone
                 errors[i] = e
         return tokens
+
+
+def _fused_default(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from ..backends import cuda_sample  # noqa: F401  (Triton, compiled for this device)
+    except ImportError:
+        return False
+    return True
 
 
 def _describe(seqs: list[Sequence]) -> _Batch:
