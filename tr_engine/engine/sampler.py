@@ -103,10 +103,11 @@ class Sampler:
         Returns the tokens, their logprobs (the model's own, before the mask, bias,
         penalties and temperature), and the failures by row: a row that raised gets token 0
         and its exception, so one request's failure never reaches the others."""
-        raw = logits.float()
         n = len(seqs)
         errors: dict[int, Exception] = {}
         batch = _describe(seqs)
+        # the fused kernel reads the model's dtype itself
+        raw = logits if self._uses_kernel(batch) else logits.float()
         noise = self._noise(raw, seqs, batch.sampled, errors)
         try:
             picked = self._tokens(raw, seqs, batch, noise, allowed)
@@ -166,12 +167,14 @@ class Sampler:
         x = raw if allowed is None else apply_token_bitmask(raw, allowed)
         bias = [(r, t, b) for r, t, b in batch.bias if t < vocab]
         if bias:
+            x = x.float()
             flat = torch.tensor([r * vocab + t for r, t, _ in bias], dtype=torch.long)
             values = torch.tensor([b for _, _, b in bias], dtype=torch.float32)
             x = x.flatten().index_add(0, flat.to(dev, non_blocking=True),
                                       values.to(dev, non_blocking=True)).view_as(x)
-        if self.fused and (batch.sampled or batch.penalized):
+        if self._uses_kernel(batch):
             return self._fused(x, seqs, batch, settings, noise)
+        x = x.float()  # a no-op but for a row sampled alone after the kernel's batch failed
         rows = pen_idx = None
         if batch.penalized:
             pen = [seqs[i] for i in batch.penalized]
@@ -193,6 +196,9 @@ class Sampler:
         if rows is not None:
             self.penalties.record(pen, rows, tokens if pen_idx is None else tokens[pen_idx])
         return tokens
+
+    def _uses_kernel(self, batch: _Batch) -> bool:
+        return self.fused and bool(batch.sampled or batch.penalized)
 
     def _fused(self, x: torch.Tensor, seqs: list[Sequence], batch: _Batch,
                settings: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
@@ -302,7 +308,7 @@ def _fetch(raw: torch.Tensor, tokens: torch.Tensor, batch: _Batch) -> list[float
     if batch.want:
         whole = len(batch.want) == len(tokens)
         idx = None if whole else _index(batch.want, raw.device)
-        lp = torch.log_softmax(raw if whole else raw[idx], dim=-1)
+        lp = torch.log_softmax(raw if whole else raw[idx], dim=-1, dtype=torch.float32)
         chosen = tokens if whole else tokens[idx]
         parts.append(lp.gather(1, chosen[:, None])[:, 0].double())
         if batch.top > 0:
