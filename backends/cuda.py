@@ -163,7 +163,8 @@ class CudaBackend(Backend):
                                             block_size, scale, out, lse, keys, k_scale, v_scale)
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = self._decode.decode_splits(q.shape[0], k_cache.shape[1], self._sms)
+        splits = self._decode.decode_splits(q.shape[0], k_cache.shape[1], self._sms,
+                                            quant=k_scale is not None)
         return self._decode.decode_attention(q, k_cache, v_cache, tables, rows, lens,
                                              block_size, scale, splits, out, lse,
                                              k_scale=k_scale, v_scale=v_scale)

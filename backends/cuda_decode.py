@@ -29,7 +29,8 @@ import triton.language as tl
 def _split_kernel(q, k, v, k_scale, v_scale, tables, rows_of, lens, part_out, part_lse, scale,
                   sq_b, sq_h, sk_n, sk_h, sv_n, sv_h, ss_n, st_r, splits,
                   GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                  PAGE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
+                  PAGE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
+                  WIDEN_FP16: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     table = tables + tl.load(rows_of + b).to(tl.int64) * st_r
     n = tl.load(lens + b).to(tl.int32)
@@ -43,6 +44,8 @@ def _split_kernel(q, k, v, k_scale, v_scale, tables, rows_of, lens, part_out, pa
     row_ok = rows < GROUP
     qb = tl.load(q + b * sq_b + heads[:, None] * sq_h + dims[None, :], mask=row_ok[:, None],
                  other=0.0)  # [ROWS, D]
+    if WIDEN_FP16:  # 8-bit pages widen to float16 (one conversion, more mantissa than bf16)
+        qb = qb.to(tl.float16)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
@@ -107,10 +110,16 @@ def _combine_kernel(part_out, part_lse, out, lse, n, o_row, o_part, l_row, l_par
 # Tuned on an H200 with benchmarks/decode_kernels.py: keys per block, warps, pipeline stages,
 # and programs per SM the key ranges aim at.
 BLOCK, WARPS, STAGES, WAVES = 32, 2, 3, 4
+# the same on 8-bit pages, and whether they widen to float16 rather than q's dtype
+QUANT_TILES = (BLOCK, WARPS, STAGES, WAVES)
+WIDEN_FP16 = False
 
 
-def decode_splits(batch: int, kv_heads: int, sms: int, waves: int = WAVES) -> int:
+def decode_splits(batch: int, kv_heads: int, sms: int, waves: int | None = None,
+                  quant: bool = False) -> int:
     """Key ranges per sequence: enough programs to give every SM `waves` of them."""
+    if waves is None:
+        waves = QUANT_TILES[3] if quant else WAVES
     return max(1, min(128, triton.cdiv(waves * sms, batch * kv_heads)))
 
 
@@ -142,7 +151,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("decode_attention needs k_scale and v_scale float32 [N, Hkv] alike")
     if quant and k_cache.element_size() != 1:
         raise ValueError("scales come with 8-bit caches")
-    block, warps, stages = tiles or (BLOCK, WARPS, STAGES)
+    block, warps, stages = tiles or (QUANT_TILES[:3] if quant else (BLOCK, WARPS, STAGES))
     part_out = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
     if out is None:
@@ -158,6 +167,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), D=d, BLOCK=block,
         PAGE=block_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QUANT=quant,
+        WIDEN_FP16=quant and WIDEN_FP16 and q.dtype != torch.float32,
         num_warps=warps, num_stages=stages,
     )
     if out.stride(0) != hq * out.stride(1) or lse.stride(0) != hq * lse.stride(1):

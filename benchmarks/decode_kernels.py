@@ -158,6 +158,7 @@ def _bf16_and_fp8_ms(batch: int, n: int, fmt) -> tuple[float, float]:
     bf16 = graph_ms(lambda: cuda_decode.decode_attention(q, k, v, *paged, PAGE, D**-0.5,
                                                          splits))
     (k8, ks), (v8, vs) = quantize(k, fmt), quantize(v, fmt)
+    splits = cuda_decode.decode_splits(batch, HKV, SMS, quant=True)
     ms = graph_ms(lambda: cuda_decode.decode_attention(
         q, k8, v8, *paged, PAGE, D**-0.5, splits, k_scale=ks, v_scale=vs))
     return bf16, ms
@@ -192,7 +193,17 @@ def _fp8_sweep_shape(fmt, batch: int, n: int) -> list[str]:
                          f"{ms * 1e3:7.1f} us")
             if best is None or ms < best[1]:
                 best = ((*tiles, waves), ms)
-    lines.append(f"fp8 batch {batch}, {n // 1024}K keys: best {best[0]} {best[1] * 1e3:.1f} us")
+    splits = cuda_decode.decode_splits(batch, HKV, SMS, best[0][3])
+    widened = {}
+    for fp16 in (False, True):
+        cuda_decode.WIDEN_FP16 = fp16
+        widened[fp16] = graph_ms(lambda: cuda_decode.decode_attention(
+            q, k8, v8, *paged, PAGE, D**-0.5, splits, tiles=best[0][:3], k_scale=ks,
+            v_scale=vs))
+    cuda_decode.WIDEN_FP16 = False
+    lines.append(f"fp8 batch {batch}, {n // 1024}K keys: best {best[0]} {best[1] * 1e3:.1f} us; "
+                 f"widened to q's dtype {widened[False] * 1e3:.1f} us, to float16 "
+                 f"{widened[True] * 1e3:.1f} us")
     return lines
 
 
@@ -210,11 +221,18 @@ def fp8(copy: float, sweep: bool = False) -> str:
     sizes = [5000, 0, 1, 14000]
     tables, rows = paged_tables(sizes, 20000 // PAGE, seed=1)
     lens = torch.tensor(sizes, device="cuda")
-    out, lse = cuda_decode.decode_attention(q, k8, v8, tables, rows, lens, PAGE, D**-0.5,
-                                            cuda_decode.decode_splits(4, HKV, SMS),
-                                            k_scale=ks, v_scale=vs)
     k64, v64 = dequantize(k8, ks, torch.float64), dequantize(v8, vs, torch.float64)
-    worst = worst_error(out, lse, q, k64, v64, tables, sizes)
+    errors, chosen = {}, cuda_decode.WIDEN_FP16
+    for fp16 in (False, True):
+        cuda_decode.WIDEN_FP16 = fp16
+        out, lse = cuda_decode.decode_attention(q, k8, v8, tables, rows, lens, PAGE,
+                                                D**-0.5, cuda_decode.decode_splits(4, HKV, SMS),
+                                                k_scale=ks, v_scale=vs)
+        errors[fp16] = worst_error(out, lse, q, k64, v64, tables, sizes)
+    cuda_decode.WIDEN_FP16 = chosen
+    worst = errors[chosen]
+    print(f"fp8 pages, max abs error: widened to bf16 {errors[False]:.2e}, to float16 "
+          f"{errors[True]:.2e}", flush=True)
     assert worst < 2e-2, f"fp8 pages: {worst:.2e}"
     lines = [f"## Decode attention kernel on fp8 pages — {today()}", "",
              f"Machine: {machine()}; device copy {copy:.0f} GB/s (read + write). Command: "
