@@ -68,3 +68,14 @@ def test_the_kernel_draws_what_the_tensor_path_draws(monkeypatch, vocab, block, 
     assert got == want
     assert torch.equal(got_counts, want_counts)
     assert Sampler(torch.device(DEVICE)).fused == (DEVICE == "cuda")
+
+
+def test_the_start_up_warm_up_runs_both_variants(monkeypatch):
+    from tr_engine.backends import cuda_sample
+
+    seen = []
+    real = cuda_sample.sample
+    monkeypatch.setattr(cuda_sample, "sample", lambda *a: seen.append(a[4] is not None)
+                        or real(*a))
+    Sampler(torch.device(DEVICE), fused=True).warm_up(300)
+    assert seen == [True, False]

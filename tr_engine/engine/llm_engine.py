@@ -100,6 +100,8 @@ class LLMEngine:
         self.on_launched: Callable[[], None] | None = None
         trace = envs.step_trace_path()
         self.trace = StepTrace(trace, self.cluster.backend) if trace else None
+        self.sampler.warm_up(mc.vocab_size)
+        self.masks.warm_up()
         self.cluster.backend.started()  # kernel variants built from now on are late
         log.info("engine ready in %.1f s: %s on %d %s rank(s), context %d tokens, KV cache %d "
                  "tokens", time.perf_counter() - t, mc.architecture, self.config.world_size,

@@ -80,6 +80,26 @@ class Sampler:
         self._generators: dict[int, torch.Generator] = {}
         self.penalties = PenaltyState(device)
 
+    def warm_up(self, vocab: int) -> None:
+        """Build the fused kernel's variants (with and without penalties) for this
+        vocabulary now, at start-up, not on the first sampled request."""
+        if not self.fused:
+            return
+        from ..backends import cuda_sample
+
+        g = torch.Generator(device=self.device).manual_seed(0)
+        x = torch.randn(2, vocab, device=self.device, generator=g)
+        settings = torch.tensor([[0.8, 50.0, 0.95, 0.05, 1.1, 0.1, 0.1],
+                                 [1.0, 0.0, _NO_TOP_P, 0.0, 1.0, 0.0, 0.0]],
+                                device=self.device)
+        noise = torch.empty_like(x).exponential_(generator=g)
+        counts = torch.zeros(1, vocab, dtype=torch.int32, device=self.device)
+        for penalized in (True, False):
+            rows = torch.tensor([[0 if penalized else -1, -1], [0, 1]], device=self.device)
+            cuda_sample.sample(x, settings, rows, noise, counts if penalized else None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def forget(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
         self.penalties.forget(seq_id)

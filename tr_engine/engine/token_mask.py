@@ -45,6 +45,18 @@ class TokenMasks:
         self._rules: dict[int, _Rules] = {}
         self._batch = None  # xgrammar BatchGrammarMatcher, made on first use
 
+    def warm_up(self) -> None:
+        """On CUDA, build xgrammar's masking kernel now for each row count it specialises
+        on (one, a multiple of 16, any other), not on the first constrained request."""
+        if self.device.type != "cuda":
+            return
+        logits = torch.zeros((16, self.vocab_size), dtype=torch.float32, device=self.device)
+        mask = torch.full((16, self.words), -1, dtype=torch.int32, device=self.device)
+        for n in (1, 2, 16):
+            _xgr().apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size,
+                                               indices=list(range(n)))
+        torch.cuda.synchronize(self.device)
+
     def add(self, seq: Sequence) -> None:
         """Set up `seq`'s rules (its grammar compiled, or found compiled in the cache);
         InvalidParameter if its grammar cannot be compiled."""
