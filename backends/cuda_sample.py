@@ -34,9 +34,8 @@ import triton
 import triton.language as tl
 
 BLOCK, WARPS, ROUNDS = 8192, 16, 3
-_MAX = 3.4028234663852886e38
-_TINY = 1.1754943508222875e-38
-_ONE_KEY = 0x3F800000  # the bits of 1.0
+_MAX = tl.constexpr(3.4028234663852886e38)
+_TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -62,15 +61,17 @@ def _argmax(best, where):
 @triton.jit
 def _kth_key(wr, V, k, lanes, BLOCK: tl.constexpr):
     """The key of the k-th largest of the row's V values at wr (1 <= k <= V)."""
-    bins = tl.arange(0, 256)
+    bins = tl.arange(0, 512)  # digits 0-255; the values outside the prefix go to bin 256
     prefix = tl.zeros([], tl.int64)
-    for shift in tl.static_range(24, -8, -8):
-        hist = tl.zeros([256], tl.int32)
+    for j in tl.static_range(4):
+        shift = 24 - 8 * j
+        hist = tl.zeros([512], tl.int32)
         for off in range(0, V, BLOCK):
             i = off + lanes
             key = _key(tl.load(wr + i, mask=i < V, other=float("-inf")))
             match = ((key >> (shift + 8)) == prefix) & (i < V)
-            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
+            hist += tl.histogram(tl.where(match, (key >> shift) & 255, 256).to(tl.int32), 512)
+        hist = tl.where(bins < 256, hist, 0)
         suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # values in bins >= b
         b = tl.max(tl.where(suffix >= k, bins, -1), 0)
         k -= tl.sum(tl.where(bins == b, suffix - hist, 0), 0)
@@ -117,7 +118,7 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss
             z = tl.where(z == float("inf"), _MAX, z)
             z_best = tl.maximum(z_best, z)
             tl.store(wr + i, z, mask=ok)
-    _, token = _argmax(g_best, g_at)
+    best, token = _argmax(g_best, g_at)
     m = tl.max(z_best, 0)
     if sampled & (m > float("-inf")):
         k = top_k.to(tl.int64)
@@ -125,10 +126,11 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss
         if (k > 0) & (k < V):
             kth = _kth_key(wr, V, k, lanes, BLOCK)
         use_p = top_p < 1.5
-        floor = -1.0  # a round's race is over e > floor
+        floor = tl.full([], -1.0, tl.float32)  # a round's race is over e > floor
         target = tl.zeros([], tl.float32)
         done = tl.zeros([], tl.int32)
-        for _ in range(ROUNDS):
+        one = tl.full([], 1, tl.int32)
+        for rnd in range(ROUNDS):
             if done == 0:
                 d_best = tl.full([BLOCK], -1.0, tl.float32)
                 d_at = lanes
@@ -143,8 +145,8 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss
                     noise = tl.load(nr + i, mask=keep, other=1.0)
                     d_best, d_at = _first_max(
                         d_best, d_at, tl.where(keep, e / tl.maximum(noise, _TINY), -1.0), i)
-                _, token = _argmax(d_best, d_at)
-                done = 1
+                best, token = _argmax(d_best, d_at)
+                done = one
                 if use_p:
                     target = top_p * tl.sum(total, 0)
                     e_c = tl.exp(tl.load(wr + token) - m)
@@ -155,12 +157,12 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss
                         e = tl.where(_key(z) >= kth, tl.exp(z - m), 0.0)
                         mass += tl.where((e >= min_p) & (e > e_c), e, 0.0)
                     if tl.sum(mass, 0) >= target:  # the winner is outside top_p's set
-                        done = 0
+                        done = one - 1
                         floor = e_c
         if done == 0:  # the top_p cut by bisection over e's keys, then the race over it
             lo = _key(tl.full([], -1.0, tl.float32))
             hi = _key(tl.full([], 1.0, tl.float32))
-            for _ in range(31):
+            for it in range(31):
                 mid = lo + (hi - lo) // 2
                 mass = tl.zeros([BLOCK], tl.float32)
                 for off in range(0, V, BLOCK):
@@ -183,7 +185,7 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss
                 noise = tl.load(nr + i, mask=keep, other=1.0)
                 d_best, d_at = _first_max(
                     d_best, d_at, tl.where(keep, e / tl.maximum(noise, _TINY), -1.0), i)
-            _, token = _argmax(d_best, d_at)
+            best, token = _argmax(d_best, d_at)
     elif sampled:  # no finite logit: the tensor path's fallback, argmax of z
         token = tl.zeros([], tl.int32)
     tl.store(out_ptr + r, token.to(tl.int64))
