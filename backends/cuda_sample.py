@@ -130,7 +130,7 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss
         target = tl.zeros([], tl.float32)
         done = tl.zeros([], tl.int32)
         one = tl.full([], 1, tl.int32)
-        for rnd in range(ROUNDS):
+        for _rnd in range(ROUNDS):
             if done == 0:
                 d_best = tl.full([BLOCK], -1.0, tl.float32)
                 d_at = lanes
@@ -162,7 +162,7 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss
         if done == 0:  # the top_p cut by bisection over e's keys, then the race over it
             lo = _key(tl.full([], -1.0, tl.float32))
             hi = _key(tl.full([], 1.0, tl.float32))
-            for it in range(31):
+            for _bit in range(31):
                 mid = lo + (hi - lo) // 2
                 mass = tl.zeros([BLOCK], tl.float32)
                 for off in range(0, V, BLOCK):

@@ -218,3 +218,4 @@ def test_portable_decode_attention_dequantizes_pages(fmt_name):
     ref_out, ref_lse = reference(q, k64, v64, tables, rows, lens, 0.125)
     assert (out.double() - ref_out).abs().max() < 1e-5  # float32, scores up to ~30
     assert (lse[lens > 0].double() - ref_lse[lens > 0]).abs().max() < 1e-5
+

@@ -79,3 +79,4 @@ def test_the_start_up_warm_up_runs_both_variants(monkeypatch):
                         or real(*a))
     Sampler(torch.device(DEVICE), fused=True).warm_up(300)
     assert seen == [True, False]
+
