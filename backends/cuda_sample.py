@@ -80,7 +80,7 @@ def _kth_key(wr, V, k, lanes, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss, noise_ptr,
+def _sample_kernel(x_ptr, sx, counts_ptr, sc, rows_ptr, settings, ss, noise_ptr,
                    sn, work_ptr, sw, out_ptr, V, BLOCK: tl.constexpr, PENALTY: tl.constexpr,
                    ROUNDS: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
@@ -89,8 +89,8 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss
     st = settings + r * ss
     temp, top_k, top_p = tl.load(st), tl.load(st + 1), tl.load(st + 2)
     min_p, rep, pres, freq = tl.load(st + 3), tl.load(st + 4), tl.load(st + 5), tl.load(st + 6)
-    prow = tl.load(pen_rows + r).to(tl.int64)
-    nrow = tl.load(noise_rows + r).to(tl.int64)
+    prow = tl.load(rows_ptr + 2 * r).to(tl.int64)
+    nrow = tl.load(rows_ptr + 2 * r + 1).to(tl.int64)
     sampled = nrow >= 0
     cr = counts_ptr + tl.maximum(prow, 0) * sc  # row 0 read and ignored without a row
     has = (prow >= 0).to(tl.int32)
@@ -194,9 +194,11 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, pen_rows, noise_rows, settings, ss
 def sample(x: torch.Tensor, settings: torch.Tensor, rows: torch.Tensor,
            noise: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor:
     """x `[B, V]` logits (any float dtype, rows contiguous) after the mask and bias;
-    settings `[B, 7]` float32 (the sampler's columns); rows `[2, B]` integers: each row's
-    penalty-table row and noise row (-1: none, greedy); noise `[n, V]` float32 E ~ Exp(1);
-    counts the penalty table `[R, V]` int32. Returns the tokens `[B]` int64."""
+    settings `[B, 7]` float32 (the sampler's columns); rows `[B, 2]` integers (contiguous):
+    each row's penalty-table row and noise row (-1: none, greedy; one tensor, so that no
+    batch size gives a pointer of other alignment, which Triton would build anew for);
+    noise `[n, V]` float32 E ~ Exp(1); counts the penalty table `[R, V]` int32. Returns the
+    tokens `[B]` int64."""
     b, vocab = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -206,7 +208,7 @@ def sample(x: torch.Tensor, settings: torch.Tensor, rows: torch.Tensor,
     penalty = counts is not None and counts.numel() > 0
     counts = rows if not penalty else counts
     _sample_kernel[(b,)](x, x.stride(0), counts, counts.stride(0) if penalty else 0,
-                         rows[0], rows[1], settings, settings.stride(0), noise,
+                         rows.contiguous(), settings, settings.stride(0), noise,
                          noise.stride(0), work, work.stride(0), out, vocab,
                          BLOCK=min(BLOCK, max(256, triton.next_power_of_2(vocab))),
                          PENALTY=penalty, ROUNDS=ROUNDS,

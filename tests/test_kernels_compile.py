@@ -29,8 +29,8 @@ SCRIPT = textwrap.dedent('''
                            target=GPUTarget("cuda", 90, 32), options=options)
         assert "cubin" in k.asm
 
-    pointers = dict(x_ptr="*fp32", counts_ptr="*i32", pen_rows="*i64", noise_rows="*i64",
-                    settings="*fp32", noise_ptr="*fp32", work_ptr="*fp32", out_ptr="*i64")
+    pointers = dict(x_ptr="*fp32", counts_ptr="*i32", rows_ptr="*i64", settings="*fp32",
+                    noise_ptr="*fp32", work_ptr="*fp32", out_ptr="*i64")
     for penalty in (True, False):
         build(cuda_sample._sample_kernel, pointers,
               dict(BLOCK=cuda_sample.BLOCK, PENALTY=penalty, ROUNDS=cuda_sample.ROUNDS),

@@ -95,7 +95,7 @@ class Sampler:
         noise = torch.empty_like(x).exponential_(generator=g)
         counts = torch.zeros(1, vocab, dtype=torch.int32, device=self.device)
         for penalized in (True, False):
-            rows = torch.tensor([[0 if penalized else -1, -1], [0, 1]], device=self.device)
+            rows = torch.tensor([[0 if penalized else -1, 0], [-1, 1]], device=self.device)
             cuda_sample.sample(x, settings, rows, noise, counts if penalized else None)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -225,19 +225,18 @@ class Sampler:
         """_tokens in one kernel: each row's penalty-table row and noise row (-1: none)."""
         from ..backends import cuda_sample
 
-        n = len(seqs)
-        which = [[-1] * n, [-1] * n]
+        which = [[-1, -1] for _ in seqs]
         pen = [seqs[i] for i in batch.penalized]
         for i, row in zip(batch.penalized, self.penalties.rows(pen, x.shape[1])):
-            which[0][i] = row
+            which[i][0] = row
         for j, i in enumerate(batch.sampled):
-            which[1][i] = j
+            which[i][1] = j
         rows = torch.tensor(which, dtype=torch.long).to(x.device, non_blocking=True)
         tokens = cuda_sample.sample(x, settings, rows, noise,
                                     self.penalties.table if pen else None)
         if pen:
-            self.penalties.record(pen, rows[0][_index(batch.penalized, x.device)],
-                                  tokens[_index(batch.penalized, x.device)])
+            idx = _index(batch.penalized, x.device)
+            self.penalties.record(pen, rows[idx, 0], tokens[idx])
         return tokens
 
     def _one_by_one(self, raw, seqs, batch, noise, allowed, errors) -> torch.Tensor:
