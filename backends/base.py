@@ -320,6 +320,11 @@ class Backend(ABC):
         """Build, at start-up, whatever per-shape state the attention kernels need for the
         shapes the engine will meet (no-op where kernels need none)."""
 
+    def prepare_thread(self) -> None:  # noqa: B027
+        """Build that state again for the calling thread, where the libraries keep it per
+        thread (cuDNN's attention graphs in torch): the server steps the engine on a thread
+        of its own, not the one that started it. No-op where nothing is per thread."""
+
     # Graphs: record a step's kernels once, replay them with one launch.
     def graph_safe_decode(self, dtype: torch.dtype, head_dim: int) -> bool:
         """True when a decode forward of this dtype and head size can be recorded as a graph

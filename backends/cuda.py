@@ -9,6 +9,7 @@ tensors, so nothing is copied on the way in. float32 inputs use the math path.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -116,6 +117,8 @@ class CudaBackend(Backend):
         if cuda_decode is not None:
             _count_triton_builds(self)
         self._piece_rows: tuple[int, ...] = ()  # query buckets prepared for key pieces
+        self._prepared: tuple | None = None  # prepare_attention's arguments
+        self._prepared_on: set[int] = set()  # the threads that built its graphs
 
     @classmethod
     def is_available(cls) -> bool:
@@ -199,6 +202,9 @@ class CudaBackend(Backend):
             [(rows, rows, True) for rows in self.QUERY_BUCKETS if rows >= self.CAUSAL_MIN]
 
     def prepare_attention(self, hq, hkv, d, dtype, device):
+        # torch keeps cuDNN's attention graphs per thread: they are built for this one
+        self._prepared = (hq, hkv, d, dtype, device)
+        self._prepared_on.add(threading.get_ident())
         if (dtype == torch.float32 or all(name != "cudnn" for name, _ in self._BIG)
                 or ("cudnn", dtype, d, hq // hkv, False, self.SMALL_QUERY_BLOCK + 1)
                 in self._refused):  # no cuDNN: float32, or the self-check turned it off
@@ -218,8 +224,12 @@ class CudaBackend(Backend):
             self.cudnn_shapes.add((rows, keys, hq, hkv, d, causal, dtype))
         self._piece_rows = self.QUERY_BUCKETS
         torch.cuda.synchronize()
-        log.info("cuDNN attention: %d block shapes built in %.1f s", len(shapes),
-                 time.perf_counter() - t)
+        log.info("cuDNN attention: %d block shapes built in %.1f s (thread %s)", len(shapes),
+                 time.perf_counter() - t, threading.current_thread().name)
+
+    def prepare_thread(self):
+        if self._prepared is not None and threading.get_ident() not in self._prepared_on:
+            self.prepare_attention(*self._prepared)
 
     def _attention(self, q, k, v, causal, scale):
         tq = q.shape[0]

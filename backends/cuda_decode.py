@@ -110,8 +110,11 @@ def _combine_kernel(part_out, part_lse, out, lse, n, o_row, o_part, l_row, l_par
 # Tuned on an H200 with benchmarks/decode_kernels.py: keys per block, warps, pipeline stages,
 # and programs per SM the key ranges aim at.
 BLOCK, WARPS, STAGES, WAVES = 32, 2, 3, 4
-# the same on 8-bit pages, and whether they widen to float16 rather than q's dtype
-QUANT_TILES = (BLOCK, WARPS, STAGES, WAVES)
+# The same on 8-bit pages: a tile of 128 keys reads as many bytes as bf16's 64. Swept on
+# one H100 (decode_kernels.py --fp8-sweep): 389 us for one sequence of 400K keys against
+# 516 us with the bf16 tiles (bf16 pages 568 us), 141 us for 32 of 4K (best 133). Widening to
+# float16 instead of q's dtype (WIDEN_FP16) was no faster there.
+QUANT_TILES = (128, 4, 3, 8)
 WIDEN_FP16 = False
 
 

@@ -165,3 +165,44 @@ def test_cuda_chunks_take_prepared_shapes(monkeypatch):
     assert met and set(met) <= prepared
     assert (1280, 1280, True) in met and (2560, 4096, False) in met
     assert (1024, 16384, False) in met or (5120, 16384, False) in met
+
+
+def test_cuda_attention_shapes_are_built_again_on_each_new_thread(monkeypatch):
+    """torch keeps cuDNN's attention graphs per thread, and the server steps the engine on a
+    thread of its own: prepare_thread builds the prepared shapes there, once a thread."""
+    import threading
+    import time
+
+    from tr_engine.backends.cuda import CudaBackend
+
+    backend = CudaBackend.__new__(CudaBackend)  # no device here: the bookkeeping alone
+    backend._prepared, backend._prepared_on = None, set()
+    built = []
+    real = CudaBackend.prepare_attention
+
+    def prepare(self, *args):
+        built.append(threading.current_thread().name)
+        return real(self, *args)
+
+    monkeypatch.setattr(CudaBackend, "prepare_attention", prepare)
+    backend.prepare_thread()  # nothing prepared yet: nothing to build
+    backend.prepare_attention(4, 2, 64, torch.float32, torch.device("cpu"))  # float32: no cuDNN
+    backend.prepare_thread()  # the thread that prepared: nothing again
+    release = threading.Event()
+
+    def loop():  # alive until both have run (a finished thread's id can be reused)
+        backend.prepare_thread()
+        backend.prepare_thread()
+        release.wait()
+
+    threads = [threading.Thread(target=loop, name=f"loop-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(built) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join()
+    assert built[0] == threading.current_thread().name
+    assert sorted(built[1:]) == ["loop-0", "loop-1"]  # each new thread once

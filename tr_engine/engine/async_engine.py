@@ -157,11 +157,13 @@ class AsyncEngine:
         self._overlap = envs.overlap_outputs(engine.sampler.device.type)
         engine.on_scheduled = self._on_scheduled
         engine.on_launched = self._release
+        self._ready = threading.Event()  # the loop's thread has built its kernel state
         self._thread = threading.Thread(target=self._run, name="tr-engine-loop", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="tr-engine-watchdog",
                                           daemon=True)
         self._thread.start()
         self._watchdog.start()
+        self._ready.wait()
 
     @property
     def tokenizer(self):
@@ -177,7 +179,19 @@ class AsyncEngine:
         return cls(LLMEngine(config))
 
     # ---- the engine thread ---------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Per-thread kernel state (cuDNN's graphs of the prepared attention shapes) built
+        on this thread, which runs every step, before the first request: without it each
+        prepared shape is built again on its first request."""
+        try:
+            self.engine.cluster.prepare_thread()
+        except Exception:  # only first requests of a shape pay for it then
+            log.exception("building the attention shapes on the engine thread failed")
+        finally:
+            self._ready.set()
+
     def _run(self) -> None:
+        self._prepare()
         try:
             while not self._stop.is_set():
                 self._drain_inbox()

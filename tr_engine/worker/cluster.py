@@ -329,6 +329,11 @@ class Cluster:
         now = time.monotonic()
         return [i + 1 for i, b in enumerate(self.heartbeats) if now - b.value > timeout]
 
+    def prepare_thread(self) -> None:
+        """Rank 0's thread-local kernel state built for the calling thread (the other ranks
+        step on the threads that started them)."""
+        self.backend.prepare_thread()
+
     def run(self, plan: StepPlan):
         self.runner.past_collectives = False
         if self.world > 1:
