@@ -145,20 +145,22 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 
 def _batches(copies: list[PageCopy]) -> list[list[PageCopy]]:
-    """`copies` cut into runs of one direction in which no page or slot comes twice: the
-    copies of a batch do not depend on each other, the batches run in order."""
-    batches: list[list[PageCopy]] = []
-    pages: set[int] = set()
-    slots: set[int] = set()
+    """`copies` in batches that run in order, the copies of a batch independent of each
+    other and of one direction. A copy goes into the batch after the last one holding a
+    copy of the same page or slot (which it must follow), the earliest it can: evictions
+    interleaved with the restores that reuse their pages (evict p, restore into p, evict
+    q, ...) become one batch of evictions and one of restores, whatever their number."""
+    levels: list[list[PageCopy]] = []
+    page_level: dict[int, int] = {}
+    slot_level: dict[int, int] = {}
     for c in copies:
-        if not batches or batches[-1][0].to_host != c.to_host or c.page in pages \
-                or c.slot in slots:
-            batches.append([])
-            pages, slots = set(), set()
-        batches[-1].append(c)
-        pages.add(c.page)
-        slots.add(c.slot)
-    return batches
+        level = max(page_level.get(c.page, -1), slot_level.get(c.slot, -1)) + 1
+        if level == len(levels):
+            levels.append([])
+        levels[level].append(c)
+        page_level[c.page] = slot_level[c.slot] = level
+    return [[c for c in level if c.to_host == way] for level in levels
+            for way in (True, False) if any(c.to_host == way for c in level)]
 
 
 def _slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
