@@ -8,7 +8,9 @@ scattered from) a staging buffer on the device with one index kernel per tensor 
 and each run of consecutive slots crosses the link as one contiguous copy: a document's
 pages need not be consecutive in the pool (eviction hands them out tail first). The twins
 are pinned where the device has its own memory (CUDA, NPU), and the copies run on a stream
-of their own, layer after layer, an event recorded after each layer's: the step's forward
+of their own (evictions that all come before the restores on a second one, so both
+directions of the link are busy, a layer's restores after its evictions), layer after
+layer, an event recorded after each layer's: the step's forward
 waits on the device for layer l's event before its layer l (restores overlap the layers
 before), the host never waits. On the CPU the second pool is ordinary memory and the same
 copies run in order before the forward.
@@ -40,6 +42,8 @@ class HostTier:
         per_page = max(h[0, 0].numel() * h.element_size() for h in self.host)
         self.piece = max(1, STAGING_BYTES // per_page)
         self.stream = backend.new_stream()  # None on the CPU: copies in order
+        # evictions' own stream: device->host beside host->device, both ways of the link
+        self.out_stream = backend.new_stream() if self.stream is not None else None
         self._restore_s = 0.0
         self._timing: list[tuple] = []  # (start, end) events of restores not yet read
 
@@ -83,8 +87,24 @@ class HostTier:
             start = self.backend.new_event(timing=True) if restores else None
             if start is not None:
                 start.record(self.stream)
+            # every eviction before every restore (a follow-up's: pages freed for it): the
+            # evictions run on their own stream, layer l's restores after layer l's
+            # evictions, so the two directions overlap
+            outs = [p for p in pieces if p[0]]
+            ins = pieces[len(outs):]
+            duplex = bool(outs and ins) and all(not p[0] for p in ins)
+            if duplex:
+                self.out_stream.wait_stream(self.stream)
             for layer in range(self.layers):
-                self._layer(pieces, layer)
+                if duplex:
+                    with self.backend.stream(self.out_stream):
+                        self._layer(outs, layer)
+                        evicted = self.backend.new_event()
+                        evicted.record(self.out_stream)
+                    evicted.wait(self.stream)
+                    self._layer(ins, layer)
+                else:
+                    self._layer(pieces, layer)
                 if layered:
                     events.append(self.backend.new_event())
                     events[-1].record(self.stream)
