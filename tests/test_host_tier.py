@@ -196,3 +196,22 @@ def test_copy_batches_keep_every_dependency_and_stay_few():
     interleaved = [c for i in range(1000) for c in (PageCopy(0, i, 5000 + i, True),
                                                      PageCopy(0, i, i, False))]
     assert [len(b) for b in _batches(interleaved)] == [1000, 1000]
+
+
+def test_slots_held_for_a_restore_are_never_reused_and_come_back_most_recent():
+    from tr_engine.kv.host_pages import HostIndex
+
+    index = HostIndex(1, 4)
+    for i in range(4):
+        assert index.put(b"k%d" % i, 0) == i
+    index.hold([(0, 0), (0, 2)])  # being restored from
+    assert index.put(b"new1", 0) == 1  # the least recent slot not held
+    assert index.put(b"new2", 0) == 3
+    assert index.put(b"new3", 0) == 1  # the held ones are skipped, however many puts
+    index.touch(b"k0")  # a held slot touched meanwhile: nothing to move yet
+    index.release()
+    assert list(index.ranks[0].used) == [3, 1, 0, 2]  # held ones back as the most recent
+    assert index.lookup([b"k0"]) == [(0, 0)] and not index.has(b"k1")
+    index.hold([(0, 3), (0, 1), (0, 0), (0, 2)])
+    assert index.put(b"x", 0) is None  # every slot held: no slot, the block not kept
+    index.release()

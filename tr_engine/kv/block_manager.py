@@ -167,15 +167,16 @@ class BlockManager:
         slot's rank each, cached under its key and pinned, and the copy into it queued.
         Returns their (rank, page)."""
         assert self.host is not None
-        self.host.busy = set(hits)  # the pages taken here must not evict these slots
+        self.host.hold(hits)  # the pages taken here must not evict these slots
         pages = []
-        for (rank, slot), key in zip(hits, keys):
-            page = self.take(rank)
-            self.register(key, rank, page)
-            self.host.touch(key)
-            self.copies.append(PageCopy(rank, page, slot, to_host=False))
-            pages.append((rank, page))
-        self.host.busy = set()
+        try:
+            for (rank, slot), key in zip(hits, keys):
+                page = self.take(rank)
+                self.register(key, rank, page)
+                self.copies.append(PageCopy(rank, page, slot, to_host=False))
+                pages.append((rank, page))
+        finally:
+            self.host.release()  # back as the most recently used
         self.pages_restored += len(pages)
         return pages
 

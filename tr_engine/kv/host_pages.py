@@ -28,7 +28,8 @@ class HostIndex:
     def __init__(self, world: int, num_slots: int) -> None:
         self.ranks = [HostSlots(num_slots) for _ in range(world)]
         self.where: dict[bytes, tuple[int, int]] = {}  # key -> (rank, slot)
-        self.busy: set[tuple[int, int]] = set()  # slots being restored from in this step
+        # slots being restored from in this step, out of their rank's LRU order meanwhile
+        self._held: list[tuple[int, int, bytes]] = []
 
     def lookup(self, keys: list[bytes]) -> list[tuple[int, int]]:
         """(rank, slot) of the longest run of `keys` held on the host, from the first."""
@@ -45,16 +46,31 @@ class HostIndex:
 
     def touch(self, key: bytes) -> None:
         rank, slot = self.where[key]
-        self.ranks[rank].used.move_to_end(slot)
+        used = self.ranks[rank].used
+        if slot in used:  # (a held slot goes back as the most recent when released)
+            used.move_to_end(slot)
+
+    def hold(self, hits: list[tuple[int, int]]) -> None:
+        """Keep the slots `hits` from reuse while their blocks are restored: out of the LRU
+        order, so that taking pages for them (which may evict others to the host) never
+        walks past them: one step O(len(hits)), not O(len(hits)^2)."""
+        for rank, slot in hits:
+            self._held.append((rank, slot, self.ranks[rank].used.pop(slot)))
+
+    def release(self) -> None:
+        """The held slots back, most recently used (in the order held)."""
+        for rank, slot, key in self._held:
+            self.ranks[rank].used[slot] = key
+        self._held = []
 
     def put(self, key: bytes, rank: int) -> int | None:
         """A slot of `rank` for `key`'s block: a free one, else the least recently used one
-        not being restored from (its block leaves the host); None if there is none."""
+        not held for a restore (its block leaves the host); None if there is none."""
         slots = self.ranks[rank]
         if slots.free:
             slot = slots.free.popleft()
         else:
-            slot = next((s for s in slots.used if (rank, s) not in self.busy), None)
+            slot = next(iter(slots.used), None)
             if slot is None:
                 return None
             del self.where[slots.used.pop(slot)]
@@ -64,6 +80,7 @@ class HostIndex:
 
     def clear(self) -> int:
         """Forget every copy; returns how many there were."""
+        self._held = []
         n = len(self.where)
         for slots in self.ranks:
             slots.free = deque(range(slots.num_slots))
