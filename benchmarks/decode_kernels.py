@@ -111,23 +111,32 @@ def gbps(batch: int, n: int, ms: float) -> float:
     return 2 * batch * n * HKV * D * 2 / ms / 1e6
 
 
-def sweep(batch: int, n: int) -> tuple[tuple[int, ...], list[str]]:
-    q, k, v, paged, _ = slabs(batch, n)
+def _swept(batch: int, waves_list, run, label: str, note=lambda ms: ""):
+    """Every tile (keys per block, warps, stages) at each programs-per-SM in waves_list:
+    run(tiles, splits) is the launch timed. Returns (best tiles + waves, its ms, lines)."""
     best, lines = None, []
-    for waves in (2, 4, 8):
+    for waves in waves_list:
         splits = cuda_decode.decode_splits(batch, HKV, SMS, waves)
         for tiles in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
             try:
-                ms = graph_ms(lambda t=tiles, s=splits: cuda_decode.decode_attention(
-                    q, k, v, *paged, PAGE, D**-0.5, s, tiles=t))
+                ms = graph_ms(lambda t=tiles, s=splits: run(t, s))
             except Exception as e:  # e.g. out of shared memory for this tile
-                lines.append(f"  tiles {tiles} waves {waves}: refused ({type(e).__name__})")
+                lines.append(f"  {label}tiles {tiles} waves {waves}: refused "
+                             f"({type(e).__name__})")
                 continue
-            lines.append(f"  tiles {tiles} waves {waves}: {ms * 1e3:7.1f} us "
-                         f"{gbps(batch, n, ms):6.0f} GB/s")
+            lines.append(f"  {label}tiles {tiles} waves {waves}: {ms * 1e3:7.1f} us{note(ms)}")
             if best is None or ms < best[1]:
                 best = ((*tiles, waves), ms)
-    return best[0], lines
+    return best[0], best[1], lines
+
+
+def sweep(batch: int, n: int) -> tuple[tuple[int, ...], list[str]]:
+    q, k, v, paged, _ = slabs(batch, n)
+    tiles, _, lines = _swept(
+        batch, (2, 4, 8), lambda t, s: cuda_decode.decode_attention(
+            q, k, v, *paged, PAGE, D**-0.5, s, tiles=t), "",
+        lambda ms: f" {gbps(batch, n, ms):6.0f} GB/s")
+    return tiles, lines
 
 
 def compare(batch: int, n: int, variants: dict[str, tuple[int, ...]]) -> list[str]:
@@ -179,20 +188,11 @@ def _fp8_sweep_shape(fmt, batch: int, n: int) -> list[str]:
     q, k, v, paged, _ = slabs(batch, n)
     (k8, ks), (v8, vs) = quantize(k, fmt), quantize(v, fmt)
     del k, v
-    best, lines = None, []
-    for waves in (4, 8, 16):
-        splits = cuda_decode.decode_splits(batch, HKV, SMS, waves)
-        for tiles in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
-            try:
-                ms = graph_ms(lambda t=tiles, s=splits: cuda_decode.decode_attention(
-                    q, k8, v8, *paged, PAGE, D**-0.5, s, tiles=t, k_scale=ks, v_scale=vs))
-            except Exception as e:  # e.g. out of shared memory for this tile
-                lines.append(f"  fp8 tiles {tiles} waves {waves}: refused ({type(e).__name__})")
-                continue
-            lines.append(f"  fp8 batch {batch} {n // 1024}K tiles {tiles} waves {waves}: "
-                         f"{ms * 1e3:7.1f} us")
-            if best is None or ms < best[1]:
-                best = ((*tiles, waves), ms)
+    tiles, ms, lines = _swept(
+        batch, (4, 8, 16), lambda t, s: cuda_decode.decode_attention(
+            q, k8, v8, *paged, PAGE, D**-0.5, s, tiles=t, k_scale=ks, v_scale=vs),
+        f"fp8 batch {batch} {n // 1024}K ")
+    best = (tiles, ms)
     splits = cuda_decode.decode_splits(batch, HKV, SMS, best[0][3])
     widened = {}
     for fp16 in (False, True):
