@@ -215,3 +215,94 @@ def test_slots_held_for_a_restore_are_never_reused_and_come_back_most_recent():
     index.hold([(0, 3), (0, 1), (0, 0), (0, 2)])
     assert index.put(b"x", 0) is None  # every slot held: no slot, the block not kept
     index.release()
+
+
+def test_evictions_run_beside_the_restores_each_layer_after_its_evictions(monkeypatch):
+    """With copy streams (CUDA, NPU), a follow-up's evictions (all before its restores) go on
+    a stream of their own: layer l's restores wait on the device for an event recorded after
+    layer l's evictions, and the pages end as the copies in order would leave them. A
+    backend of named streams and counting events stands in for the device's."""
+    import contextlib
+
+    import torch
+
+    from tr_engine.kv.cache import KVCache
+    from tr_engine.kv.host_tier import HostTier
+    from tr_engine.plan import PageCopy
+
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append((self.name, "waits stream", other.name))
+
+    serial = iter(range(10**6))
+
+    class Event:
+        def __init__(self, timing=False):
+            self.timing, self.n = timing, next(serial)
+
+        def record(self, stream):
+            log.append((stream.name, "record", self.n))
+
+        def wait(self, stream):
+            log.append((stream.name, "wait", self.n))
+
+        def query(self):
+            return True
+
+        def elapsed_time(self, end):
+            return 0.0
+
+    streams = iter([Stream("copies"), Stream("evictions")])
+    now = [Stream("main")]
+
+    class Backend:
+        new_stream = staticmethod(lambda: next(streams))
+        current_stream = staticmethod(lambda: now[-1])
+        new_event = staticmethod(lambda timing=False: Event(timing))
+
+        @staticmethod
+        @contextlib.contextmanager
+        def stream(s):
+            now.append(s)
+            yield
+            now.pop()
+
+    layers = 3
+    cache = KVCache(layers, 8, 4, 2, 5, torch.float32, torch.device("cpu"))
+    for t in cache.tensors():
+        t.copy_(torch.randn(t.shape))
+    tier = HostTier(cache, 8, Backend(), torch.device("cpu"))
+    assert tier.out_stream.name == "evictions"
+    real = HostTier._layer
+
+    def layer(self, pieces, at):
+        log.append((now[-1].name, "evict" if pieces[0][0] else "restore", at))
+        real(self, pieces, at)
+
+    monkeypatch.setattr(HostTier, "_layer", layer)
+    tier.copy([PageCopy(0, p, p, to_host=True) for p in (4, 5)])  # two slots filled
+    del log[:]
+
+    def page(p):
+        return [t[:, p * 4 : (p + 1) * 4].clone() for t in cache.tensors()]
+
+    before = {p: page(p) for p in range(8)}
+    # a follow-up: evict page p to a slot, restore slot 4 or 5 into p, and so on
+    copies = [c for p, src in ((0, 4), (1, 5)) for c in (PageCopy(0, p, p, to_host=True),
+                                                        PageCopy(0, p, src, to_host=False))]
+    events = tier.copy(copies, timed=True, layered=True)
+    assert len(events) == layers
+    for at in range(layers):
+        ev = log.index(("evictions", "evict", at))
+        rec = next(i for i in range(ev, len(log)) if log[i][:2] == ("evictions", "record"))
+        waited = log.index(("copies", "wait", log[rec][2]))
+        assert ev < rec < waited < log.index(("copies", "restore", at))
+    for p, src in ((0, 4), (1, 5)):
+        for got, want in zip(page(p), before[src]):
+            assert torch.equal(got, want)
+    assert torch.equal(tier.host[0][:, 0], before[0][0].reshape(layers, -1))
