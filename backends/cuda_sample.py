@@ -80,6 +80,39 @@ def _kth_key(wr, V, k, lanes, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _race(wr, nr, V, kth, m, min_p, above, lanes, BLOCK: tl.constexpr):
+    """The exponential race over the tokens top_k and min_p keep whose e = exp(z - m) has a
+    key above `above`: the winner, and the softmax's sum over top_k's set."""
+    d_best = tl.full([BLOCK], -1.0, tl.float32)
+    d_at = lanes
+    total = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, V, BLOCK):
+        i = off + lanes
+        ok = i < V
+        z = tl.load(wr + i, mask=ok, other=float("-inf"))
+        e = tl.where((_key(z) >= kth) & ok, tl.exp(z - m), 0.0)
+        total += e
+        keep = (e >= min_p) & (_key(e) > above) & ok
+        noise = tl.load(nr + i, mask=keep, other=1.0)
+        d_best, d_at = _first_max(d_best, d_at,
+                                  tl.where(keep, e / tl.maximum(noise, _TINY), -1.0), i)
+    best, token = _argmax(d_best, d_at)
+    return token, tl.sum(total, 0)
+
+
+@triton.jit
+def _mass_above(wr, V, kth, m, min_p, above, lanes, BLOCK: tl.constexpr):
+    """Σ e over the tokens top_k and min_p keep whose e has a key above `above`."""
+    mass = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, V, BLOCK):
+        i = off + lanes
+        z = tl.load(wr + i, mask=i < V, other=float("-inf"))
+        e = tl.where(_key(z) >= kth, tl.exp(z - m), 0.0)
+        mass += tl.where((e >= min_p) & (_key(e) > above), e, 0.0)
+    return tl.sum(mass, 0)
+
+
+@triton.jit
 def _sample_kernel(x_ptr, sx, counts_ptr, sc, rows_ptr, settings, ss, noise_ptr,
                    sn, work_ptr, sw, out_ptr, V, BLOCK: tl.constexpr, PENALTY: tl.constexpr,
                    ROUNDS: tl.constexpr):
@@ -126,66 +159,30 @@ def _sample_kernel(x_ptr, sx, counts_ptr, sc, rows_ptr, settings, ss, noise_ptr,
         if (k > 0) & (k < V):
             kth = _kth_key(wr, V, k, lanes, BLOCK)
         use_p = top_p < 1.5
-        floor = tl.full([], -1.0, tl.float32)  # a round's race is over e > floor
+        floor = _key(tl.full([], -1.0, tl.float32))  # a round's race: keys above this
         target = tl.zeros([], tl.float32)
         done = tl.zeros([], tl.int32)
         one = tl.full([], 1, tl.int32)
         for _rnd in range(ROUNDS):
             if done == 0:
-                d_best = tl.full([BLOCK], -1.0, tl.float32)
-                d_at = lanes
-                total = tl.zeros([BLOCK], tl.float32)
-                for off in range(0, V, BLOCK):
-                    i = off + lanes
-                    ok = i < V
-                    z = tl.load(wr + i, mask=ok, other=float("-inf"))
-                    e = tl.where((_key(z) >= kth) & ok, tl.exp(z - m), 0.0)
-                    total += e
-                    keep = (e >= min_p) & (e > floor) & ok
-                    noise = tl.load(nr + i, mask=keep, other=1.0)
-                    d_best, d_at = _first_max(
-                        d_best, d_at, tl.where(keep, e / tl.maximum(noise, _TINY), -1.0), i)
-                best, token = _argmax(d_best, d_at)
+                token, total = _race(wr, nr, V, kth, m, min_p, floor, lanes, BLOCK)
                 done = one
                 if use_p:
-                    target = top_p * tl.sum(total, 0)
-                    e_c = tl.exp(tl.load(wr + token) - m)
-                    mass = tl.zeros([BLOCK], tl.float32)
-                    for off in range(0, V, BLOCK):
-                        i = off + lanes
-                        z = tl.load(wr + i, mask=i < V, other=float("-inf"))
-                        e = tl.where(_key(z) >= kth, tl.exp(z - m), 0.0)
-                        mass += tl.where((e >= min_p) & (e > e_c), e, 0.0)
-                    if tl.sum(mass, 0) >= target:  # the winner is outside top_p's set
-                        done = one - 1
-                        floor = e_c
+                    target = top_p * total
+                    won = _key(tl.exp(tl.load(wr + token) - m))
+                    if _mass_above(wr, V, kth, m, min_p, won, lanes, BLOCK) >= target:
+                        done = one - 1  # the winner is outside top_p's set
+                        floor = won
         if done == 0:  # the top_p cut by bisection over e's keys, then the race over it
             lo = _key(tl.full([], -1.0, tl.float32))
             hi = _key(tl.full([], 1.0, tl.float32))
             for _bit in range(31):
                 mid = lo + (hi - lo) // 2
-                mass = tl.zeros([BLOCK], tl.float32)
-                for off in range(0, V, BLOCK):
-                    i = off + lanes
-                    z = tl.load(wr + i, mask=i < V, other=float("-inf"))
-                    e = tl.where(_key(z) >= kth, tl.exp(z - m), 0.0)
-                    mass += tl.where((e >= min_p) & (_key(e) > mid), e, 0.0)
-                if tl.sum(mass, 0) < target:
+                if _mass_above(wr, V, kth, m, min_p, mid, lanes, BLOCK) < target:
                     hi = mid
                 else:
                     lo = mid
-            d_best = tl.full([BLOCK], -1.0, tl.float32)
-            d_at = lanes
-            for off in range(0, V, BLOCK):
-                i = off + lanes
-                ok = i < V
-                z = tl.load(wr + i, mask=ok, other=float("-inf"))
-                e = tl.where((_key(z) >= kth) & ok, tl.exp(z - m), 0.0)
-                keep = (e >= min_p) & (_key(e) >= hi) & ok
-                noise = tl.load(nr + i, mask=keep, other=1.0)
-                d_best, d_at = _first_max(
-                    d_best, d_at, tl.where(keep, e / tl.maximum(noise, _TINY), -1.0), i)
-            best, token = _argmax(d_best, d_at)
+            token, total = _race(wr, nr, V, kth, m, min_p, hi - 1, lanes, BLOCK)
     elif sampled:  # no finite logit: the tensor path's fallback, argmax of z
         token = tl.zeros([], tl.int32)
     tl.store(out_ptr + r, token.to(tl.int64))
