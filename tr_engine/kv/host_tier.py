@@ -90,9 +90,9 @@ class HostTier:
             # every eviction before every restore (a follow-up's: pages freed for it): the
             # evictions run on their own stream, layer l's restores after layer l's
             # evictions, so the two directions overlap
-            outs = [p for p in pieces if p[0]]
-            ins = pieces[len(outs):]
-            duplex = bool(outs and ins) and all(not p[0] for p in ins)
+            first_in = next((i for i, p in enumerate(pieces) if not p[0]), len(pieces))
+            outs, ins = pieces[:first_in], pieces[first_in:]
+            duplex = bool(outs) and bool(ins) and not any(p[0] for p in ins)
             if duplex:
                 self.out_stream.wait_stream(self.stream)
             for layer in range(self.layers):
