@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..outputs import TokenLogprob
+from ..sampling_params import SamplingParams
 from . import penalties
 from .penalties import PenaltyState
 from .sequence import Sequence
@@ -82,23 +83,19 @@ class Sampler:
 
     def warm_up(self, vocab: int) -> None:
         """Build the fused kernel's variants (with and without penalties) for this
-        vocabulary now, at start-up, not on the first sampled request."""
+        vocabulary now, at start-up, not on the first sampled request: two calls of the
+        sampler itself, so the launches are the ones requests make. Seeded, so the shared
+        generator's draws stay as they were."""
         if not self.fused:
             return
-        from ..backends import cuda_sample
-
         g = torch.Generator(device=self.device).manual_seed(0)
-        x = torch.randn(2, vocab, device=self.device, generator=g)
-        settings = torch.tensor([[0.8, 50.0, 0.95, 0.05, 1.1, 0.1, 0.1],
-                                 [1.0, 0.0, _NO_TOP_P, 0.0, 1.0, 0.0, 0.0]],
-                                device=self.device)
-        noise = torch.empty_like(x).exponential_(generator=g)
-        counts = torch.zeros(1, vocab, dtype=torch.int32, device=self.device)
-        for penalized in (True, False):
-            rows = torch.tensor([[0 if penalized else -1, 0], [-1, 1]], device=self.device)
-            cuda_sample.sample(x, settings, rows, noise, counts if penalized else None)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        logits = torch.randn(2, vocab, device=self.device, generator=g)
+        for i, extra in enumerate(({"repetition_penalty": 1.1}, {})):
+            seqs = [Sequence(-1 - 2 * i - j, "warm-up", [0], SamplingParams(
+                temperature=0.8, top_k=50, top_p=0.95, seed=j, **extra)) for j in range(2)]
+            self(logits, seqs)
+            for seq in seqs:
+                self.forget(seq.seq_id)
 
     def forget(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
