@@ -22,9 +22,11 @@ With --host-tier, the host-memory tier (one engine per line, --world GPUs):
         --pool-docs 3 --out docs/PERFORMANCE.md
 
 First the pinned host->device and device->host copy rates (256 MiB pieces on a side
-stream): the ceiling. Then --docs documents of --doc-len tokens in turn on a KV pool that
-holds --pool-docs of them, with a host tier sized for the rest (capped at 80% of the host's
-memory, --host-gib to set it), then a follow-up (--new fresh tokens) on the first document:
+stream), each alone and both at once on two streams: the ceiling. Then --docs documents of
+--doc-len tokens in turn on a KV pool that holds --pool-docs of them, with a host tier sized
+for all of them (capped at 80% of the host's memory, --host-gib to set it: a tier that holds
+only the documents the cards lost has no free slot to copy the others into ahead of their
+eviction), then a follow-up (--new fresh tokens) on the first document:
 its TTFT with the document restored from host memory, against the same follow-up with the
 caches emptied (the re-prefill) and against the document's bytes over the measured
 host->device rate (each rank its share). Then the tier idle against off: a fresh
@@ -49,14 +51,18 @@ from common import copy_gbps, drain, machine, today, tr_serve, write_section
 from prefill import VOCAB, WEIGHT_BYTES, kv_bytes_per_token, write_checkpoint
 
 
-def serve(engine, ids: list[int], decode_steps: int = 0) -> tuple[float, list[float], int]:
-    """(TTFT, decode step times, cached tokens) of one request served alone."""
+def serve(engine, ids: list[int], decode_steps: int = 0, first_token: list | None = None
+          ) -> tuple[float, list[float], int]:
+    """(TTFT, decode step times, cached tokens) of one request served alone; its first
+    token (greedy) appended to `first_token` if given."""
     from tr_engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=decode_steps + 1, temperature=0, ignore_eos=True)
     t0 = time.perf_counter()
     engine.add_request(f"r{t0}", ids, params)
     ttft, steps, first = drain(engine, t0)
+    if first_token is not None:
+        first_token.extend(first[0].outputs[0].delta_token_ids)
     return ttft, steps, first[0].num_cached_tokens
 
 
@@ -145,26 +151,28 @@ def main() -> None:
         write_section(args.out, args.section, text)
 
 
-def pinned_gbps() -> tuple[float, float]:
+def pinned_gbps() -> tuple[float, float, float]:
     """Pinned host->device and device->host copy rates (GB/s) of one card: 256 MiB pieces
-    on a side stream, as the host tier copies."""
+    on a side stream, as the host tier copies; then both directions at once, each on a
+    stream of its own (the sum of the two)."""
     n = 256 * 2**20
-    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
-    side = torch.cuda.Stream()
+    host = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    dev = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    sides = [torch.cuda.Stream(), torch.cuda.Stream()]
+    h2d = lambda: dev[0].copy_(host[0], non_blocking=True)  # noqa: E731
+    d2h = lambda: host[1].copy_(dev[1], non_blocking=True)  # noqa: E731
 
-    def rate(fn, reps: int = 10) -> float:
-        with torch.cuda.stream(side):
-            fn()
-            side.synchronize()
+    def rate(fns, reps: int = 10) -> float:
+        for _ in range(2):  # once untimed
             t = time.perf_counter()
             for _ in range(reps):
-                fn()
-            side.synchronize()
-        return reps * n / (time.perf_counter() - t) / 1e9
+                for fn, side in zip(fns, sides):
+                    with torch.cuda.stream(side):
+                        fn()
+            torch.cuda.synchronize()
+        return len(fns) * reps * n / (time.perf_counter() - t) / 1e9
 
-    return (rate(lambda: dev.copy_(host, non_blocking=True)),
-            rate(lambda: host.copy_(dev, non_blocking=True)))
+    return rate([h2d]), rate([d2h]), rate([h2d, d2h])
 
 
 def host_tier(args) -> None:
@@ -177,16 +185,15 @@ def host_tier(args) -> None:
     from tr_engine.kv.block_manager import block_keys
 
     torch.cuda.set_device(0)
-    h2d, d2h = pinned_gbps()
-    print(f"pinned copies: host->device {h2d:.1f} GB/s, device->host {d2h:.1f} GB/s",
-          flush=True)
+    h2d, d2h, both = pinned_gbps()
+    print(f"pinned copies: host->device {h2d:.1f} GB/s, device->host {d2h:.1f} GB/s, both "
+          f"at once {both:.1f} GB/s", flush=True)
     world, doc_len, new = args.world, args.doc_len, args.new
     longest = doc_len + 2 * new + 64
     write_checkpoint(Path(args.ckpt), max(longest, args.idle_prompt + 128))
     doc_bytes = doc_len * kv_bytes_per_token(args.kv_cache_dtype)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    gib = args.host_gib or min(1.05 * (args.docs - args.pool_docs) * doc_bytes, 0.8 * ram) \
-        / 2**30
+    gib = args.host_gib or min(1.05 * args.docs * doc_bytes, 0.8 * ram) / 2**30
     per_rank = -(-(args.pool_docs * doc_len + 2 * new) // world) + 4096
 
     def engine(offload: float):
@@ -210,16 +217,23 @@ def host_tier(args) -> None:
     on_device = len(s.blocks.lookup(keys))
     on_host = len(s.blocks.lookup_host(keys[on_device:]))
     restored, spent = s.blocks.pages_restored, e.host_restore_s
+    evictions = s.blocks.pages_offloaded - s.blocks.pages_written_ahead
     follow = docs[0] + fresh(new)
-    from_host, _, cached = serve(e, follow)
+    tokens: list[int] = []
+    from_host, _, cached = serve(e, follow, first_token=tokens)
     pages = s.blocks.pages_restored - restored
     restore_s = e.host_restore_s - spent
+    evicted = s.blocks.pages_offloaded - s.blocks.pages_written_ahead - evictions
     on_card, _, _ = serve(e, docs[0] + fresh(new))  # the document on the cards now
+    serve(e, follow, first_token=tokens)  # the same prompt over the KV the restore left
+    same = tokens[0] == tokens[1]  # (shorter chunk: bf16 rounding may move a near tie)
     e.reset_prefix_cache()
     uncached, _, cached_after = serve(e, follow)
     assert cached_after == 0
     transfer = doc_bytes / world / (h2d * 1e9)
-    row = {"h2d_gbps": h2d, "d2h_gbps": d2h, "host_gib": gib, "doc_ttft": doc_ttfts,
+    row = {"h2d_gbps": h2d, "d2h_gbps": d2h, "both_gbps": both, "host_gib": gib,
+           "doc_ttft": doc_ttfts, "evicted_pages": evicted, "same_first_token": same,
+           "written_ahead": s.blocks.pages_written_ahead,
            "on_device_blocks": on_device, "on_host_blocks": on_host,
            "from_host": from_host, "cached": cached, "pages_restored": pages,
            "restore_s": restore_s, "on_card": on_card, "uncached": uncached,
@@ -245,7 +259,8 @@ def host_tier(args) -> None:
         Path(args.json).write_text(json.dumps(row))
     lines = [f"## Host-memory tier: documents back from host memory — {today()}", "",
              f"Machine: {machine()}; pinned copies {h2d:.1f} GB/s host->device, {d2h:.1f} "
-             "GB/s device->host (256 MiB pieces on a side stream).", "",
+             f"GB/s device->host, {both:.1f} GB/s both at once (256 MiB pieces on side "
+             "streams).", "",
              "Command: `python benchmarks/prefix.py " + " ".join(sys.argv[1:]) + "`", "",
              f"Llama-3.1-8B shape, random bf16 weights, {world} GPU(s), through the engine. "
              f"{args.docs} documents of {doc_len // 1024}K tokens in turn on a KV pool that "
@@ -262,7 +277,11 @@ def host_tier(args) -> None:
              "their sum; its restore time is the copy stream's.", "",
              f"Documents' own TTFTs (s): {', '.join(f'{t:.2f}' for t in doc_ttfts)}. Before "
              f"the follow-up, {on_device} of the first document's blocks were on the cards "
-             f"and {on_host} in host memory.", "",
+             f"and {on_host} in host memory; {row['written_ahead']} pages had gone "
+             f"to the host ahead of their eviction, and the follow-up's step copied {evicted} "
+             "pages out as it evicted them. The same prompt again over the pages the "
+             "restore left (its own blocks cached too) gives "
+             f"{'the same' if same else 'another'} first token.", "",
              f"The tier idle against off: a fresh {args.idle_prompt // 1024}K prompt, then "
              f"{args.decode_steps} decode steps (median).", "",
              "| tier | TTFT (s) | decode step (ms) |", "|---|---|---|",

@@ -82,6 +82,26 @@ def test_documents_come_back_from_host_memory_whole(llm, hf):
     assert s.kv_used() == [0] * s.world
 
 
+def test_idle_documents_are_on_the_host_before_their_eviction(llm, hf):
+    """Write-ahead: while later work runs, an idle document is copied to free host slots, so
+    a follow-up that brings another document back from the host and evicts it for the pages
+    copies only one way (no eviction copy in its step), and every output is exact."""
+    s = llm.engine.scheduler
+    b = s.blocks
+    llm.engine.reset_prefix_cache()
+    docs = [ids(DOC, 200 + i) for i in range(3)]  # the pool holds two
+    for d in docs:
+        assert run(llm, d).token_ids == hf(tuple(d), NEW)
+    run(llm, ids(3, 70))  # a short request: steps in which the last document's go ahead
+    assert b.pages_written_ahead > 0
+    evictions = b.pages_offloaded - b.pages_written_ahead
+    prompt = docs[0] + ids(5, 60)
+    out = run(llm, prompt)  # from the host, evicting another document's pages
+    assert out.num_cached_tokens == DOC and out.token_ids == hf(tuple(prompt), NEW)
+    assert b.pages_offloaded - b.pages_written_ahead == evictions
+    assert b.lookup_host(block_keys(docs[1], BLOCK)) != []
+
+
 def test_the_host_bound_holds_and_reset_empties_it(llm, hf):
     s = llm.engine.scheduler
     docs = [ids(DOC, 100 + i) for i in range(12 * s.world)]  # far more than the tier holds
@@ -217,74 +237,89 @@ def test_slots_held_for_a_restore_are_never_reused_and_come_back_most_recent():
     index.release()
 
 
-def test_evictions_run_beside_the_restores_each_layer_after_its_evictions(monkeypatch):
-    """With copy streams (CUDA, NPU), a follow-up's evictions (all before its restores) go on
-    a stream of their own: layer l's restores wait on the device for an event recorded after
-    layer l's evictions, and the pages end as the copies in order would leave them. A
-    backend of named streams and counting events stands in for the device's."""
-    import contextlib
+class Streams:
+    """A backend of named streams and counting events, standing in for a device's: each
+    stream operation, event and layer copy is logged as (stream, what, which)."""
 
-    import torch
+    def __init__(self, monkeypatch, done=lambda n: True):
+        import contextlib
 
-    from tr_engine.kv.cache import KVCache
-    from tr_engine.kv.host_tier import HostTier
-    from tr_engine.plan import PageCopy
+        from tr_engine.kv.host_tier import HostTier
 
-    log = []
+        self.log = log = []
+        serial = iter(range(10**6))
 
-    class Stream:
-        def __init__(self, name):
-            self.name = name
+        class Stream:
+            def __init__(self, name):
+                self.name = name
 
-        def wait_stream(self, other):
-            log.append((self.name, "waits stream", other.name))
+            def wait_stream(self, other):
+                log.append((self.name, "waits stream", other.name))
 
-    serial = iter(range(10**6))
+        class Event:
+            def __init__(self, timing=False):
+                self.timing, self.n = timing, next(serial)
 
-    class Event:
-        def __init__(self, timing=False):
-            self.timing, self.n = timing, next(serial)
+            def record(self, stream):
+                log.append((stream.name, "record", self.n))
 
-        def record(self, stream):
-            log.append((stream.name, "record", self.n))
+            def wait(self, stream):
+                log.append((stream.name, "wait", self.n))
 
-        def wait(self, stream):
-            log.append((stream.name, "wait", self.n))
+            def query(self):
+                return done(self.n)
 
-        def query(self):
-            return True
+            def elapsed_time(self, end):
+                return 0.0
 
-        def elapsed_time(self, end):
-            return 0.0
+        streams = iter([Stream("copies"), Stream("evictions")])
+        self.now = now = [Stream("main")]
+        self.new_stream = lambda: next(streams)
+        self.current_stream = lambda: now[-1]
+        self.new_event = lambda timing=False: Event(timing)
 
-    streams = iter([Stream("copies"), Stream("evictions")])
-    now = [Stream("main")]
-
-    class Backend:
-        new_stream = staticmethod(lambda: next(streams))
-        current_stream = staticmethod(lambda: now[-1])
-        new_event = staticmethod(lambda timing=False: Event(timing))
-
-        @staticmethod
         @contextlib.contextmanager
         def stream(s):
             now.append(s)
             yield
             now.pop()
 
+        self.stream = stream
+        real = HostTier._layer
+
+        def layer(tier, pieces, at):
+            log.append((now[-1].name, "evict" if pieces[0][0] else "restore", at))
+            real(tier, pieces, at)
+
+        monkeypatch.setattr(HostTier, "_layer", layer)
+
+    def tier(self, layers: int):
+        import torch
+
+        from tr_engine.kv.cache import KVCache
+        from tr_engine.kv.host_tier import HostTier
+
+        cache = KVCache(layers, 8, 4, 2, 5, torch.float32, torch.device("cpu"))
+        for t in cache.tensors():
+            t.copy_(torch.randn(t.shape))
+        tier = HostTier(cache, 8, self, torch.device("cpu"))
+        assert tier.out_stream.name == "evictions"
+        return tier
+
+
+def test_evictions_run_beside_the_restores_each_layer_after_its_evictions(monkeypatch):
+    """With copy streams (CUDA, NPU), a follow-up's evictions (all before its restores) go on
+    a stream of their own: layer l's restores wait on the device for an event recorded after
+    layer l's evictions, and the pages end as the copies in order would leave them."""
+    import torch
+
+    from tr_engine.plan import PageCopy
+
     layers = 3
-    cache = KVCache(layers, 8, 4, 2, 5, torch.float32, torch.device("cpu"))
-    for t in cache.tensors():
-        t.copy_(torch.randn(t.shape))
-    tier = HostTier(cache, 8, Backend(), torch.device("cpu"))
-    assert tier.out_stream.name == "evictions"
-    real = HostTier._layer
-
-    def layer(self, pieces, at):
-        log.append((now[-1].name, "evict" if pieces[0][0] else "restore", at))
-        real(self, pieces, at)
-
-    monkeypatch.setattr(HostTier, "_layer", layer)
+    streams = Streams(monkeypatch)
+    log = streams.log
+    tier = streams.tier(layers)
+    cache = tier.cache
     tier.copy([PageCopy(0, p, p, to_host=True) for p in (4, 5)])  # two slots filled
     del log[:]
 
@@ -306,3 +341,40 @@ def test_evictions_run_beside_the_restores_each_layer_after_its_evictions(monkey
         for got, want in zip(page(p), before[src]):
             assert torch.equal(got, want)
     assert torch.equal(tier.host[0][:, 0], before[0][0].reshape(layers, -1))
+
+
+def test_copies_ahead_of_eviction_wait_for_nothing_and_are_waited_for_by_batch(monkeypatch):
+    """Write-ahead copies go on the evictions' stream after the main stream's work so far
+    and after the step's own copies; the main stream waits for none of them, until a step
+    names a batch (wait_ahead): then for the last event of a batch up to it, not for later
+    batches, and not for batches already done."""
+    import torch
+
+    from tr_engine.plan import PageCopy
+
+    done = set()
+    streams = Streams(monkeypatch, done=lambda n: n in done)
+    log = streams.log
+    tier = streams.tier(2)
+    before = [t[:, :4].clone() for t in tier.cache.tensors()]  # page 0
+    # a decode step's own eviction of page 1, then batch 1 writes page 0 ahead
+    tier.copy([PageCopy(0, 1, 1, to_host=True), PageCopy(0, 0, 0, to_host=True, ahead=1)])
+    own = log.index(("main", "waits stream", "copies"))
+    ahead = log.index(("evictions", "waits stream", "main"))
+    assert log.index(("copies", "evict", 0)) < own < ahead < log.index(("evictions", "evict", 0))
+    first = log[-1]
+    assert first[:2] == ("evictions", "record")
+    assert not any(e[0] == "main" and e[1] == "wait" for e in log)  # no forward waits
+    for t, host, want in zip(tier.cache.tensors(), tier.host, before):
+        assert torch.equal(host[:, 0], want.reshape(2, -1))
+    tier.copy([PageCopy(0, 2, 2, to_host=True, ahead=2)])
+    second = log[-1]
+    tier.copy([PageCopy(0, 3, 3, to_host=True, ahead=4)])
+    del log[:]
+    tier.wait_ahead(3)  # batches 1 and 2: the second's event covers the first
+    assert log == [("main", "wait", second[2])]
+    done.update({first[2], second[2]})
+    del log[:]
+    tier.wait_ahead(3)  # both done: nothing to wait for
+    tier.wait_ahead(0)
+    assert log == []

@@ -11,7 +11,7 @@ from tr_engine.engine.scheduler import Scheduler
 from tr_engine.engine.sequence import Sequence, Status
 from tr_engine.errors import QueueFull, RequestTooLong
 from tr_engine.kv.block_manager import BlockManager, block_keys, chunk_blocks, plan_pages
-from tr_engine.plan import ClusterInfo
+from tr_engine.plan import ClusterInfo, StepPlan
 from tr_engine.sampling_params import SamplingParams
 
 B = 4  # block size in these tests
@@ -823,3 +823,41 @@ def test_host_tier_copies_evicted_blocks_out_and_back_in_order_within_its_bound(
     assert m.lookup(keys[1:2]) == [restored] and m.host.has(keys[1]) and m.host.has(keys[3])
     assert not m.host.has(keys[2]) and m.pages_offloaded == 4 and m.pages_restored == 1
     assert m.reset() == 0 and m.host_used() == [0] and not m.host.where
+
+
+def test_idle_blocks_go_to_free_host_slots_ahead_of_eviction_which_then_copies_nothing():
+    m = BlockManager(1, 4, B, host_slots=3)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    m.reserve([3])
+    pages = [m.take(0) for _ in range(3)]
+    for key, page in zip(keys, pages):
+        m.register(key, 0, page)
+    m.release([(0, p) for p in pages])  # a document ends: idle tail first
+    assert m.write_ahead(2) == 2  # the two evicted first: its tail
+    ahead = m.drain_copies()
+    assert [(c.page, c.slot, c.to_host, c.ahead) for c in ahead] == \
+        [(pages[2], 0, True, 1), (pages[1], 1, True, 1)]
+    assert m.lookup(keys[:3]) == [(0, p) for p in pages]  # still cached on the device
+    m.pin(0, pages[0])  # in use again: not written ahead while pinned
+    assert m.write_ahead(5) == 0 and m.ahead_batches == 1
+    m.unpin(0, pages[0])
+    assert m.write_ahead(5) == 1 and m.ahead_batches == 2  # the last free slot
+    assert [c.ahead for c in m.drain_copies()] == [2]
+    # a step that evicts the written-ahead pages copies nothing, and waits for their batches
+    plan = StepPlan("decode")
+    m.reserve([2])
+    m.take(0), m.take(0)  # the free page, then the LRU idle one (pages[2], batch 1)
+    assert m.hand_over(plan).copies == [] and plan.copy_wait == 1
+    assert m.lookup_host(keys[:3]) == [(0, 2), (0, 1), (0, 0)]
+    assert m.hand_over(StepPlan("decode")).copy_wait == 0  # said once
+    # a block on the host alone is never pushed out by a write-ahead: no free slot, none
+    m.register(keys[3], 0, 3)
+    m.unpin(0, 3)
+    assert m.write_ahead(5) == 0 and not m.host.has(keys[3])
+    m.reserve([3])
+    assert [m.take(0) for _ in range(3)] == [1, 0, 3]  # the LRU idle pages: batches 1, 2
+    # keys[3]'s eviction copies it into the least recently used slot, keys[2]'s (batch 1)
+    copies = m.drain_copies()
+    assert [(c.page, c.slot, c.to_host, c.ahead) for c in copies] == [(3, 0, True, 0)]
+    assert m.hand_over(StepPlan("decode")).copy_wait == 2
+    assert m.pages_written_ahead == 3 and m.pages_offloaded == 4

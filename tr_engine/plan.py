@@ -48,12 +48,15 @@ class TableOp:
 class PageCopy:
     """Rank `rank` copies page `page` of its KV pool to slot `slot` of its host tier
     (`to_host`), or the slot back into the page. A step's copies run in order, before its
-    forward (kv.host_pages)."""
+    forward (kv.host_pages). `ahead` (a batch number from 1): a copy of an idle cached page
+    to the host before it is evicted (BlockManager.write_ahead), which no forward waits for
+    unless its plan says so (StepPlan.copy_wait)."""
 
     rank: int
     page: int
     slot: int
     to_host: bool
+    ahead: int = 0
 
 
 @dataclass
@@ -127,6 +130,9 @@ class StepPlan:
     decode: DecodePlan | None = None
     tables: list[TableOp] = field(default_factory=list)  # block-table updates, run first
     copies: list[PageCopy] = field(default_factory=list)  # host tier copies, run first
+    # before this step's copies and forward, wait for the write-ahead batches up to this one
+    # (0: none): the step reuses a page or slot one of them reads or writes
+    copy_wait: int = 0
     info: dict = field(default_factory=dict)
 
     @property

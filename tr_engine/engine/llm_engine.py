@@ -435,8 +435,8 @@ class LLMEngine:
                                tokens=list(prompt_ids), start=0, prefix_len=[0] * self.world,
                                sample=False, strategy=self._choose_strategy(n, 0),
                                all_logits=True)
-            return self.cluster.run(StepPlan("prefill", prefill=plan, tables=tables,
-                                             copies=self.scheduler.blocks.drain_copies()))
+            step = StepPlan("prefill", prefill=plan, tables=tables)
+            return self.cluster.run(self.scheduler.blocks.hand_over(step))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every rank; those not gone `timeout` seconds after the stop plan are

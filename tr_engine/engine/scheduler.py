@@ -77,6 +77,10 @@ Ops = dict[tuple[int, int], TableOp]  # a step's table updates by (rank, row)
 
 MAX_PASSED_OVER = 4  # prefill turns a prompt may lose in a row to shorter ones
 MAX_OVERTAKEN = 8  # admissions ahead of a request waiting for memory, then it goes next
+# host tier write-ahead a step, per rank: this much, and this much more per token the rank
+# computes (about what a PCIe 5 link moves while an 8B-class model computes a token)
+AHEAD_BYTES = 256 * 2**20
+AHEAD_BYTES_PER_TOKEN = 2**20
 
 
 class Scheduler:
@@ -90,6 +94,7 @@ class Scheduler:
         self.block_size = block_size = info.block_size
         self.blocks = BlockManager(world, info.num_pages, block_size,
                                    config.enable_prefix_caching, info.host_slots)
+        self.page_bytes = info.page_bytes if info.host_slots else 0  # 0: no write-ahead
         self.host_hit_tokens = 0  # prompt tokens whose KV came back from the host tier
         self.max_model_len = info.max_model_len
         # whole blocks in every zigzag piece, and no padding inside a long prompt
@@ -344,8 +349,18 @@ class Scheduler:
         """The next step, or None when there is nothing to do."""
         plan = self._schedule()
         if plan is not None:  # the host tier's copies, before the pages are written
-            plan.copies = self.blocks.drain_copies()
+            if self.page_bytes:
+                self.blocks.write_ahead(self._ahead_budget(plan))
+            self.blocks.hand_over(plan)
         return plan
+
+    def _ahead_budget(self, plan: StepPlan) -> int:
+        """Pages per rank this step may copy to the host ahead of their eviction: about as
+        many bytes as the link moves while the step computes, by its tokens (a long
+        prompt's chunk, a sequence's decode token), so a follow-up's restores never queue
+        behind a backlog of them."""
+        per_rank = -(-plan.num_tokens // self.world)
+        return (AHEAD_BYTES + AHEAD_BYTES_PER_TOKEN * per_rank) // self.page_bytes
 
     def _schedule(self) -> StepPlan | None:
         ops: Ops = {}

@@ -22,7 +22,14 @@ and a partly evicted document keeps its head. On a sharded document each rank ev
 own latest block of it, which breaks the least of the prefix that rank can break.
 
 With a host tier (`host_slots`, kv.host_pages), an evicted cached block is copied to host
-memory first and stays findable there; `restore` brings it back into a fresh page.
+memory first and stays findable there; `restore` brings it back into a fresh page. Idle
+cached blocks are also copied to free host slots *ahead* of their eviction (`write_ahead`,
+in the order they would be evicted, a budget a step), off the step's path: no forward waits
+for those copies, and the eviction that comes later costs no copy, so a follow-up that
+brings a document back from the host while evicting another moves one direction of bytes,
+not two. A later step that reuses a page or slot such a copy reads or writes waits for that
+copy's batch on the device first (`StepPlan.copy_wait`). A write-ahead takes only free
+slots: it never pushes out a block that lives on the host alone.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..distributed import padding
-from ..plan import PageCopy
+from ..plan import PageCopy, StepPlan
 from .host_pages import HostIndex
 
 
@@ -137,6 +144,15 @@ class BlockManager:
         self.host = HostIndex(world, host_slots) if host_slots and enable_caching else None
         self.copies: list[PageCopy] = []  # for the next step's plan, in order
         self.pages_offloaded = self.pages_restored = 0
+        # write-ahead: per rank, the idle cached pages with no host copy, in eviction order;
+        # the batch of the last write-ahead that read each page or wrote each slot (until a
+        # step reuses it), the batches so far, and the latest batch the next step waits for
+        self.unwritten: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(world)]
+        self._ahead_pages: dict[tuple[int, int], int] = {}
+        self._ahead_slots: dict[tuple[int, int], int] = {}
+        self.ahead_batches = 0
+        self._wait = 0
+        self.pages_written_ahead = 0
 
     # ---- the cache -----------------------------------------------------------------------
     def lookup(self, keys: list[bytes]) -> list[tuple[int, int]]:
@@ -185,11 +201,47 @@ class BlockManager:
         copies, self.copies = self.copies, []
         return copies
 
+    def hand_over(self, plan: StepPlan) -> StepPlan:
+        """Give `plan` the copies queued since the last step, and the write-ahead batch it
+        must wait for first (the pages or slots it reuses)."""
+        plan.copies, plan.copy_wait, self._wait = self.drain_copies(), self._wait, 0
+        return plan
+
+    def write_ahead(self, budget: int) -> int:
+        """Queue copies to free host slots of up to `budget` idle cached pages per rank that
+        have no host copy, those evicted first first, as one batch; returns how many."""
+        if self.host is None or budget <= 0:
+            return 0
+        batch, n = self.ahead_batches + 1, 0
+        for rank, pages in enumerate(self.unwritten):
+            for _ in range(min(budget, len(pages))):
+                page = next(iter(pages))
+                key = self.ranks[rank].key[page]
+                slot = self.host.put(key, rank, free_only=True)
+                if slot is None:
+                    break  # no free slot on this rank: its evictions will copy
+                del pages[page]
+                self.copies.append(PageCopy(rank, page, slot, to_host=True, ahead=batch))
+                self._ahead_pages[rank, page] = self._ahead_slots[rank, slot] = batch
+                n += 1
+        if n:
+            self.ahead_batches = batch
+            self.pages_offloaded += n
+            self.pages_written_ahead += n
+        return n
+
+    def _reused(self, pending: dict, rank: int, at: int) -> None:
+        """Page or slot `at` of `rank` is written (or read) again: after its write-ahead."""
+        batch = pending.pop((rank, at), 0)
+        if batch > self._wait:
+            self._wait = batch
+
     def reset(self) -> int:
         """Drop every cached block no sequence uses, and the host tier's copies; returns how
         many blocks went from the device."""
         n = 0
         for r, pages in enumerate(self.ranks):
+            self.unwritten[r].clear()
             while pages.idle:
                 page, _ = pages.idle.popitem(last=False)
                 self._forget(r, page)
@@ -204,11 +256,13 @@ class BlockManager:
         tier first where it has no copy there yet (and the tier has a slot)."""
         key = self.ranks[rank].key.get(page)
         if self.host is not None and key is not None and self.cache.get(key) == (rank, page):
+            self.unwritten[rank].pop(page, None)
             if self.host.has(key):
                 self.host.touch(key)
             else:
                 slot = self.host.put(key, rank)
                 if slot is not None:
+                    self._reused(self._ahead_slots, rank, slot)
                     self.copies.append(PageCopy(rank, page, slot, to_host=True))
                     self.pages_offloaded += 1
         self._forget(rank, page)
@@ -244,7 +298,9 @@ class BlockManager:
 
     def pin(self, rank: int, page: int) -> None:
         pages = self.ranks[rank]
-        pages.idle.pop(page, None)
+        if page in pages.idle:
+            del pages.idle[page]
+            self.unwritten[rank].pop(page, None)
         pages.ref[page] += 1
 
     def unpin(self, rank: int, page: int) -> None:
@@ -254,6 +310,8 @@ class BlockManager:
         if pages.ref[page] == 0:
             if page in pages.key:
                 pages.idle[page] = None  # most recently used end
+                if self.host is not None and not self.host.has(pages.key[page]):
+                    self.unwritten[rank][page] = None
             else:
                 pages.free.append(page)
 
@@ -278,6 +336,7 @@ class BlockManager:
         else:
             page, _ = pages.idle.popitem(last=False)
             self._evict(rank, page)
+        self._reused(self._ahead_pages, rank, page)  # (free after a reset, too)
         pages.ref[page] = 1
         return page
 

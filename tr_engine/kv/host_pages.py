@@ -63,12 +63,15 @@ class HostIndex:
             self.ranks[rank].used[slot] = key
         self._held = []
 
-    def put(self, key: bytes, rank: int) -> int | None:
-        """A slot of `rank` for `key`'s block: a free one, else the least recently used one
-        not held for a restore (its block leaves the host); None if there is none."""
+    def put(self, key: bytes, rank: int, free_only: bool = False) -> int | None:
+        """A slot of `rank` for `key`'s block: a free one, else (unless `free_only`) the
+        least recently used one not held for a restore (its block leaves the host); None if
+        there is none."""
         slots = self.ranks[rank]
         if slots.free:
             slot = slots.free.popleft()
+        elif free_only:
+            return None
         else:
             slot = next(iter(slots.used), None)
             if slot is None:

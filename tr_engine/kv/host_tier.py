@@ -12,8 +12,10 @@ of their own (evictions that all come before the restores on a second one, so bo
 directions of the link are busy, a layer's restores after its evictions), layer after
 layer, an event recorded after each layer's: the step's forward
 waits on the device for layer l's event before its layer l (restores overlap the layers
-before), the host never waits. On the CPU the second pool is ordinary memory and the same
-copies run in order before the forward.
+before), the host never waits. Copies ahead of an eviction (`PageCopy.ahead`) go on the
+evictions' stream after the step's own copies, an event recorded after each batch, and no
+forward waits for them unless its plan names their batch (`wait_ahead`). On the CPU the
+second pool is ordinary memory and the same copies run in order before the forward.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class HostTier:
         self.out_stream = backend.new_stream() if self.stream is not None else None
         self._restore_s = 0.0
         self._timing: list[tuple] = []  # (start, end) events of restores not yet read
+        self._ahead: list[tuple] = []  # (batch, event) of write-aheads maybe not yet done
 
     @staticmethod
     def slots_for(size_bytes: float, cache: KVCache) -> int:
@@ -68,14 +71,46 @@ class HostTier:
         waits for the l-th (layer_wait), and `finish` orders everything after the copies.
         Otherwise (None) the forward queued after this sees every copy done. `timed`: add
         the restores' time to restore_s."""
-        if not copies:
-            return None
+        ahead = [c for c in copies if c.ahead]
+        if ahead:
+            copies = [c for c in copies if not c.ahead]
+        events = self._copy(copies, timed, layered) if copies else None
+        if ahead:
+            self._write_ahead(ahead)
+        return events
+
+    def wait_ahead(self, batch: int) -> None:
+        """Later work on the main stream comes after the write-ahead batches up to `batch`
+        (those of this rank that may still run)."""
+        while self._ahead and self._ahead[0][1].query():
+            self._ahead.pop(0)
+        last = None
+        for b, event in self._ahead:
+            if b > batch:
+                break
+            last = event
+        if last is not None:
+            last.wait(self.backend.current_stream())
+
+    def _write_ahead(self, copies: list[PageCopy]) -> None:
+        """Copies of idle pages to the host, after the device work queued so far (the KV
+        they copy is written) and this step's own copies, waited for by no forward."""
+        if self.stream is None:  # the CPU: in order, now
+            self._layers(self._pieces(copies))
+            return
+        self.out_stream.wait_stream(self.backend.current_stream())
+        with self.backend.stream(self.out_stream):
+            self._layers(self._pieces(copies))
+            done = self.backend.new_event()
+            done.record(self.out_stream)
+        self._ahead.append((copies[0].ahead, done))
+
+    def _copy(self, copies: list[PageCopy], timed: bool, layered: bool) -> list | None:
         restores = timed and any(not c.to_host for c in copies)
         if self.stream is None:
             pieces = self._pieces(copies)
             t = time.perf_counter()
-            for layer in range(self.layers):
-                self._layer(pieces, layer)
+            self._layers(pieces)
             if restores:
                 self._restore_s += time.perf_counter() - t
             return None
@@ -141,6 +176,10 @@ class HostTier:
                     self.device, non_blocking=True)
                 pieces.append((piece[0].to_host, pages, _slot_runs([c.slot for c in piece])))
         return pieces
+
+    def _layers(self, pieces) -> None:
+        for layer in range(self.layers):
+            self._layer(pieces, layer)
 
     def _layer(self, pieces, layer: int) -> None:
         """Every piece's copies of one layer, in order."""

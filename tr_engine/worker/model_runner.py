@@ -355,6 +355,8 @@ class ModelRunner:
         # host tier copies: layer by layer under a prefill's forward (its layer l waits for
         # their layer l); before a decode step's (graphs replay the whole model)
         self._layer_ready = None
+        if plan.copy_wait:  # the step reuses pages or slots of copies ahead of eviction
+            self.host_tier.wait_ahead(plan.copy_wait)
         if plan.copies:
             self._layer_ready = self.host_tier.copy(
                 [c for c in plan.copies if c.rank == self.rank], timed=self.mesh.rank == 0,
