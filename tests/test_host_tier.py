@@ -365,7 +365,7 @@ def test_copies_ahead_of_eviction_wait_for_nothing_and_are_waited_for_by_batch(m
     first = log[-1]
     assert first[:2] == ("evictions", "record")
     assert not any(e[0] == "main" and e[1] == "wait" for e in log)  # no forward waits
-    for t, host, want in zip(tier.cache.tensors(), tier.host, before):
+    for host, want in zip(tier.host, before):
         assert torch.equal(host[:, 0], want.reshape(2, -1))
     tier.copy([PageCopy(0, 2, 2, to_host=True, ahead=2)])
     second = log[-1]
