@@ -463,6 +463,34 @@ def test_a_mixed_step_fills_the_token_budget_and_chunks_shrink_with_the_prefix()
     assert s.blocks.reserved() == [0, 0] and s.kv_used() == [0, 0]
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_prompt_prefilled_while_others_decode_keeps_its_pages_in_one_run(world):
+    """Decoding sequences open blocks on pages from the back of the free list, a prompt's
+    chunks take theirs from the front: with streams opening blocks between its chunks, a
+    long prompt's pages on each rank are still consecutive (the prefill reads its prefix
+    in place), and the streams' pages too."""
+    s = make(world=world, pages=300, chunk=128, budget=40, prefix_cost=1 / 256)
+    streams = [seq(i, 3, max_tokens=200, first=100 * i + 1) for i in range(3)]
+    for q in streams:
+        s.add(q)
+    for _ in range(3):
+        drive(s)
+    long = seq(9, 400, max_tokens=1, first=1000)
+    s.add(long)
+    opened = 0
+    while long.prefilled < long.prompt_len:
+        before = sum(len(q.blocks) for q in streams)
+        drive(s)
+        opened += sum(len(q.blocks) for q in streams) - before
+    assert opened > 3  # the streams took pages between the prompt's chunks
+    for r in range(world):
+        pages = long.table[r]
+        assert pages == list(range(pages[0], pages[0] + len(pages)))
+        for q in streams:  # later blocks from the back: descending runs
+            later = q.table[r][1:]
+            assert later == sorted(later, reverse=True)
+
+
 def test_nothing_decoding_prefills_whole_chunks():
     s = make(world=2, pages=200, chunk=64, budget=20, prefix_cost=1 / 64)
     a = seq(0, 200, max_tokens=1)

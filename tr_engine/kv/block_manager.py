@@ -332,7 +332,11 @@ class BlockManager:
         else:
             assert pages.available() > 0, "take() of an unreserved page with none left"
         if pages.free:
-            page = pages.free.popleft()
+            # reserved pages (a prompt's chunks, restores) from the front of the free list,
+            # a decoding sequence's next block from the back: a long prompt prefilled while
+            # others decode keeps its pages in one run, whose keys the prefill reads where
+            # they lie, not gathered again in every layer of every chunk (KVCache.slots)
+            page = pages.free.popleft() if reserved else pages.free.pop()
         else:
             page, _ = pages.idle.popitem(last=False)
             self._evict(rank, page)
