@@ -219,3 +219,45 @@ def test_portable_decode_attention_dequantizes_pages(fmt_name):
     assert (out.double() - ref_out).abs().max() < 1e-5  # float32, scores up to ~30
     assert (lse[lens > 0].double() - ref_lse[lens > 0]).abs().max() < 1e-5
 
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "heads-major", "pair", "flat"])
+def test_fused_merge_reads_parts_where_they_lie(layout):
+    """The fused out/LSE merge (backends/cuda_merge.py) takes an attention kernel's output
+    as it comes, `[T, H, D]` with heads and rows in any order and its lse `[T, H]` a
+    transposed view, and equals the float64 merge; rows that saw no key on either side stay
+    (0, -inf)."""
+    from tr_engine.backends.cuda_merge import fused_merge_
+
+    from tr_engine.attention.merge import merge_
+
+    g = torch.Generator().manual_seed(7)
+    t, h, d = 37, 4, 32
+    acc = torch.randn(t, h, d, generator=g)
+    acc_lse = torch.randn(t, h, generator=g)
+    acc_lse[3] = float("-inf")
+    acc[3] = 0
+    part = torch.randn(2, h, t, d, generator=g).to(torch.float16)  # a kernel's [B, H, T, D]
+    part_lse = torch.randn(2, h, t, generator=g)
+    part_lse[1, :, 3] = float("-inf")
+    part_lse[0, :, 3] = float("-inf")
+    if layout == "contiguous":
+        out_b, lse_b = part[0].transpose(0, 1).contiguous(), part_lse[0].t().contiguous()
+    elif layout == "heads-major":  # cuDNN's and flash's [1, H, T, D], as transposed views
+        out_b, lse_b = part[0].transpose(0, 1), part_lse[0].t()
+    elif layout == "pair":  # the second of a batch of two, a view at an offset
+        out_b, lse_b = part.transpose(1, 2)[1], part_lse.transpose(1, 2)[1]
+    else:  # not [T, H, D]: copied contiguous first
+        out_b, lse_b = part[1].transpose(0, 1).reshape(t, h * d)[:, :d], part_lse[1, 0]
+        acc, acc_lse = acc[:, 0].contiguous(), acc_lse[:, 0].contiguous()
+    want = acc.double(), acc_lse.double()
+    merge_(*want, out_b.double(), lse_b.double())
+    out, lse = on_device(acc.float(), acc_lse.float())
+    fused_merge_(out, lse, *on_device(out_b, lse_b))
+    assert (out.cpu().double() - want[0]).abs().max() < 1e-5
+    seen = want[1] > float("-inf")
+    assert torch.equal(lse.cpu() > float("-inf"), seen)
+    assert (lse.cpu().double()[seen] - want[1][seen]).abs().max() < 1e-5
+    if layout != "flat":
+        assert torch.equal(lse.cpu()[3], torch.full((h,), float("-inf")))
+        assert not out.cpu()[3].any()
