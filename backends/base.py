@@ -177,7 +177,7 @@ class Backend(ABC):
         return out.to(q.dtype), lse
 
     def attention_in_pieces(self, fixed, rest, q, k, v, scale: float,
-                            pieces: tuple[int, ...], rows: int
+                            pieces: tuple[int, ...], rows: int, paired=None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-causal attention of q over many keys, in pieces whose shapes come from a small
         fixed set: `fixed(q, k, v, scale)` sees q padded with zero rows to `rows` and exactly
@@ -185,14 +185,26 @@ class Backend(ABC):
         `rest(...)` the unpadded q and the keys left over (fewer than the smallest piece);
         the parts merge by their LSE in float32. Exact: padded query rows are dropped, and
         key order does not matter without a mask. A kernel that builds a plan per shape
-        (cuDNN) then meets one shape per query bucket and piece, whatever the key count."""
+        (cuDNN) then meets one shape per query bucket and piece, whatever the key count.
+        `paired(q2, k, v, scale)`, if given, takes two of the largest pieces in one call
+        (twice the programs of one: a few queries fill the device): q2 `[2, rows, Hq, D]`
+        the padded queries twice, k and v the two pieces one after the other; it returns
+        out `[2, rows, Hq, D]` and lse `[2, rows, Hq]`, one result per piece."""
         tq, tk = q.shape[0], k.shape[0]
         q_pad = torch.cat([q, q.new_zeros((rows - tq, *q.shape[1:]))]) if rows > tq else q
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        a = 0
+        a, q_two, largest = 0, None, max(pieces)
         for piece in sorted(pieces, reverse=True):
             while tk - a >= piece:
+                if paired is not None and piece == largest and tk - a >= 2 * piece:
+                    if q_two is None:
+                        q_two = torch.stack([q_pad, q_pad])
+                    o, s = paired(q_two, k[a : a + 2 * piece], v[a : a + 2 * piece], scale)
+                    for i in (0, 1):
+                        self.merge_(out, lse, o[i, :tq], s[i, :tq])
+                    a += 2 * piece
+                    continue
                 o, s = fixed(q_pad, k[a : a + piece], v[a : a + piece], scale)
                 self.merge_(out, lse, o[:tq], s[:tq])
                 a += piece

@@ -32,6 +32,19 @@ def _cudnn(q, k, v, causal, scale):
     return out[0].transpose(0, 1), lse.reshape(lse.shape[1], lse.shape[2]).transpose(0, 1)
 
 
+def _cudnn_pair(q2, k, v, scale):
+    """Non-causal: q2 `[2, T, Hq, D]` (the same queries twice) against two pieces of n keys
+    at once, k and v `[2n, Hkv, D]` (a batch of two, views of the pieces where they lie);
+    returns out `[2, T, Hq, D]` and lse `[2, T, Hq]`, the first piece's then the second's."""
+    n = k.shape[0] // 2
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q2.transpose(1, 2), k.unflatten(0, (2, n)).transpose(1, 2),
+        v.unflatten(0, (2, n)).transpose(1, 2), None, True, 0.0, False, False, scale=scale
+    )
+    out, lse = res[0], res[1]
+    return out.transpose(1, 2), lse.reshape(2, lse.shape[1], lse.shape[2]).transpose(1, 2)
+
+
 def _flash(q, k, v, causal, scale):
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale
@@ -85,7 +98,10 @@ class CudaBackend(Backend):
     # - against many keys without a mask (a chunk's queries over its cached prefix, a
     #   follow-up on a document), the keys go in pieces of KEY_PIECES keys, the largest while
     #   that many are left (a long prefix in few calls, a short one still on cuDNN); flash
-    #   takes the keys left over;
+    #   takes the keys left over. Two of the largest pieces go in one call as a batch of
+    #   two: a chunk of a few hundred queries is only 1.2-1.5 waves of cuDNN's programs over
+    #   the SMs, and twice as many fill them (one H100, 768 queries: 510 TFLOP/s one piece
+    #   at a time, about 620 two at once);
     # - a causal square block of CAUSAL_MIN queries or more (a chunk over its own keys) is
     #   padded at its end, queries and keys alike: no real query sees a pad key under the
     #   mask, and the pad rows are dropped.
@@ -117,6 +133,7 @@ class CudaBackend(Backend):
         if cuda_decode is not None:
             _count_triton_builds(self)
         self._piece_rows: tuple[int, ...] = ()  # query buckets prepared for key pieces
+        self._pairs = False  # two of the largest pieces in one call (prepared)
         self._prepared: tuple | None = None  # prepare_attention's arguments
         self._prepared_on: set[int] = set()  # the threads that built its graphs
 
@@ -201,6 +218,10 @@ class CudaBackend(Backend):
                 for rows in self.QUERY_BUCKETS] + \
             [(rows, rows, True) for rows in self.QUERY_BUCKETS if rows >= self.CAUSAL_MIN]
 
+    def prepare_pair_shapes(self) -> list[tuple[int, int]]:
+        """The (queries, keys of each piece) batches of two pieces prepare_attention builds."""
+        return [(rows, max(self.KEY_PIECES)) for rows in self.QUERY_BUCKETS]
+
     def prepare_attention(self, hq, hkv, d, dtype, device):
         # torch keeps cuDNN's attention graphs per thread: they are built for this one
         self._prepared = (hq, hkv, d, dtype, device)
@@ -211,7 +232,8 @@ class CudaBackend(Backend):
             return
         t = time.perf_counter()
         shapes = self.prepare_shapes()
-        k = torch.randn((max(n for _, n, _ in shapes), hkv, d), dtype=dtype, device=device)
+        keys = max(max(n for _, n, _ in shapes), 2 * max(self.KEY_PIECES))  # pairs: two
+        k = torch.randn((keys, hkv, d), dtype=dtype, device=device)
         q = torch.randn((max(self.QUERY_BUCKETS), hq, d), dtype=dtype, device=device)
         for rows, keys, causal in shapes:
             try:
@@ -223,9 +245,24 @@ class CudaBackend(Backend):
                 return
             self.cudnn_shapes.add((rows, keys, hq, hkv, d, causal, dtype))
         self._piece_rows = self.QUERY_BUCKETS
+        self._pairs = self._prepare_pairs(q, k, hq, hkv, d, dtype)
         torch.cuda.synchronize()
-        log.info("cuDNN attention: %d block shapes built in %.1f s (thread %s)", len(shapes),
-                 time.perf_counter() - t, threading.current_thread().name)
+        log.info("cuDNN attention: %d block shapes built in %.1f s (thread %s)",
+                 len(self.cudnn_shapes), time.perf_counter() - t,
+                 threading.current_thread().name)
+
+    def _prepare_pairs(self, q, k, hq, hkv, d, dtype) -> bool:
+        """Build the batches of two key pieces; False (single pieces only) if refused."""
+        for rows, keys in self.prepare_pair_shapes():
+            try:
+                _cudnn_pair(torch.stack([q[:rows], q[:rows]]), k[: 2 * keys], k[: 2 * keys],
+                            d**-0.5)
+            except RuntimeError as e:
+                log.info("cuDNN attention refused two pieces of %d keys for %d queries "
+                         "(%s); pieces go one at a time", keys, rows, e)
+                return False
+            self.cudnn_shapes.add((2, rows, keys, hq, hkv, d, False, dtype))
+        return True
 
     def prepare_thread(self):
         if self._prepared is not None and threading.get_ident() not in self._prepared_on:
@@ -242,8 +279,13 @@ class CudaBackend(Backend):
                     return self.attention_in_pieces(
                         lambda *a: _cudnn(*a[:3], False, a[3]),
                         lambda *a: _flash(*a[:3], False, a[3]), q, k, v, scale,
-                        self.KEY_PIECES, rows)
+                        self.KEY_PIECES, rows, _cudnn_pair if self._pairs else None)
             except RuntimeError as e:  # refused after all: plain blocks from now on
+                if self._pairs:  # the pairs first: single pieces may still be taken
+                    self._pairs = False
+                    log.warning("cuDNN attention on two key pieces at once failed (%s); "
+                                "pieces go one at a time from now on", e)
+                    return self._attention(q, k, v, causal, scale)
                 log.warning("cuDNN attention in prepared shapes failed (%s); small blocks "
                             "go to flash from now on", e)
                 self._piece_rows = ()

@@ -78,11 +78,13 @@ def test_npu_backend_reports_what_is_missing():
 
 @pytest.mark.parametrize(("tq", "tk", "pieces", "rows"), [
     (5, 40, (16,), 8), (8, 32, (16,), 8), (3, 7, (16,), 4), (1, 50, (8,), 64),
-    (5, 77, (32, 8), 8), (6, 23, (32, 8), 8), (4, 64, (8, 32), 4)])
-def test_attention_in_key_pieces_is_exact(tq, tk, pieces, rows):
-    """Queries padded to a bucket, keys in fixed pieces (the largest first) plus a
-    remainder, merged by LSE: the same as one non-causal block (what the CUDA backend runs
-    with cuDNN and flash)."""
+    (5, 77, (32, 8), 8), (6, 23, (32, 8), 8), (4, 64, (8, 32), 4), (3, 104, (16, 4), 4),
+    (2, 131, (32, 8), 4)])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_attention_in_key_pieces_is_exact(tq, tk, pieces, rows, pairs):
+    """Queries padded to a bucket, keys in fixed pieces (the largest first, two at a time in
+    one call where a paired kernel is given) plus a remainder, merged by LSE: the same as one
+    non-causal block (what the CUDA backend runs with cuDNN and flash)."""
     backend = get_backend("cpu")
     g = torch.Generator().manual_seed(tq * tk)
     q = torch.randn(tq, 6, 16, generator=g)
@@ -97,15 +99,30 @@ def test_attention_in_key_pieces_is_exact(tq, tk, pieces, rows):
         calls.append(("rest", q_.shape[0], k_.shape[0]))
         return backend.attention(q_, k_, v_, False, scale)
 
-    out, lse = backend.attention_in_pieces(fixed, rest, q, k, v, 0.25, pieces, rows)
+    def paired(q2, k_, v_, scale):
+        calls.append(("pair", q2.shape[1], k_.shape[0]))
+        assert torch.equal(q2[0], q2[1])
+        n = k_.shape[0] // 2
+        parts = [backend.attention(q2[i], k_[i * n : (i + 1) * n], v_[i * n : (i + 1) * n],
+                                   False, scale) for i in (0, 1)]
+        # the layout a batched kernel returns: heads and rows transposed views
+        out = torch.stack([o for o, _ in parts]).transpose(1, 2).contiguous().transpose(1, 2)
+        return out, torch.stack([s for _, s in parts])
+
+    out, lse = backend.attention_in_pieces(fixed, rest, q, k, v, 0.25, pieces, rows,
+                                           paired if pairs else None)
     ref, ref_lse = attention64(q, k, v, causal=False, scale=0.25)
     assert (out.double() - ref).abs().max() < 1e-5
     assert (lse.double() - ref_lse).abs().max() < 1e-5
-    # the largest piece while it fits, then the smaller, then the rest
+    # the largest piece while it fits (two at a time, with pairs), then the smaller, then
+    # the rest
     want, left = [], tk
     for piece in sorted(pieces, reverse=True):
-        want += [("fixed", rows, piece)] * (left // piece)
-        left %= piece
+        n, left = left // piece, left % piece
+        if pairs and piece == max(pieces):
+            want += [("pair", rows, 2 * piece)] * (n // 2)
+            n %= 2
+        want += [("fixed", rows, piece)] * n
     assert calls == want + ([("rest", tq, left)] if left else [])
 
 
@@ -115,7 +132,7 @@ def test_cuda_prefix_attention_in_pieces():
     match float64 within bfloat16 rounding."""
     backend = get_backend("cuda")
     backend.prepare_attention(32, 8, 128, torch.bfloat16, torch.device("cuda"))
-    assert backend._piece_rows
+    assert backend._piece_rows and backend._pairs  # 40,000 keys: two pieces in one call
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1000, 32, 128, device="cuda", generator=g).bfloat16()
     k = torch.randn(40000, 8, 128, device="cuda", generator=g).bfloat16()

@@ -96,9 +96,10 @@ def _feeds(plan: StepPlan, token: int) -> bool:
         plan.decode is not None and token in plan.decode.tokens)
 
 
-# Keys of an 8-bit prefix dequantized at a time by the local strategy (the largest key
-# piece the CUDA backend prepares cuDNN for, so each piece meets a prepared shape).
-PREFIX_PIECE = 16384
+# Keys of an 8-bit prefix dequantized at a time by the local strategy: two of the largest
+# key pieces the CUDA backend prepares cuDNN for, which it takes in one call (each piece
+# meets a prepared shape).
+PREFIX_PIECE = 32768
 
 
 def _count(slots) -> int:
