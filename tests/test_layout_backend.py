@@ -223,3 +223,52 @@ def test_cuda_attention_shapes_are_built_again_on_each_new_thread(monkeypatch):
         t.join()
     assert built[0] == threading.current_thread().name
     assert sorted(built[1:]) == ["loop-0", "loop-1"]  # each new thread once
+
+
+@pytest.mark.parametrize("pair_fails", [False, True])
+def test_cuda_key_pieces_in_pairs_and_their_fallback(monkeypatch, pair_fails):
+    """The CUDA backend's choice of kernels for queries over a long prefix, without a GPU:
+    cuDNN, its batch of two pieces and flash are stood in for by the float32 math kernel
+    (the merges run in Triton's interpreter). Two of the largest pieces go in one call; if
+    that call fails, the backend logs it, takes the pieces one at a time from then on and
+    still gives the exact result."""
+    pytest.importorskip("triton")
+    from tr_engine.backends import cuda
+    from tr_engine.backends.reference import math_attention
+
+    backend = cuda.CudaBackend()
+    monkeypatch.setattr(backend, "KEY_PIECES", (64, 16))
+    backend._piece_rows, backend._pairs = backend.QUERY_BUCKETS, True
+    calls = []
+
+    def one(q, k, v, causal, scale):
+        calls.append(("one", q.shape[0], k.shape[0]))
+        return math_attention(q, k, v, causal, scale)
+
+    def rest(q, k, v, causal, scale):
+        calls.append(("rest", q.shape[0], k.shape[0]))
+        return math_attention(q, k, v, causal, scale)
+
+    def pair(q2, k, v, scale):
+        calls.append(("pair", q2.shape[1], k.shape[0]))
+        if pair_fails:
+            raise RuntimeError("no such graph")
+        n = k.shape[0] // 2
+        parts = [math_attention(q2[i], k[i * n : (i + 1) * n], v[i * n : (i + 1) * n], False,
+                                scale) for i in (0, 1)]
+        return torch.stack([o for o, _ in parts]), torch.stack([s for _, s in parts])
+
+    monkeypatch.setattr(cuda, "_cudnn", one)
+    monkeypatch.setattr(cuda, "_flash", rest)
+    monkeypatch.setattr(cuda, "_cudnn_pair", pair)
+    g = torch.Generator().manual_seed(3)
+    tq, tk = 5, 3 * 64 + 16 + 7
+    q = torch.randn(tq, 4, 16, generator=g).half()
+    k, v = (torch.randn(tk, 2, 16, generator=g).half() for _ in range(2))
+    out, lse = backend.attention(q, k, v, False, 0.25)
+    ref, ref_lse = attention64(q.double(), k.double(), v.double(), causal=False, scale=0.25)
+    assert (out.double() - ref).abs().max() < 2e-3  # float16 output
+    assert (lse.double() - ref_lse).abs().max() < 1e-4
+    singles = [("one", 64, 64)] * (3 if pair_fails else 1) + [("one", 64, 16), ("rest", 5, 7)]
+    assert calls == [("pair", 64, 128)] + singles
+    assert backend._pairs is (not pair_fails) and backend._piece_rows
