@@ -24,12 +24,18 @@ def _bhsd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0)  # [T, H, D] -> [1, H, T, D], a view
 
 
-def _cudnn(q, k, v, causal, scale):
+def _cudnn_batched(q, k, v, causal, scale):
+    """cuDNN on `[B, H, T, D]` views -> out `[B, T, Hq, D]`, lse `[B, T, Hq]` (views)."""
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale
+        q, k, v, None, True, 0.0, causal, False, scale=scale
     )
     out, lse = res[0], res[1]
-    return out[0].transpose(0, 1), lse.reshape(lse.shape[1], lse.shape[2]).transpose(0, 1)
+    return out.transpose(1, 2), lse.reshape(lse.shape[:3]).transpose(1, 2)
+
+
+def _cudnn(q, k, v, causal, scale):
+    out, lse = _cudnn_batched(_bhsd(q), _bhsd(k), _bhsd(v), causal, scale)
+    return out[0], lse[0]
 
 
 def _cudnn_pair(q2, k, v, scale):
@@ -37,12 +43,8 @@ def _cudnn_pair(q2, k, v, scale):
     at once, k and v `[2n, Hkv, D]` (a batch of two, views of the pieces where they lie);
     returns out `[2, T, Hq, D]` and lse `[2, T, Hq]`, the first piece's then the second's."""
     n = k.shape[0] // 2
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q2.transpose(1, 2), k.unflatten(0, (2, n)).transpose(1, 2),
-        v.unflatten(0, (2, n)).transpose(1, 2), None, True, 0.0, False, False, scale=scale
-    )
-    out, lse = res[0], res[1]
-    return out.transpose(1, 2), lse.reshape(2, lse.shape[1], lse.shape[2]).transpose(1, 2)
+    return _cudnn_batched(q2.transpose(1, 2), k.unflatten(0, (2, n)).transpose(1, 2),
+                          v.unflatten(0, (2, n)).transpose(1, 2), False, scale)
 
 
 def _flash(q, k, v, causal, scale):
@@ -247,9 +249,9 @@ class CudaBackend(Backend):
         self._piece_rows = self.QUERY_BUCKETS
         self._pairs = self._prepare_pairs(q, k, hq, hkv, d, dtype)
         torch.cuda.synchronize()
-        log.info("cuDNN attention: %d block shapes built in %.1f s (thread %s)",
-                 len(self.cudnn_shapes), time.perf_counter() - t,
-                 threading.current_thread().name)
+        built = len(shapes) + (len(self.prepare_pair_shapes()) if self._pairs else 0)
+        log.info("cuDNN attention: %d block shapes built in %.1f s (thread %s)", built,
+                 time.perf_counter() - t, threading.current_thread().name)
 
     def _prepare_pairs(self, q, k, hq, hkv, d, dtype) -> bool:
         """Build the batches of two key pieces; False (single pieces only) if refused."""

@@ -220,7 +220,6 @@ def test_portable_decode_attention_dequantizes_pages(fmt_name):
     assert (lse[lens > 0].double() - ref_lse[lens > 0]).abs().max() < 1e-5
 
 
-
 @pytest.mark.parametrize("layout", ["contiguous", "heads-major", "pair", "flat"])
 def test_fused_merge_reads_parts_where_they_lie(layout):
     """The fused out/LSE merge (backends/cuda_merge.py) takes an attention kernel's output
