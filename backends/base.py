@@ -301,6 +301,19 @@ class Backend(ABC):
             k, v = dequantize(k, k_scale, q.dtype), dequantize(v, v_scale, q.dtype)
         return self.attention(q, k, v, False, scale)
 
+    def dequantize_rows(self, stored: torch.Tensor, scale: torch.Tensor,
+                        slots: torch.Tensor | slice, out: torch.Tensor) -> torch.Tensor:
+        """Rows `slots` (a slice or an index tensor) of an 8-bit pool layer `stored` `[N, H,
+        D]` with its scales `[N, H]`, as values in out's dtype written into `out` `[n, H, D]`
+        (tr_engine/kv/quant.py's `dequantize`: the float32 product, rounded once)."""
+        from tr_engine.kv.quant import dequantize
+
+        return out.copy_(dequantize(_rows(stored, slots), _rows(scale, slots), out.dtype))
+
+    def prepare_dequantize(self, storage: torch.dtype, hkv: int, d: int,  # noqa: B027
+                           dtype: torch.dtype, device: torch.device) -> None:
+        """Build, at start-up, what `dequantize_rows` needs for this format (no-op here)."""
+
     # Quantized KV (tr_engine/kv/quant.py): which kv_cache_dtype values this platform stores.
     def kv_cache_dtypes(self) -> tuple[str, ...]:
         """The kv_cache_dtype values this platform can store and attend."""

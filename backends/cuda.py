@@ -130,6 +130,11 @@ class CudaBackend(Backend):
         except ImportError:  # no Triton: the portable decode attention, no graphs
             cuda_decode = None
         self._decode = cuda_decode
+        try:
+            from .cuda_dequant import dequantize_rows
+        except ImportError:  # no Triton: the portable dequantization
+            dequantize_rows = None
+        self._dequant = dequantize_rows
         self._sms: int | None = None
         self.cudnn_shapes: set[tuple] = set()  # shapes cuDNN has built a graph for
         if cuda_decode is not None:
@@ -200,6 +205,36 @@ class CudaBackend(Backend):
         major, minor = torch.cuda.get_device_capability()
         return (f" (compute capability {major}.{minor}: fp8 pages need 8.9 or later; int8 pages "
                 "are for Ascend and the CPU)")
+
+    def dequantize_rows(self, stored, scale, slots, out):
+        if self._dequant is None or not (stored.is_contiguous() and scale.is_contiguous()):
+            return super().dequantize_rows(stored, scale, slots, out)
+        if isinstance(slots, slice) and slots.step not in (None, 1):
+            return super().dequantize_rows(stored, scale, slots, out)
+        return self._dequant(stored, scale, slots, out)
+
+    def prepare_dequantize(self, storage, hkv, d, dtype, device):
+        """Build both variants (a run of slots, a list of them) and check them against the
+        portable dequantization on this card: a wrong result turns the kernel off."""
+        if self._dequant is None:
+            return
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn((300, hkv, d), generator=g) * 4
+        stored = x.clamp(-100, 100).to(storage).to(device)
+        scale = torch.rand((300, hkv), generator=g).add_(0.01).to(device)
+        slots = torch.randperm(300, generator=g)[:77].to(device)
+        try:
+            for rows in (slice(5, 282), slots):
+                n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+                got = self._dequant(stored, scale, rows, torch.empty((n, hkv, d), dtype=dtype,
+                                                                     device=device))
+                want = super().dequantize_rows(stored, scale, rows, torch.empty_like(got))
+                if not torch.equal(got, want):
+                    raise RuntimeError(f"max difference {(got - want).abs().max().item():.3g}")
+        except Exception as e:  # any failure: the portable path is right
+            log.warning("Triton KV dequantization (%s) disagreed with the portable one or "
+                        "failed (%s); 8-bit prefixes are widened by torch", storage, e)
+            self._dequant = None
 
     def merge_gathered(self, gathered, dtype):
         if self._decode is None:

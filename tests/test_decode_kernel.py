@@ -260,3 +260,30 @@ def test_fused_merge_reads_parts_where_they_lie(layout):
     if layout != "flat":
         assert torch.equal(lse.cpu()[3], torch.full((h,), float("-inf")))
         assert not out.cpu()[3].any()
+
+
+@pytest.mark.parametrize("fmt_name", ["fp8_e4m3", "fp8_e5m2", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_dequantize_rows_equals_the_float64_product(fmt_name, dtype):
+    """The one-pass widening of 8-bit KV rows (backends/cuda_dequant.py), for a run of slots
+    and for a list of them: each value the float64 product of the stored value and its scale
+    within one rounding to `dtype`, and bit for bit what the portable dequantization gives."""
+    from tr_engine.backends.cuda_dequant import dequantize_rows
+
+    from tr_engine.kv.quant import dequantize, kv_format, quantize
+
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter truncates to bfloat16 where the card rounds")
+    fmt = kv_format(fmt_name)
+    g = torch.Generator().manual_seed(21)
+    stored, scale = quantize(torch.randn(300, 4, 32, generator=g) * 3, fmt)
+    listed = torch.randperm(300, generator=g)[:77]
+    for slots in (slice(9, 290), listed):
+        want64 = dequantize(stored[slots], scale[slots], torch.float64)
+        out = torch.full(want64.shape, float("nan"), dtype=dtype, device=DEVICE)
+        got = dequantize_rows(*on_device(stored, scale),
+                              slots if isinstance(slots, slice) else slots.to(DEVICE), out).cpu()
+        ulp = torch.finfo(dtype).eps  # relative spacing: one rounding is half of it
+        assert ((got.double() - want64).abs() <= want64.abs() * ulp / 2 + 1e-30).all()
+        portable = dequantize(stored[slots], scale[slots], dtype)
+        assert torch.equal(got, portable)

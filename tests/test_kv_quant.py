@@ -258,12 +258,13 @@ def _document_then_follow_up(llm, doc: list[int], follow: list[int]):
 
 def test_a_long_prefix_is_read_in_pieces_on_one_rank(llm, reference, monkeypatch):
     """The local strategy dequantizes a long prefix piece by piece (pieces of 16 keys here,
-    16384 in service): the same result as the reference."""
+    128K in service): the same result as the reference."""
     from tr_engine.worker import model_runner
 
     if llm.config.world_size != 1:
         pytest.skip("pieces are the local strategy's, on one rank")
     monkeypatch.setattr(model_runner, "PREFIX_PIECE", 16)
+    monkeypatch.setattr(model_runner, "PREFIX_PIECE_BYTES", 1)
     calls = []
     monkeypatch.setattr(model_runner.PrefillContext, "_local_over_pieces",
                         _counting(model_runner.PrefillContext._local_over_pieces, calls))

@@ -61,7 +61,7 @@ class PrefillContext(ForwardContext):
     def attention(self, layer, q, k, v, scale):
         cache = self.runner.kv
         if (cache.format.quantized and self.plan.strategy == "local"
-                and self.prefix is not None and _count(self.prefix) > PREFIX_PIECE):
+                and self.prefix is not None and _count(self.prefix) > 0):
             out = self._local_over_pieces(layer, q, k, v, scale)
             cache.store(layer, self.store, k[: self.n_valid], v[: self.n_valid])
             return out
@@ -74,17 +74,24 @@ class PrefillContext(ForwardContext):
         return out
 
     def _local_over_pieces(self, layer, q, k, v, scale):
-        """The local strategy over a long 8-bit prefix: dequantized PREFIX_PIECE keys at a
-        time, each piece attended without a mask and merged by its LSE, then the chunk's own
-        keys under the causal mask; no dequantized copy of the whole prefix is made."""
-        backend, slots = self.runner.backend, self.prefix
+        """The local strategy over an 8-bit prefix: up to `prefix_piece` keys at a time
+        widened into one buffer (no copy of the whole prefix is made) and attended without
+        a mask, the pieces merged by their LSE, then the chunk's own keys under the causal
+        mask."""
+        backend, slots, pool = self.runner.backend, self.prefix, self.runner.kv.layer(layer)
+        n = _count(slots)
+        piece = min(n, prefix_piece(k.shape[1], k.shape[2], k.element_size()))
+        kp, vp = (torch.empty((piece, *k.shape[1:]), dtype=q.dtype, device=q.device)
+                  for _ in range(2))
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        for a in range(0, _count(slots), PREFIX_PIECE):
-            piece = (slice(slots.start + a, min(slots.stop, slots.start + a + PREFIX_PIECE))
-                     if isinstance(slots, slice) else slots[a : a + PREFIX_PIECE])
-            kp, vp = self.runner.kv.gather(layer, piece)
-            backend.merge_(out, lse, *backend.attention(q, kp, vp, False, scale))
+        for a in range(0, n, piece):
+            rows = (slice(slots.start + a, min(slots.stop, slots.start + a + piece))
+                    if isinstance(slots, slice) else slots[a : a + piece])
+            m = _count(rows)
+            backend.dequantize_rows(pool.k, pool.k_scale, rows, kp[:m])
+            backend.dequantize_rows(pool.v, pool.v_scale, rows, vp[:m])
+            backend.merge_(out, lse, *backend.attention(q, kp[:m], vp[:m], False, scale))
         backend.merge_(out, lse, *backend.attention(q, k, v, True, scale))
         return out.to(q.dtype)
 
@@ -96,10 +103,19 @@ def _feeds(plan: StepPlan, token: int) -> bool:
         plan.decode is not None and token in plan.decode.tokens)
 
 
-# Keys of an 8-bit prefix dequantized at a time by the local strategy: two of the largest
-# key pieces the CUDA backend prepares cuDNN for, which it takes in one call (each piece
-# meets a prepared shape).
+# An 8-bit prefix is widened for the local strategy in pieces of up to PREFIX_PIECE_BYTES
+# per K (and per V): 128K keys of 8 KV heads of 128 in bf16, so a 128K follow-up's prefix goes
+# to attention in one call, as it does unquantized. A piece is a multiple of PREFIX_PIECE keys
+# (two of the largest key pieces the CUDA backend prepares cuDNN for, which it takes in one
+# call), so each piece meets prepared shapes.
 PREFIX_PIECE = 32768
+PREFIX_PIECE_BYTES = 256 * 2**20
+
+
+def prefix_piece(kv_heads: int, head_dim: int, elem: int) -> int:
+    """Keys of an 8-bit prefix widened at a time (see PREFIX_PIECE_BYTES)."""
+    keys = PREFIX_PIECE_BYTES // (kv_heads * head_dim * elem)
+    return max(PREFIX_PIECE, keys // PREFIX_PIECE * PREFIX_PIECE)
 
 
 def _count(slots) -> int:
@@ -229,6 +245,9 @@ class ModelRunner:
                                   self.block_size, self.device)
         backend.prepare_attention(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype,
                                   self.device)
+        if self.kv_format.quantized:
+            backend.prepare_dequantize(self.kv_format.storage, mc.num_kv_heads, mc.head_dim,
+                                       self.dtype, self.device)
         # short requests may live on single ranks (their rows skip the decode merge)
         self.placement = self.world > 1 and config.shard_min_tokens > 0
         self.rates = self._calibrate()
@@ -315,7 +334,11 @@ class ModelRunner:
         attn = n * mc.num_heads * (mc.head_dim * (3 * e + 4) + 8)  # out, fp32 acc, buffers
         mlp = 3 * c * mc.intermediate_size * e
         logits = 4 * self.model_config.vocab_size * 4
-        return int(1.3 * (hidden + qkv + attn + mlp + logits))
+        widened = 0  # an 8-bit prefix's piece, K and V in the model's dtype
+        if self.kv_format.quantized:
+            widened = 2 * min(self.max_model_len, prefix_piece(
+                mc.num_kv_heads, mc.head_dim, e)) * mc.num_kv_heads * mc.head_dim * e
+        return int(1.3 * (hidden + qkv + attn + mlp + logits) + widened)
 
     def _calibrate(self) -> Rates:
         """Measure this platform's attention rate and link bandwidth for the cost model."""
