@@ -277,6 +277,7 @@ class Streams:
         self.new_stream = lambda: next(streams)
         self.current_stream = lambda: now[-1]
         self.new_event = lambda timing=False: Event(timing)
+        self.synchronize = lambda: log.append(("host", "synchronize", None))
 
         @contextlib.contextmanager
         def stream(s):
@@ -287,9 +288,12 @@ class Streams:
         self.stream = stream
         real = HostTier._layer
 
-        def layer(tier, pieces, at):
+        def layer(tier, pieces, at, buffer):
             log.append((now[-1].name, "evict" if pieces[0][0] else "restore", at))
-            real(tier, pieces, at)
+            # each stream stages its pieces in a buffer of its own, made once
+            assert buffer is (tier._out if now[-1].name == "evictions" else tier._in)
+            assert tier._out is not tier._in
+            real(tier, pieces, at, buffer)
 
         monkeypatch.setattr(HostTier, "_layer", layer)
 
@@ -304,6 +308,12 @@ class Streams:
             t.copy_(torch.randn(t.shape))
         tier = HostTier(cache, 8, self, torch.device("cpu"))
         assert tier.out_stream.name == "evictions"
+        # it warmed both paths up, a page there and back, before anything else
+        there_and_back = [("evictions", "evict"), ("copies", "restore")] * layers
+        ahead = [("evictions", "evict")] * layers
+        assert [e[:2] for e in self.log if e[1] in ("evict", "restore")] == there_and_back + ahead
+        assert self.log[-1] == ("host", "synchronize", None)
+        del self.log[:]
         return tier
 
 

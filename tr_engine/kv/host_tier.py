@@ -4,8 +4,9 @@ between them and the pool (rank 0 decides which, see host_pages).
 Every tensor the KV pool holds (`KVCache.tensors()`: K and V, and whatever else a page
 carries) has a host twin laid out layer by layer, `[layers, slots, page]`: one layer's page
 of a run of consecutive slots is contiguous. Pages of a copy batch are gathered into (or
-scattered from) a staging buffer on the device with one index kernel per tensor and layer,
-and each run of consecutive slots crosses the link as one contiguous copy: a document's
+scattered from) a staging buffer on the device (one per copy stream, made at start-up) with
+one index kernel per tensor and layer, and each run of consecutive slots crosses the link
+as one contiguous copy: a document's
 pages need not be consecutive in the pool (eviction hands them out tail first). The twins
 are pinned where the device has its own memory (CUDA, NPU), and the copies run on a stream
 of their own (evictions that all come before the restores on a second one, so both
@@ -46,9 +47,27 @@ class HostTier:
         self.stream = backend.new_stream()  # None on the CPU: copies in order
         # evictions' own stream: device->host beside host->device, both ways of the link
         self.out_stream = backend.new_stream() if self.stream is not None else None
+        # a piece's pages staged on the device: a buffer for each copy stream (its pieces
+        # run in order there), made once, so no copy allocates device memory on the request
+        # path; `_in` serves the copy stream (and the CPU), `_out` the evictions' stream
+        self._in = torch.empty(self.piece * per_page, dtype=torch.uint8, device=device)
+        self._out = self._in if self.out_stream is None else torch.empty_like(self._in)
         self._restore_s = 0.0
         self._timing: list[tuple] = []  # (start, end) events of restores not yet read
         self._ahead: list[tuple] = []  # (batch, event) of write-aheads maybe not yet done
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """A page there and back on each path (an eviction beside a restore, layered; a copy
+        ahead of eviction) before any request: what the copies first meet (their kernels'
+        loading, the streams' first work) is not met by the first request that needs them.
+        Page 0 and slot 0 hold nothing yet."""
+        self.copy([PageCopy(0, 0, 0, True), PageCopy(0, 0, 0, False)], layered=True)
+        self.finish()
+        self.copy([PageCopy(0, 0, 0, True, ahead=1)])
+        self.wait_ahead(1)
+        self._ahead.clear()
+        self.backend.synchronize()
 
     @staticmethod
     def slots_for(size_bytes: float, cache: KVCache) -> int:
@@ -96,11 +115,11 @@ class HostTier:
         """Copies of idle pages to the host, after the device work queued so far (the KV
         they copy is written) and this step's own copies, waited for by no forward."""
         if self.stream is None:  # the CPU: in order, now
-            self._layers(self._pieces(copies))
+            self._layers(self._pieces(copies), self._in)
             return
         self.out_stream.wait_stream(self.backend.current_stream())
         with self.backend.stream(self.out_stream):
-            self._layers(self._pieces(copies))
+            self._layers(self._pieces(copies), self._out)
             done = self.backend.new_event()
             done.record(self.out_stream)
         self._ahead.append((copies[0].ahead, done))
@@ -110,7 +129,7 @@ class HostTier:
         if self.stream is None:
             pieces = self._pieces(copies)
             t = time.perf_counter()
-            self._layers(pieces)
+            self._layers(pieces, self._in)
             if restores:
                 self._restore_s += time.perf_counter() - t
             return None
@@ -133,13 +152,13 @@ class HostTier:
             for layer in range(self.layers):
                 if duplex:
                     with self.backend.stream(self.out_stream):
-                        self._layer(outs, layer)
+                        self._layer(outs, layer, self._out)
                         evicted = self.backend.new_event()
                         evicted.record(self.out_stream)
                     evicted.wait(self.stream)
-                    self._layer(ins, layer)
+                    self._layer(ins, layer, self._in)
                 else:
-                    self._layer(pieces, layer)
+                    self._layer(pieces, layer, self._in)
                 if layered:
                     events.append(self.backend.new_event())
                     events[-1].record(self.stream)
@@ -177,22 +196,23 @@ class HostTier:
                 pieces.append((piece[0].to_host, pages, _slot_runs([c.slot for c in piece])))
         return pieces
 
-    def _layers(self, pieces) -> None:
+    def _layers(self, pieces, buffer: torch.Tensor) -> None:
         for layer in range(self.layers):
-            self._layer(pieces, layer)
+            self._layer(pieces, layer, buffer)
 
-    def _layer(self, pieces, layer: int) -> None:
-        """Every piece's copies of one layer, in order."""
+    def _layer(self, pieces, layer: int, buffer: torch.Tensor) -> None:
+        """Every piece's copies of one layer, in order, staged in `buffer` (the current
+        stream's)."""
         for to_host, pages, runs in pieces:
             for t, host in zip(self.cache.tensors(), self.host):
                 pool, twin = self._pool(t)[layer], host[layer]  # [pages, X], [slots, X]
+                staged = buffer[: len(pages) * twin[0].nbytes].view(twin.dtype).view(
+                    len(pages), twin.shape[1])  # [n, X]
                 if to_host:
-                    staged = pool.index_select(0, pages)  # [n, X]
+                    torch.index_select(pool, 0, pages, out=staged)
                     for i, slot, n in runs:
                         twin[slot : slot + n].copy_(staged[i : i + n], non_blocking=True)
                 else:
-                    staged = torch.empty((len(pages), twin.shape[1]), dtype=twin.dtype,
-                                         device=self.device)
                     for i, slot, n in runs:
                         staged[i : i + n].copy_(twin[slot : slot + n], non_blocking=True)
                     pool.index_copy_(0, pages, staged)
