@@ -41,3 +41,31 @@ def test_builds_after_start_up_count_as_late():
     backend.count_build("a variant on a request's path")
     backend.count_build("another")
     assert backend.late_builds() == 2 and backend.kernel_builds == 3
+
+
+def test_a_step_line_says_what_garbage_collection_took(tmp_path):
+    """gc_ms and gc: the time in collections since the previous step began and the oldest
+    generation collected (-1: none)."""
+    import gc
+    from types import SimpleNamespace
+
+    from tr_engine.engine.step_trace import StepTrace
+
+    plan = SimpleNamespace(kind="decode", prefill=None, local=[], decode=None)
+    trace = StepTrace(str(tmp_path / "steps.jsonl"), get_backend("cpu"))
+    try:
+        trace.begin()
+        gc.collect(1)
+        trace.end(plan)
+        trace.begin()
+        gc.collect()
+        trace.end(plan)
+        trace.begin()
+        trace.end(plan)
+    finally:
+        trace.close()
+    rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [r["gc"] for r in rows][:2] == [1, 2]
+    assert rows[0]["gc_ms"] > 0 and rows[1]["gc_ms"] > 0
+    assert rows[2]["gc_ms"] >= 0 and rows[2]["gc"] in (-1, 0)  # an automatic one, at most
+    assert trace._on_gc not in gc.callbacks

@@ -6,13 +6,17 @@ interpreter lock), `schedule_ms`, `forward_ms` (the plan sent and the forward qu
 device that runs ahead of the host, most of the device's time shows in the next part, where
 the host first waits for a result), `sample_ms` (with that wait), `outputs_ms`
 (stop checks, text, the outputs handed over), the step's kind, its prefill chunks (`start`,
-tokens, strategy, cached prefix per rank), its decode rows, and `builds` (kernel variants
-the backend built during the step: cuDNN graphs, Triton specialisations). Off unless the
-variable names a file; on, it adds a line's writing a step and never waits for the device.
+tokens, strategy, cached prefix per rank), its decode rows, `builds` (kernel variants
+the backend built during the step: cuDNN graphs, Triton specialisations), and `gc_ms` and
+`gc` (the time this process spent in the interpreter's garbage collections since the
+previous line's step began, in any thread, and the oldest generation collected, -1 for
+none). Off unless the variable names a file; on, it adds a line's writing a step and never
+waits for the device.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 
@@ -25,6 +29,16 @@ class StepTrace:
         self.ended = time.perf_counter()
         self.row: dict = {}
         self.t = self.ended
+        self._gc_ms, self._gc_gen, self._gc_start = 0.0, -1, 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._gc_start = now
+        else:
+            self._gc_ms += now - self._gc_start
+            self._gc_gen = max(self._gc_gen, info["generation"])
 
     def begin(self) -> None:
         now = time.perf_counter()
@@ -46,8 +60,12 @@ class StepTrace:
                            "strategy": p.strategy, "prefix": p.prefix_len, "home": p.home}
                           for p in [plan.prefill, *plan.local] if p is not None]
         row["decode"] = len(plan.decode.seq_ids) if plan.decode is not None else 0
+        row["gc_ms"], row["gc"] = round(1e3 * self._gc_ms, 3), self._gc_gen
+        self._gc_ms, self._gc_gen = 0.0, -1
         self.file.write(json.dumps(row) + "\n")
         self.ended = time.perf_counter()
 
     def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         self.file.close()
