@@ -345,6 +345,13 @@ class Backend(ABC):
         """Build, at start-up, whatever per-shape state the attention kernels need for the
         shapes the engine will meet (no-op where kernels need none)."""
 
+    def prepare_matmuls(self, weights: list[torch.Tensor], rows: list[int],  # noqa: B027
+                        heads: list[torch.Tensor], head_rows: list[int]) -> None:
+        """At start-up, the matrix products a step can meet: `x @ w.T` for each of `weights`
+        with x of each count in `rows`, and for each of `heads` with each of `head_rows`,
+        where a library would otherwise set up its kernels on a request's path (no-op
+        here)."""
+
     def prepare_thread(self) -> None:  # noqa: B027
         """Build that state again for the calling thread, where the libraries keep it per
         thread (cuDNN's attention graphs in torch): the server steps the engine on a thread

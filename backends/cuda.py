@@ -301,6 +301,27 @@ class CudaBackend(Backend):
             self.cudnn_shapes.add((2, rows, keys, hq, hkv, d, False, dtype))
         return True
 
+    def prepare_matmuls(self, weights, rows, heads, head_rows):
+        """cuBLAS picks a kernel by shape, and CUDA loads a kernel at its first launch
+        (lazy loading, the default since CUDA 12.2); loading may wait for the work queued
+        on the device, such as a host-tier restore on a copy stream (one H100: the first
+        follow-up from host memory held its first projection 284 ms until its restore had
+        ended). Each shape once here loads the kernels the steps will use."""
+        if not weights and not heads:
+            return
+        t = time.perf_counter()
+        width = max(w.shape[1] for w in [*weights, *heads])
+        dtype, device = (weights or heads)[0].dtype, (weights or heads)[0].device
+        x = torch.randn((max([*rows, *head_rows]), width), dtype=dtype, device=device)
+        with torch.inference_mode():
+            for group, counts in ((weights, rows), (heads, head_rows)):
+                for w in group:
+                    for m in counts:
+                        torch.nn.functional.linear(x[:m, : w.shape[1]], w)
+        torch.cuda.synchronize()
+        log.info("matrix products: %d shapes run once in %.1f s", len(weights) * len(rows)
+                 + len(heads) * len(head_rows), time.perf_counter() - t)
+
     def prepare_thread(self):
         if self._prepared is not None and threading.get_ident() not in self._prepared_on:
             self.prepare_attention(*self._prepared)

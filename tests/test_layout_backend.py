@@ -272,3 +272,47 @@ def test_cuda_key_pieces_in_pairs_and_their_fallback(monkeypatch, pair_fails):
     singles = [("one", 64, 64)] * (3 if pair_fails else 1) + [("one", 64, 16), ("rest", 5, 7)]
     assert calls == [("pair", 64, 128)] + singles
     assert backend._pairs is (not pair_fails) and backend._piece_rows
+
+
+def test_start_up_prepares_every_matrix_product_a_step_meets(tmp_path, monkeypatch):
+    """The engine hands Backend.prepare_matmuls one weight of each linear layer's shape and
+    the head, and the products its steps then run (a prompt in chunks and slices, decode
+    steps of several sequences) take only those weights, with token counts within the
+    prepared range (at most token_chunk: prefill slices its work) and the head at most a
+    step's sampled rows."""
+    from checkpoints import byte_ids, make_checkpoint
+
+    from tr_engine import LLM, SamplingParams
+
+    backend_type = type(get_backend("cpu"))
+    prepared = {}
+
+    def record(self, weights, rows, heads, head_rows):
+        prepared.update(weights=[w.shape for w in weights], rows=rows,
+                        heads=[w.shape for w in heads], head_rows=head_rows)
+
+    monkeypatch.setattr(backend_type, "prepare_matmuls", record)
+    ckpt = str(make_checkpoint("llama3.2", tmp_path / "ckpt"))
+    met = []
+    real = torch.nn.functional.linear
+
+    def linear(x, w, b=None):
+        met.append((x.reshape(-1, x.shape[-1]).shape[0], tuple(w.shape)))
+        return real(x, w, b)
+
+    with LLM(ckpt, device="cpu", dtype="float32", prefill_chunk=96, token_chunk=40,
+             max_num_seqs=3, max_num_batched_tokens=64) as llm:
+        model = llm.engine.cluster.runner.model
+        linears = {tuple(m.weight.shape) for m in model.modules()
+                   if isinstance(m, torch.nn.Linear) and m is not model.lm_head}
+        assert {tuple(s) for s in prepared["weights"]} == linears
+        assert prepared["heads"] == [model.lm_head.weight.shape]
+        assert prepared["rows"][0] == 1 and prepared["rows"][-1] == 40  # token_chunk
+        assert prepared["head_rows"] == [1, 2, 3, 4]
+        monkeypatch.setattr(torch.nn.functional, "linear", linear)
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": byte_ids(n, n)} for n in (150, 7, 33)], params)
+    head = tuple(model.lm_head.weight.shape)
+    assert {w for _, w in met} == linears | {head}
+    assert max(m for m, w in met if w != head) <= 40
+    assert max(m for m, w in met if w == head) <= 4

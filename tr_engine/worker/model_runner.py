@@ -248,6 +248,7 @@ class ModelRunner:
         if self.kv_format.quantized:
             backend.prepare_dequantize(self.kv_format.storage, mc.num_kv_heads, mc.head_dim,
                                        self.dtype, self.device)
+        backend.prepare_matmuls(*self._matmul_shapes())
         # short requests may live on single ranks (their rows skip the decode merge)
         self.placement = self.world > 1 and config.shard_min_tokens > 0
         self.rates = self._calibrate()
@@ -339,6 +340,28 @@ class ModelRunner:
             widened = 2 * min(self.max_model_len, prefix_piece(
                 mc.num_kv_heads, mc.head_dim, e)) * mc.num_kv_heads * mc.head_dim * e
         return int(1.3 * (hidden + qkv + attn + mlp + logits) + widened)
+
+    def _matmul_shapes(self) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor],
+                                      list[int]]:
+        """What a step's matrix products can be, for Backend.prepare_matmuls: one weight of
+        each shape among the model's linear layers (the head apart), the token counts a
+        step hands them (at most token_chunk: prefill works in slices of that many), and
+        the rows the head takes (a step's sampled rows)."""
+        cfg = self.config
+        weights: dict[tuple, torch.Tensor] = {}
+        head = getattr(self.model, "lm_head", None)
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                weights.setdefault((*module.weight.shape, module.weight.dtype), module.weight)
+        if head is not None:
+            weights.pop((*head.weight.shape, head.weight.dtype), None)
+        limit = cfg.token_chunk
+        grid = {*range(1, 65), *range(64, 4096 + cfg.max_num_seqs + 1, 16),
+                *range(4096, limit + 1, 64), limit}  # every count to 64, then 1 in 16 or 64
+        rows = sorted(r for r in grid if r <= limit)
+        head_rows = list(range(1, cfg.max_num_seqs + 2))
+        heads = [head.weight] if head is not None else []
+        return list(weights.values()), rows, heads, head_rows
 
     def _calibrate(self) -> Rates:
         """Measure this platform's attention rate and link bandwidth for the cost model."""
