@@ -36,7 +36,6 @@ class HostTier:
         b = cache.block_size
         pinned = device.type != "cpu"
         self.cache, self.num_slots, self.backend, self.device = cache, num_slots, backend, device
-        self.pinned = pinned
         self.pages = cache.capacity // b
         self.layers = cache.tensors()[0].shape[0]
         # [layers, slots, B·rest] per pooled tensor
@@ -192,9 +191,8 @@ class HostTier:
             batch.sort(key=lambda c: c.slot)  # independent copies: any order
             for a in range(0, len(batch), self.piece):
                 piece = batch[a : a + self.piece]
-                # from pinned memory: a copy from pageable memory may wait for the stream
-                pages = torch.tensor([c.page for c in piece], dtype=torch.long,
-                                     pin_memory=self.pinned).to(self.device, non_blocking=True)
+                pages = torch.tensor([c.page for c in piece], dtype=torch.long).to(
+                    self.device, non_blocking=True)
                 pieces.append((piece[0].to_host, pages, _slot_runs([c.slot for c in piece])))
         return pieces
 
