@@ -310,14 +310,17 @@ class CudaBackend(Backend):
         if not weights and not heads:
             return
         t = time.perf_counter()
-        width = max(w.shape[1] for w in [*weights, *heads])
-        dtype, device = (weights or heads)[0].dtype, (weights or heads)[0].device
-        x = torch.randn((max([*rows, *head_rows]), width), dtype=dtype, device=device)
+        inputs = {}  # contiguous, as a step's are: one per input width
         with torch.inference_mode():
             for group, counts in ((weights, rows), (heads, head_rows)):
                 for w in group:
+                    x = inputs.get(w.shape[1])
+                    if x is None:
+                        x = inputs[w.shape[1]] = torch.randn(
+                            (max([*rows, *head_rows]), w.shape[1]), dtype=w.dtype,
+                            device=w.device)
                     for m in counts:
-                        torch.nn.functional.linear(x[:m, : w.shape[1]], w)
+                        torch.nn.functional.linear(x[:m], w)
         torch.cuda.synchronize()
         log.info("matrix products: %d shapes run once in %.1f s", len(weights) * len(rows)
                  + len(heads) * len(head_rows), time.perf_counter() - t)
