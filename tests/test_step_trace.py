@@ -69,3 +69,21 @@ def test_a_step_line_says_what_garbage_collection_took(tmp_path):
     assert rows[0]["gc_ms"] > 0 and rows[1]["gc_ms"] > 0
     assert rows[2]["gc_ms"] >= 0 and rows[2]["gc"] in (-1, 0)  # an automatic one, at most
     assert trace._on_gc not in gc.callbacks
+
+
+def test_what_start_up_made_is_out_of_the_collectors_reach_until_shutdown(tmp_path):
+    """A full collection during a step does not walk the engine's own objects (frozen once
+    it has started); at shutdown they are given back to the collector."""
+    import gc
+
+    ckpt = str(make_checkpoint("llama3.2", tmp_path / "ckpt"))
+    llm = LLM(ckpt, device="cpu", dtype="float32")
+    engine = llm.engine
+    try:
+        tracked = {id(o) for o in gc.get_objects()}
+        assert id(engine.scheduler) not in tracked and id(engine.cluster) not in tracked
+        assert gc.get_freeze_count() > 0
+    finally:
+        llm.close()
+    tracked = {id(o) for o in gc.get_objects()}
+    assert id(engine.scheduler) in tracked
