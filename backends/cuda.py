@@ -207,9 +207,9 @@ class CudaBackend(Backend):
                 "are for Ascend and the CPU)")
 
     def dequantize_rows(self, stored, scale, slots, out):
-        if self._dequant is None or not (stored.is_contiguous() and scale.is_contiguous()):
-            return super().dequantize_rows(stored, scale, slots, out)
-        if isinstance(slots, slice) and slots.step not in (None, 1):
+        strided = isinstance(slots, slice) and slots.step not in (None, 1)
+        if self._dequant is None or strided or not (stored.is_contiguous()
+                                                    and scale.is_contiguous()):
             return super().dequantize_rows(stored, scale, slots, out)
         return self._dequant(stored, scale, slots, out)
 
@@ -310,15 +310,15 @@ class CudaBackend(Backend):
         if not weights and not heads:
             return
         t = time.perf_counter()
+        most = max([*rows, *head_rows])
         inputs = {}  # contiguous, as a step's are: one per input width
         with torch.inference_mode():
             for group, counts in ((weights, rows), (heads, head_rows)):
                 for w in group:
                     x = inputs.get(w.shape[1])
                     if x is None:
-                        x = inputs[w.shape[1]] = torch.randn(
-                            (max([*rows, *head_rows]), w.shape[1]), dtype=w.dtype,
-                            device=w.device)
+                        x = inputs[w.shape[1]] = torch.randn((most, w.shape[1]), dtype=w.dtype,
+                                                             device=w.device)
                     for m in counts:
                         torch.nn.functional.linear(x[:m], w)
         torch.cuda.synchronize()

@@ -353,8 +353,6 @@ class ModelRunner:
         for module in self.model.modules():
             if isinstance(module, torch.nn.Linear) and module is not head:
                 weights.setdefault((*module.weight.shape, module.weight.dtype), module.weight)
-        if head is not None:
-            weights.pop((*head.weight.shape, head.weight.dtype), None)
         limit = cfg.token_chunk
         grid = {*range(1, 65), *range(64, 4096 + cfg.max_num_seqs + 1, 16),
                 *range(4096, limit + 1, 64), limit}  # every count to 64, then 1 in 16 or 64
