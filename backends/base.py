@@ -191,7 +191,9 @@ class Backend(ABC):
         the padded queries twice, k and v the two pieces one after the other; it returns
         out `[2, rows, Hq, D]` and lse `[2, rows, Hq]`, one result per piece."""
         tq, tk = q.shape[0], k.shape[0]
-        q_pad = torch.cat([q, q.new_zeros((rows - tq, *q.shape[1:]))]) if rows > tq else q
+        # contiguous as the fixed shapes were built (a kernel may key its plans by strides)
+        q_pad = (torch.cat([q, q.new_zeros((rows - tq, *q.shape[1:]))]) if rows > tq
+                 else q.contiguous())
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         a, q_two, largest = 0, None, max(pieces)

@@ -368,11 +368,16 @@ class CudaBackend(Backend):
     def _padded_causal(q, k, v, scale, rows):
         """Causal attention of a square block padded at its end to `rows` (a prepared
         shape): queries and keys of the pad come after every real one, so the causal mask
-        keeps them out of every real row, and the pad rows are dropped."""
+        keeps them out of every real row, and the pad rows are dropped. A block of exactly
+        `rows` goes in contiguous too: torch keys cuDNN's graphs by strides as well as
+        shapes, and a chunk's v is a view of the fused projection (one H100: mixed steps
+        whose chunk was a bucket's size took 50-70 ms more, once per size)."""
         tq = q.shape[0]
 
         def pad(x):
-            return x if rows == tq else torch.cat([x, x.new_zeros((rows - tq, *x.shape[1:]))])
+            if rows == tq:
+                return x.contiguous()
+            return torch.cat([x, x.new_zeros((rows - tq, *x.shape[1:]))])
 
         out, lse = _cudnn(pad(q), pad(k), pad(v), True, scale)
         return out[:tq], lse[:tq]

@@ -274,6 +274,50 @@ def test_cuda_key_pieces_in_pairs_and_their_fallback(monkeypatch, pair_fails):
     assert backend._pairs is (not pair_fails) and backend._piece_rows
 
 
+@pytest.mark.parametrize("tq", [1024, 1100])
+def test_cuda_prepared_shapes_get_contiguous_inputs(monkeypatch, tq):
+    """torch keys cuDNN's attention graphs by strides as well as shapes, and the prepared
+    ones were built on contiguous tensors; a chunk's q, k and v are views of the fused
+    projection. A causal block of exactly a bucket's rows (no padding to copy it) and queries
+    over a prefix in pieces still reach cuDNN contiguous, and the results are exact. Without
+    a GPU: cuDNN is stood in for by the float32 math kernel (merges in Triton's
+    interpreter)."""
+    pytest.importorskip("triton")
+    from tr_engine.backends import cuda
+    from tr_engine.backends.reference import math_attention
+
+    backend = cuda.CudaBackend()
+    monkeypatch.setattr(backend, "KEY_PIECES", (64, 16))
+    backend._piece_rows, backend._pairs = backend.QUERY_BUCKETS, False
+    assert 1024 in backend.QUERY_BUCKETS and 1100 not in backend.QUERY_BUCKETS
+    met = []
+
+    def recorded(q, k, v, causal, scale):
+        met.append((q.shape[0], k.shape[0], causal,
+                    q.is_contiguous() and k.is_contiguous() and v.is_contiguous()))
+        return math_attention(q, k, v, causal, scale)
+
+    monkeypatch.setattr(cuda, "_cudnn", recorded)
+    monkeypatch.setattr(cuda, "_flash", math_attention)
+    g = torch.Generator().manual_seed(tq)
+    fused = torch.randn(tq, (4 + 2 * 2) * 16, generator=g).half()  # [T, (Hq + 2 Hkv) D]
+    q, k, v = fused.split([64, 32, 32], dim=-1)
+    q, k, v = q.view(tq, 4, 16), k.view(tq, 2, 16), v.view(tq, 2, 16)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out, lse = backend.attention(q, k, v, True, 0.25)
+    ref, ref_lse = attention64(q.double(), k.double(), v.double(), causal=True, scale=0.25)
+    assert (out.double() - ref).abs().max() < 2e-3 and (lse.double() - ref_lse).abs().max() < 1e-4
+    rows = 1024 if tq == 1024 else 1280
+    assert met == [(rows, rows, True, True)]
+    del met[:]
+    # a cached prefix: runs of the pool's pages, contiguous
+    pk, pv = (torch.randn(2 * 64 + 16, 2, 16, generator=g).half() for _ in range(2))
+    out, lse = backend.attention(q, pk, pv, False, 0.25)
+    ref, ref_lse = attention64(q.double(), pk.double(), pv.double(), causal=False, scale=0.25)
+    assert (out.double() - ref).abs().max() < 2e-3 and (lse.double() - ref_lse).abs().max() < 1e-4
+    assert met == [(rows, 64, False, True)] * 2 + [(rows, 16, False, True)]
+
+
 def test_start_up_prepares_every_matrix_product_a_step_meets(tmp_path, monkeypatch):
     """The engine hands Backend.prepare_matmuls one weight of each linear layer's shape and
     the head, and the products its steps then run (a prompt in chunks and slices, decode
