@@ -263,8 +263,8 @@ class Streams:
             def record(self, stream):
                 log.append((stream.name, "record", self.n))
 
-            def wait(self, stream):
-                log.append((stream.name, "wait", self.n))
+            def wait(self, stream=None):  # None: the current stream, as torch's
+                log.append(((stream or now[-1]).name, "wait", self.n))
 
             def query(self):
                 return done(self.n)
@@ -340,8 +340,22 @@ def test_evictions_run_beside_the_restores_each_layer_after_its_evictions(monkey
     # a follow-up: evict page p to a slot, restore slot 4 or 5 into p, and so on
     copies = [c for p, src in ((0, 4), (1, 5)) for c in (PageCopy(0, p, p, to_host=True),
                                                         PageCopy(0, p, src, to_host=False))]
-    events = tier.copy(copies, timed=True, layered=True)
+    events = tier.copy(copies + [PageCopy(0, 2, 6, to_host=True, ahead=1)], timed=True,
+                       layered=True)
     assert len(events) == layers
+    # a layer's copies are queued when the forward asks for its event, not before: a kernel
+    # the forward loads at first launch waits behind one layer's copies, not all of them
+    queued = lambda: [e[1:] for e in log if e[1] in ("evict", "restore")]  # noqa: E731
+    assert queued() == []
+    events[1].wait()
+    assert queued() == [("evict", 0), ("restore", 0), ("evict", 1), ("restore", 1)]
+    events[1].wait()  # asked again: nothing more
+    assert len(queued()) == 4
+    tier.finish()  # the layers the forward did not reach, then the copy ahead of eviction
+    assert queued() == [(w, at) for at in range(layers) for w in ("evict", "restore")] + \
+        [("evict", at) for at in range(layers)]
+    assert log.index(("copies", "restore", layers - 1)) < log.index(
+        ("main", "waits stream", "copies"))
     for at in range(layers):
         ev = log.index(("evictions", "evict", at))
         rec = next(i for i in range(ev, len(log)) if log[i][:2] == ("evictions", "record"))

@@ -13,7 +13,12 @@ of their own (evictions that all come before the restores on a second one, so bo
 directions of the link are busy, a layer's restores after its evictions), layer after
 layer, an event recorded after each layer's: the step's forward
 waits on the device for layer l's event before its layer l (restores overlap the layers
-before), the host never waits. Copies ahead of an eviction (`PageCopy.ahead`) go on the
+before), the host never waits. A prefill's copies are queued a layer at a time, as its
+forward reaches that layer on the host (which runs ahead of the device, so the copy stream
+never runs dry): a kernel the forward loads at its first launch (CUDA loads lazily) waits
+for the work queued on the device, which is then one layer's copies, not the whole restore
+(one H100: a first projection held 284 ms behind a 16 GiB restore queued up front).
+Copies ahead of an eviction (`PageCopy.ahead`) go on the
 evictions' stream after the step's own copies, an event recorded after each batch, and no
 forward waits for them unless its plan names their batch (`wait_ahead`). On the CPU the
 second pool is ordinary memory and the same copies run in order before the forward.
@@ -55,6 +60,7 @@ class HostTier:
         self._restore_s = 0.0
         self._timing: list[tuple] = []  # (start, end) events of restores not yet read
         self._ahead: list[tuple] = []  # (batch, event) of write-aheads maybe not yet done
+        self._queued: LayeredCopies | None = None  # a layered copy's layers not yet queued
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -90,17 +96,27 @@ class HostTier:
         waits for the l-th (layer_wait), and `finish` orders everything after the copies.
         Otherwise (None) the forward queued after this sees every copy done. `timed`: add
         the restores' time to restore_s."""
+        self.finish_queueing()  # a layered copy before this one: all of it first
         ahead = [c for c in copies if c.ahead]
         if ahead:
             copies = [c for c in copies if not c.ahead]
         events = self._copy(copies, timed, layered) if copies else None
         if ahead:
-            self._write_ahead(ahead)
+            if isinstance(events, LayeredCopies):  # after the step's own, once queued
+                events.then = lambda: self._write_ahead(ahead)
+            else:
+                self._write_ahead(ahead)
         return events
+
+    def finish_queueing(self) -> None:
+        """Queue what is left of a layered copy (the layers its forward did not reach)."""
+        if self._queued is not None:
+            self._queued.queue(self.layers - 1)
 
     def wait_ahead(self, batch: int) -> None:
         """Later work on the main stream comes after the write-ahead batches up to `batch`
         (those of this rank that may still run)."""
+        self.finish_queueing()
         while self._ahead and self._ahead[0][1].query():
             self._ahead.pop(0)
         last = None
@@ -124,7 +140,7 @@ class HostTier:
             done.record(self.out_stream)
         self._ahead.append((copies[0].ahead, done))
 
-    def _copy(self, copies: list[PageCopy], timed: bool, layered: bool) -> list | None:
+    def _copy(self, copies: list[PageCopy], timed: bool, layered: bool):
         restores = timed and any(not c.to_host for c in copies)
         if self.stream is None:
             pieces = self._pieces(copies)
@@ -135,45 +151,55 @@ class HostTier:
             return None
         main = self.backend.current_stream()
         self.stream.wait_stream(main)  # after the steps before: the KV copied out is written
-        events = []
         with self.backend.stream(self.stream):
             pieces = self._pieces(copies)  # their index tensors live on this stream
             start = self.backend.new_event(timing=True) if restores else None
             if start is not None:
                 start.record(self.stream)
-            # every eviction before every restore (a follow-up's: pages freed for it): the
-            # evictions run on their own stream, layer l's restores after layer l's
-            # evictions, so the two directions overlap
-            first_in = next((i for i, p in enumerate(pieces) if not p[0]), len(pieces))
-            outs, ins = pieces[:first_in], pieces[first_in:]
-            duplex = bool(outs) and bool(ins) and not any(p[0] for p in ins)
-            if duplex:
-                self.out_stream.wait_stream(self.stream)
-            for layer in range(self.layers):
-                if duplex:
-                    with self.backend.stream(self.out_stream):
-                        self._layer(outs, layer, self._out)
-                        evicted = self.backend.new_event()
-                        evicted.record(self.out_stream)
-                    evicted.wait(self.stream)
-                    self._layer(ins, layer, self._in)
-                else:
-                    self._layer(pieces, layer, self._in)
-                if layered:
-                    events.append(self.backend.new_event())
-                    events[-1].record(self.stream)
-            if start is not None:
-                end = self.backend.new_event(timing=True)
-                end.record(self.stream)
-                self._timing.append((start, end))
+        # every eviction before every restore (a follow-up's: pages freed for it): the
+        # evictions run on their own stream, layer l's restores after layer l's
+        # evictions, so the two directions overlap
+        first_in = next((i for i, p in enumerate(pieces) if not p[0]), len(pieces))
+        outs, ins = pieces[:first_in], pieces[first_in:]
+        duplex = bool(outs) and bool(ins) and not any(p[0] for p in ins)
+        if duplex:
+            self.out_stream.wait_stream(self.stream)
+        copies_ = LayeredCopies(self, pieces, outs, ins, duplex, start)
         if not layered:
+            copies_.queue(self.layers - 1)
             main.wait_stream(self.stream)  # before this step's forward
             return None
-        return events
+        self._queued = copies_
+        return copies_
+
+    def _queue_layer(self, q: LayeredCopies, layer: int) -> None:
+        """One layer of a copy on the copy streams, then its event."""
+        with self.backend.stream(self.stream):
+            if q.duplex:
+                with self.backend.stream(self.out_stream):
+                    self._layer(q.outs, layer, self._out)
+                    evicted = self.backend.new_event()
+                    evicted.record(self.out_stream)
+                evicted.wait(self.stream)
+                self._layer(q.ins, layer, self._in)
+            else:
+                self._layer(q.pieces, layer, self._in)
+            q.events.append(self.backend.new_event())
+            q.events[-1].record(self.stream)
+            if layer == self.layers - 1 and q.start is not None:
+                end = self.backend.new_event(timing=True)
+                end.record(self.stream)
+                self._timing.append((q.start, end))
+        if layer == self.layers - 1:
+            if self._queued is q:
+                self._queued = None
+            if q.then is not None:  # on the stream that asked (the main one)
+                q.then()
 
     def finish(self) -> None:
         """After a layered copy's forward: later work on the main stream comes after every
         copy (a forward that skipped a layer's wait included)."""
+        self.finish_queueing()
         if self.stream is not None:
             self.backend.current_stream().wait_stream(self.stream)
 
@@ -216,6 +242,31 @@ class HostTier:
                     for i, slot, n in runs:
                         staged[i : i + n].copy_(twin[slot : slot + n], non_blocking=True)
                     pool.index_copy_(0, pages, staged)
+
+
+class LayeredCopies:
+    """A copy's layers, queued on the copy streams as they are asked for: `copies[l]` (the
+    event a forward's layer l waits for) first queues every layer up to l."""
+
+    def __init__(self, tier: HostTier, pieces, outs, ins, duplex: bool, start) -> None:
+        self.tier, self.pieces, self.outs, self.ins = tier, pieces, outs, ins
+        self.duplex, self.start = duplex, start
+        self.events: list = []
+        self.then = None  # run once the last layer is queued (write-aheads after them)
+
+    def __len__(self) -> int:
+        return self.tier.layers
+
+    def __getitem__(self, layer: int):
+        if not 0 <= layer < self.tier.layers:
+            raise IndexError(layer)
+        self.queue(layer)
+        return self.events[layer]
+
+    def queue(self, layer: int) -> None:
+        """Queue every layer up to `layer` not queued yet."""
+        while len(self.events) <= layer:
+            self.tier._queue_layer(self, len(self.events))
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
