@@ -90,10 +90,11 @@ class HostTier:
         return self._restore_s
 
     def copy(self, copies: list[PageCopy], timed: bool = False,
-             layered: bool = False) -> list | None:
+             layered: bool = False) -> LayeredCopies | None:
         """Run this rank's `copies` in order, after the device work queued before them. With
-        `layered` (and a copy stream), returns an event per layer: a forward's layer l
-        waits for the l-th (layer_wait), and `finish` orders everything after the copies.
+        `layered` (and a copy stream), returns an event per layer, each layer's copies
+        queued when its event is first asked for: a forward's layer l waits for the l-th
+        (layer_wait), and `finish` queues the rest and orders everything after the copies.
         Otherwise (None) the forward queued after this sees every copy done. `timed`: add
         the restores' time to restore_s."""
         self.finish_queueing()  # a layered copy before this one: all of it first
@@ -140,7 +141,8 @@ class HostTier:
             done.record(self.out_stream)
         self._ahead.append((copies[0].ahead, done))
 
-    def _copy(self, copies: list[PageCopy], timed: bool, layered: bool):
+    def _copy(self, copies: list[PageCopy], timed: bool,
+              layered: bool) -> LayeredCopies | None:
         restores = timed and any(not c.to_host for c in copies)
         if self.stream is None:
             pieces = self._pieces(copies)
@@ -164,16 +166,17 @@ class HostTier:
         duplex = bool(outs) and bool(ins) and not any(p[0] for p in ins)
         if duplex:
             self.out_stream.wait_stream(self.stream)
-        copies_ = LayeredCopies(self, pieces, outs, ins, duplex, start)
+        queued = LayeredCopies(self, pieces, outs, ins, duplex, start)
         if not layered:
-            copies_.queue(self.layers - 1)
+            queued.queue(self.layers - 1)
             main.wait_stream(self.stream)  # before this step's forward
             return None
-        self._queued = copies_
-        return copies_
+        self._queued = queued
+        return queued
 
     def _queue_layer(self, q: LayeredCopies, layer: int) -> None:
         """One layer of a copy on the copy streams, then its event."""
+        last = layer == self.layers - 1
         with self.backend.stream(self.stream):
             if q.duplex:
                 with self.backend.stream(self.out_stream):
@@ -186,11 +189,11 @@ class HostTier:
                 self._layer(q.pieces, layer, self._in)
             q.events.append(self.backend.new_event())
             q.events[-1].record(self.stream)
-            if layer == self.layers - 1 and q.start is not None:
+            if last and q.start is not None:
                 end = self.backend.new_event(timing=True)
                 end.record(self.stream)
                 self._timing.append((q.start, end))
-        if layer == self.layers - 1:
+        if last:
             if self._queued is q:
                 self._queued = None
             if q.then is not None:  # on the stream that asked (the main one)
